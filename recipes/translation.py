@@ -1,0 +1,268 @@
+"""Translation with the original encoder-decoder Transformer (Vaswani et al., 2017).
+
+Shared BPE vocabulary and tied embeddings, sinusoidal positions, post-LN blocks with ReLU
+feed-forwards, label smoothing, the warmup schedule, teacher forcing; greedy and beam search with a
+KV cache; exact match, chrF and BLEU with sacrebleu. The built-in corpus is numbers written in English
+and German words: German puts units before tens ("siebenundvierzig"), so the model must reorder.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import datasets
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from num2words import num2words
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from tfkit import registry
+from tfkit.data import SPLITS, cached, load_splits, read_lines, train_bpe
+from tfkit.decode import beam_search, greedy_search
+from tfkit.errors import UsageError
+from tfkit.nn.blocks import Decoder, Encoder
+from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.registry import register
+from tfkit.run import atomic_write
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+PAD, UNK, BOS, EOS = range(len(SPECIALS))
+MAX_POSITIONS = 1024
+
+
+def numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
+    """Unique random numbers, spread evenly over digit counts, written out in two languages."""
+    keys = ("source_lang", "target_lang", "train_size", "validation_size", "test_size", "max_number")
+    key = {"seed": seed, **{k: data[k] for k in keys}}
+    return cached("numbers", key, lambda: _numbers_corpus(data, seed))
+
+
+def _numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
+    sizes = {s: data[f"{s}_size"] for s in SPLITS}
+    total, largest = sum(sizes.values()), data["max_number"]
+    if total > largest + 1:
+        raise UsageError(f"the builtin corpus needs {total} distinct numbers but data.max_number is {largest}")
+    rng = random.Random(seed)
+    digits = len(str(largest))
+    seen: set[int] = set()
+    numbers: list[int] = []
+    while len(numbers) < total:
+        d = rng.randint(1, digits)
+        n = rng.randint(0 if d == 1 else 10 ** (d - 1), min(10**d - 1, largest))
+        if n not in seen:
+            seen.add(n)
+            numbers.append(n)
+    out, start = {}, 0
+    for split in SPLITS:
+        chunk = numbers[start : start + sizes[split]]
+        start += sizes[split]
+        out[split] = datasets.Dataset.from_dict(
+            {"source": [_words(n, data["source_lang"]) for n in chunk], "target": [_words(n, data["target_lang"]) for n in chunk]}
+        )
+    return datasets.DatasetDict(out)
+
+
+def _words(n: int, lang: str) -> str:
+    try:
+        return num2words(n, lang=lang)
+    except NotImplementedError:
+        from num2words import CONVERTER_CLASSES
+
+        raise UsageError(f"num2words does not know language '{lang}' (valid: {', '.join(sorted(CONVERTER_CLASSES))})") from None
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder Transformer whose one embedding matrix serves source, target and output."""
+
+    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
+                 position: str, encoder: dict[str, Any], decoder: dict[str, Any]):
+        super().__init__()
+        self.d_model = d_model
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
+        self.position = registry.get("position", position)(d_model, MAX_POSITIONS)
+        self.dropout = nn.Dropout(dropout)
+        sizes = dict(d_model=d_model, heads=heads, d_ff=d_ff, dropout=dropout, activation=activation)
+        self.encoder = Encoder(encoder["block"], encoder["layers"], **sizes)
+        self.decoder = Decoder(decoder["block"], decoder["layers"], **sizes)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        # the output layer shares these weights, so keep logits O(1): N(0, 1/d), scaled by √d on input
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[PAD].zero_()
+
+    def _embed(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        return self.dropout(self.position(self.embed(tokens) * math.sqrt(self.d_model), offset))
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        mask = (src != PAD)[:, None, None, :]  # (B, 1, 1, S): padding is never attended
+        return self.encoder(self._embed(src), mask), mask
+
+    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache: list | None = None, offset: int = 0) -> Tensor:
+        hidden = self.decoder(self._embed(tgt, offset), memory, memory_mask, cache)
+        return F.linear(hidden, self.embed.weight)  # (B, T, V)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        memory, mask = self.encode(src)
+        return self.decode(tgt, memory, mask)
+
+
+def _pad(rows: list[list[int]]) -> Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+@register("recipe", "translation")
+class Translation(Recipe):
+    """Encoder-decoder Transformer for translation: BPE, label smoothing, beam search, BLEU/chrF."""
+
+    config_file = "translation.yaml"
+    tokenizer: Tokenizer
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        data, seed = self.config["data"], self.config["seed"]
+        splits = load_splits(data["name"], lambda: numbers_corpus(data, seed), seed, hub_config=data["hub_config"])
+        self.pairs = {split: self._pairs(splits[split], split) for split in SPLITS}
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            texts = [text for pair in self.pairs["train"] for text in pair]
+            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+        self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in SPLITS}
+        self.targets = [[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in self.pairs["train"]])]
+
+    def _pairs(self, rows: datasets.Dataset, split: str) -> list[tuple[str, str]]:
+        data = self.config["data"]
+        if "translation" in rows.column_names:  # the wmt layout: {"de": ..., "en": ...}
+            langs = data["source_lang"], data["target_lang"]
+            pairs = [tuple(row.get(lang) for lang in langs) for row in rows["translation"]]
+        else:
+            columns = data["source_column"], data["target_column"]
+            for column in columns:
+                if column not in rows.column_names:
+                    raise UsageError(
+                        f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
+                        "set data.source_column and data.target_column)"
+                    )
+            pairs = list(zip(rows[columns[0]], rows[columns[1]]))
+        for i, pair in enumerate(pairs):
+            if not all(isinstance(text, str) and text.strip() for text in pair):
+                raise UsageError(f"the {split} data's row {i + 1} lacks a source or target text: {pair!r}")
+        return pairs
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        limit = self.config["data"]["max_tokens"]
+        return [e.ids[:limit] for e in self.tokenizer.encode_batch(texts)]
+
+    def _source_ids(self, texts: list[str]) -> list[list[int]]:
+        return [[*ids, EOS] for ids in self._ids(texts)]
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+
+    def load(self, run_dir: Path) -> None:
+        path = run_dir / "tokenizer.json"
+        if not path.is_file():
+            raise UsageError(f"run directory {run_dir} has no tokenizer.json (is it a complete tfkit run?)")
+        self.tokenizer = Tokenizer.from_file(str(path))
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        return Seq2SeqTransformer(
+            self.tokenizer.get_vocab_size(), m["d_model"], m["heads"], m["d_ff"], m["dropout"], m["activation"],
+            m["position"], m["encoder"], m["decoder"],
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        """Shuffled batches of sentences of similar length: each pool of 100 batches is sorted by length."""
+        sources, size = self.sources["train"], self.config["train"]["batch_size"]
+        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+        order = torch.randperm(len(sources), generator=generator).tolist()
+        pool = 100 * size
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: len(sources[i]))
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            rows = batches[b]
+            target = _pad([self.targets[i] for i in rows])
+            yield {"src": _pad([sources[i] for i in rows]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["src"], batch["tgt_in"])
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            batch["tgt_out"].flatten(),
+            ignore_index=PAD,
+            label_smoothing=self.config["train"]["label_smoothing"],
+        )
+        return loss, int((batch["tgt_out"] != PAD).sum())
+
+    # -- using the model --------------------------------------------------------------------------
+    def translate(self, model: nn.Module, sources: list[list[int]], beam: int | None = None) -> list[str]:
+        """Translate token-id sources in length-sorted batches; returns detokenised text in order."""
+        decode = self.config["decode"]
+        beam = beam or decode["beam"]
+        device = next(model.parameters()).device
+        model.eval()
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[str] = [""] * len(sources)
+        for start in range(0, len(order), decode["batch_size"]):
+            rows = order[start : start + decode["batch_size"]]
+            src = _pad([sources[i] for i in rows]).to(device)
+            max_len = min(MAX_POSITIONS, int(decode["max_len_a"] * src.size(1) + decode["max_len_b"]))
+            if beam == 1:
+                hyps = greedy_search(model, src, BOS, EOS, max_len)
+            else:
+                hyps = beam_search(model, src, BOS, EOS, max_len, beam, decode["length_penalty"])
+            for i, text in zip(rows, self.tokenizer.decode_batch(hyps)):
+                out[i] = text
+        return out
+
+    def evaluate(self, model: nn.Module, split: str, beam: int | None = None) -> dict[str, float]:
+        hyps = self.translate(model, self.sources[split], beam)
+        refs = [tgt for _, tgt in self.pairs[split]]
+        return {
+            "exact_match": 100.0 * sum(h == r for h, r in zip(hyps, refs)) / len(refs),
+            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+        }
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, beam: int | None = None) -> None:
+        lines = read_lines(path)
+        filled = [i for i, line in enumerate(lines) if line.strip()]
+        for i, line in enumerate(lines):
+            if not line.strip():
+                print(f"warning: {path}:{i + 1}: empty line, its translation is left empty", file=sys.stderr)
+        translations = dict(zip(filled, self.translate(model, self._source_ids([lines[i] for i in filled]), beam)))
+        for i in range(len(lines)):
+            out.write(translations.get(i, "") + "\n")
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        if not text.strip():
+            raise UsageError("the input text is empty")
+        device = next(model.parameters()).device
+        (source,) = self._source_ids([text])
+        src = torch.tensor([source], device=device)
+        model.eval()
+        (output,) = greedy_search(model, src, BOS, EOS, int(self.config["decode"]["max_len_a"] * len(source) + self.config["decode"]["max_len_b"]))
+        target = [BOS, *output]  # decoder inputs: each position predicts the next token
+        tgt = torch.tensor([target], device=device)
+
+        def axes(name: str) -> tuple[str, str]:
+            if name.startswith("encoder."):
+                return "source", "source"
+            return ("target", "source") if name.endswith("cross_attn") else ("target", "target")
+
+        tokens = {"source": [self.tokenizer.id_to_token(i) for i in source], "target": [self.tokenizer.id_to_token(i) for i in target]}
+        return AttentionExample(run=lambda: model(src, tgt), tokens=tokens, axes=axes)

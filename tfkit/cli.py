@@ -1,0 +1,259 @@
+"""The tfkit command line: train, predict, evaluate, inspect-attention, recipes, components."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tfkit import config as configs
+from tfkit import registry
+from tfkit import run as runs
+from tfkit.errors import TfkitError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, run and explain the Transformer family.\n\nExample: tfkit train translation",
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """Train, run and explain the Transformer family."""
+
+
+def _recipe_class(name: str) -> Any:
+    registry.load_all()
+    return registry.get("recipe", name)
+
+
+@app.command()
+def train(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe name (see tfkit recipes); omit with --resume."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of overrides to the recipe's config."),
+    set_: list[str] = typer.Option([], "--set", help="Override one config key: --set model.d_model=256 (repeatable)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data: a .tsv/.csv/.jsonl file, a folder, or a Hugging Face dataset name."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/RECIPE/TIME)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train for this many optimiser steps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data order, splits and initialisation."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory exactly."),
+) -> None:
+    """Train a recipe and write a run directory.
+
+    Example: tfkit train translation --set train.steps=500 --out runs/demo
+    """
+    import torch
+
+    from tfkit.train import Trainer, pick_device
+
+    target = pick_device(device)
+    if resume is not None:
+        if config or set_ or data or seed is not None or out:
+            raise UsageError("--resume continues a run with its own config (only --max-steps and --device apply)")
+        resolved = runs.read_config(resume)
+        if recipe is not None and recipe != resolved.get("recipe"):
+            raise UsageError(f"{resume} is a {resolved.get('recipe')} run, not {recipe}")
+        recipe_cls = _recipe_class(str(resolved.get("recipe")))
+        resolved = configs.merge(recipe_cls.default_config(), resolved)
+        if max_steps is not None:
+            resolved["train"]["steps"] = max_steps
+        run_dir = resume
+    else:
+        if recipe is None:
+            raise UsageError("name a recipe to train (see tfkit recipes), or pass --resume RUN")
+        recipe_cls = _recipe_class(recipe)
+        sets = list(set_)
+        sets += [f"data.name={data}"] if data is not None else []
+        sets += [f"train.steps={max_steps}"] if max_steps is not None else []
+        sets += [f"seed={seed}"] if seed is not None else []
+        resolved = configs.resolve(recipe_cls.default_config(), config, sets)
+        if out is not None and (out / runs.CONFIG).exists():
+            raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
+        run_dir = None
+
+    task = recipe_cls(resolved)
+    stderr.print(f"preparing data for [bold]{resolved['recipe']}[/bold]...")
+    task.prepare(run_dir)
+    if run_dir is None:
+        run_dir = runs.new_run_dir(resolved["recipe"], out)
+        task.save(run_dir)
+    runs.save_config(run_dir, resolved)
+    torch.manual_seed(resolved["seed"])
+    model = task.build_model()
+    trainer = Trainer(task, model, run_dir, target, console=stderr)
+    if resume is not None:
+        trainer.resume()
+    parameters = sum(p.numel() for p in model.parameters())
+    stderr.print(f"run directory {run_dir}  ({parameters:,} parameters, {target})")
+    metrics = trainer.fit()
+    stderr.print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(run_dir)
+
+
+def _options(method: Any, **given: Any) -> dict[str, Any]:
+    """Pass on the options the user gave; one the recipe does not take is a usage error."""
+    accepted = pyinspect.signature(method).parameters
+    chosen = {k: v for k, v in given.items() if v is not None}
+    for name in chosen:
+        if name not in accepted:
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to this recipe")
+    return chosen
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
+    files: list[Path] = typer.Argument(..., help="Input files."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here instead of stdout."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Predict on input files; a bad file is reported and the rest are still processed.
+
+    Example: tfkit predict runs/translation/20261123-101500 sentences.txt --beam 4
+    """
+    from tfkit.train import pick_device
+
+    registry.load_all()
+    recipe, model = runs.open_run(run_dir, pick_device(device))
+    options = _options(recipe.predict_file, beam=beam)
+    failed = 0
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    try:
+        for path in files:
+            try:
+                recipe.predict_file(model, path, sink, **options)
+            except UsageError as e:
+                failed += 1
+                print(f"error: {e}", file=sys.stderr)
+    finally:
+        if out:
+            sink.close()
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
+    split: str = typer.Option("test", "--split", help="test or validation."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Score a trained run on its held-out split.
+
+    Example: tfkit evaluate runs/translation/20261123-101500 --json
+    """
+    from tfkit.train import pick_device
+
+    if split not in ("test", "validation"):
+        raise UsageError(f"unknown split '{split}' (valid: test, validation)")
+    registry.load_all()
+    recipe, model = runs.open_run(run_dir, pick_device(device))
+    recipe.prepare(run_dir)
+    metrics = recipe.evaluate(model, split, **_options(recipe.evaluate, beam=beam))
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    table = Table(title=f"{run_dir} ({split})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.2f}")
+    stdout.print(table)
+
+
+@app.command("inspect-attention")
+def inspect_attention(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
+    text: str = typer.Argument(..., metavar="INPUT", help="The input to look at (text, or a file for image and speech recipes)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/attention/INPUT)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Dump every attention head for one input: attention.npz, tokens.json and PNG heatmaps.
+
+    Example: tfkit inspect-attention runs/translation/20261123-101500 "twenty-five"
+    """
+    from tfkit.inspect import head_summary, inspect
+    from tfkit.train import pick_device
+
+    registry.load_all()
+    recipe, model = runs.open_run(run_dir, pick_device(device))
+    example = recipe.attention_example(model, text)
+    folder = out or run_dir / "attention" / (re.sub(r"[^\w.-]+", "_", text).strip("_")[:60] or "input")
+    weights = inspect(model, example, folder)
+    for name, w in weights.items():
+        query_axis, key_axis = example.axes(name)
+        table = Table(title=f"{name}  ({query_axis} → {key_axis})")
+        for column in ("head", "entropy (nats)", "most attended", "weight"):
+            table.add_column(column)
+        for head, entropy, token, weight in head_summary(w, example.tokens[key_axis]):
+            table.add_row(str(head), f"{entropy:.2f}", token, f"{weight:.2f}")
+        stdout.print(table)
+    stderr.print(f"wrote {folder}/attention.npz, tokens.json and {len(weights)} PNG files")
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes.
+
+    Example: tfkit recipes
+    """
+    registry.load_all()
+    table = Table(title="recipes")
+    table.add_column("recipe")
+    table.add_column("description")
+    for name in registry.names("recipe"):
+        table.add_row(name, registry.summary(registry.get("recipe", name)))
+    stdout.print(table)
+
+
+@app.command()
+def components() -> None:
+    """List the component registry: kind, name, summary.
+
+    Example: tfkit components
+    """
+    registry.load_all()
+    table = Table(title="components")
+    for column in ("kind", "name", "summary"):
+        table.add_column(column)
+    for kind in registry.kinds():
+        if kind == "recipe":
+            continue
+        for name in registry.names(kind):
+            table.add_row(kind, name, registry.summary(registry.get(kind, name)))
+    stdout.print(table)
+
+
+def main() -> None:
+    # read before Typer parses: errors are turned into one line here, outside the app
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except TfkitError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug or an environment failure: one line unless --debug
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,111 @@
+"""Configs are plain nested dicts read from YAML.
+
+A recipe's YAML file is also its schema: a user's config file and ``--set key=value`` overrides may
+only name keys that file has, with values of the same type (a ``null`` default takes anything).
+Any key named after a registry kind (``attention: multi_head``) must name a registered component.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tfkit import registry
+from tfkit.errors import UsageError
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Return ``base`` updated with ``override``; unknown keys and wrong types are errors."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+            raise UsageError(f"unknown config key '{path}' (valid keys {where}: {', '.join(base)})")
+        default = base[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise UsageError(f"config key '{path}' is a section (set one of its keys: {', '.join(default)})")
+            merged[key] = merge(default, value, path + ".")
+        else:
+            merged[key] = _coerce(path, default, value)
+    return merged
+
+
+def _coerce(path: str, default: Any, value: Any) -> Any:
+    if default is None:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    raise UsageError(f"config key '{path}' expects {names.get(expected, expected.__name__)}, got {value!r}")
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """``"model.encoder.layers=4"`` → ``{"model": {"encoder": {"layers": 4}}}``."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise UsageError(f"malformed --set '{item}' (expected key=value, for example train.lr=0.001)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def check_components(config: dict[str, Any], prefix: str = "") -> None:
+    """Every key named after a registry kind must name a registered component."""
+    kinds = set(registry.kinds())
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_components(value, f"{prefix}{key}.")
+        elif key in kinds:
+            try:
+                registry.get(key, value)
+            except UsageError as e:
+                raise UsageError(f"config key '{prefix}{key}': {e}") from None
+
+
+def resolve(defaults: dict[str, Any], config_file: Path | None = None, sets: list[str] = ()) -> dict[str, Any]:
+    config = defaults
+    if config_file is not None:
+        config = merge(config, read_yaml(config_file))
+    for item in sets:
+        config = merge(config, parse_set(item))
+    check_components(config)
+    return config
+
+
+def dump(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)

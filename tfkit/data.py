@@ -1,0 +1,121 @@
+"""Data adapters shared by the recipes.
+
+Every source ends up as a ``datasets.DatasetDict`` with train/validation/test splits, through one
+path: the built-in data of a recipe, a local file (.tsv/.csv/.jsonl/.json), a folder holding
+train/validation/test files, or a Hugging Face dataset name (``datasets.load_dataset``, online).
+Splits a source lacks are carved from its training split, deterministically by seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import datasets
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tfkit.errors import UsageError
+
+SPLITS = ("train", "validation", "test")
+_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+
+def load_splits(
+    spec: str,
+    builtin: Callable[[], datasets.DatasetDict],
+    seed: int,
+    held_out: float = 0.05,
+    hub_config: str | None = None,
+) -> datasets.DatasetDict:
+    """Resolve ``--data`` into train/validation/test; ``held_out`` is each carved split's fraction."""
+    if spec == "builtin":
+        return builtin()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = {s: f for s in SPLITS for f in sorted(path.glob(f"{s}.*")) if f.suffix in _BUILDERS}
+        if "train" not in files:
+            raise UsageError(f"data folder {path} has no train.tsv/.csv/.jsonl/.json file")
+        loaded = datasets.DatasetDict({s: _load_file(f)["train"] for s, f in files.items()})
+    elif path.suffix in _BUILDERS or path.exists():
+        if not path.is_file():
+            raise UsageError(f"data file {path} does not exist")
+        if path.suffix not in _BUILDERS:
+            raise UsageError(f"data file {path} has an unknown format (use .tsv, .csv, .jsonl or .json)")
+        loaded = _load_file(path)
+    else:
+        try:
+            loaded = datasets.load_dataset(spec, hub_config)
+        except Exception as e:  # the hub raises many types: offline, unknown name, missing config
+            raise UsageError(f"could not load dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return _complete_splits(loaded, seed, held_out)
+
+
+def cached(name: str, key: dict, build: Callable[[], datasets.DatasetDict]) -> datasets.DatasetDict:
+    """Build a generated dataset once and keep it under $TFKIT_CACHE (default ~/.cache/tfkit)."""
+    root = Path(os.environ.get("TFKIT_CACHE", Path.home() / ".cache" / "tfkit"))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = root / f"{name}-{digest}"
+    if path.is_dir():
+        return datasets.load_from_disk(str(path))
+    built = build()
+    tmp = root / f".{path.name}.{os.getpid()}.tmp"
+    built.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return built
+
+
+def _load_file(path: Path) -> datasets.DatasetDict:
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
+    try:
+        return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), **options)
+    except Exception as e:
+        raise UsageError(f"could not read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -> datasets.DatasetDict:
+    if "train" not in loaded:
+        raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
+    out = dict(loaded)
+    for split in ("test", "validation"):
+        if split not in out:
+            size = max(1, int(round(held_out * len(loaded["train"]))))
+            if len(out["train"]) <= size:
+                raise UsageError(f"the dataset has too few rows ({len(out['train'])}) to hold out a {split} split")
+            parts = out["train"].train_test_split(test_size=size, seed=seed)
+            out["train"], out[split] = parts["train"], parts["test"]
+    return datasets.DatasetDict({s: out[s] for s in SPLITS})
+
+
+def read_lines(path: Path) -> list[str]:
+    """A user's UTF-8 text file as lines; a missing, empty or undecodable file is a UsageError."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the file is empty")
+    return text.splitlines()
+
+
+def train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A byte-pair-encoding tokenizer over whitespace-marked pieces (SentencePiece's ▁), so decoding
+    restores the text exactly."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer

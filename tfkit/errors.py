@@ -1,0 +1,13 @@
+"""Errors a user can act on: the CLI prints them as one line, without a traceback."""
+
+
+class TfkitError(Exception):
+    """A failure during work (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(TfkitError):
+    """Bad usage or bad input: an unknown name, a malformed option, a missing file (exit code 2)."""
+
+    exit_code = 2

@@ -1,0 +1,132 @@
+"""Attention: softmax(QKᵀ/√d + mask)·V (Vaswani et al., 2017).
+
+One mask convention everywhere: masks are boolean, True means "may attend", and they broadcast to
+(batch, heads, query, key). The fast path is PyTorch's fused ``scaled_dot_product_attention``, which
+never materialises the weights; the explicit path computes them and passes them through ``probe``
+(an ``nn.Identity``) so :func:`tfkit.inspect.capture_attention` can read them with a hook.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfkit.errors import UsageError
+from tfkit.registry import register
+
+
+def causal_mask(queries: int, keys: int, device: torch.device | None = None) -> Tensor:
+    """(queries, keys) lower-triangular mask, aligned so the last query sees every key."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
+
+
+@register("attention", "scaled_dot_product")
+class ScaledDotProductAttention(nn.Module):
+    """softmax(QKᵀ/√d_k + mask)·V over (B, H, T, d_k) queries, keys and values; fused or explicit."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.explicit = False
+        self.probe = nn.Identity()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        dropout = self.dropout if self.training else 0.0
+        tq, tk = q.size(-2), k.size(-2)
+        if not self.explicit:
+            if causal and (mask is not None or tq != tk):
+                mask = causal_mask(tq, tk, q.device) if mask is None else mask & causal_mask(tq, tk, q.device)
+                causal = False
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
+        if causal:
+            scores = scores.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = self.probe(scores.softmax(dim=-1))
+        return F.dropout(weights, dropout) @ v
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, (B, H, T, d_k), grown in place.
+
+    Self-attention appends one step at a time; cross-attention fills it once from the encoder output
+    and reuses it. Beam search reorders the batch with :meth:`reorder`.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.size(2)
+        if self.k is None or end > self.k.size(2):
+            # doubling keeps appends amortised O(1) instead of a full copy per decoded token
+            capacity = max(end, 2 * (0 if self.k is None else self.k.size(2)), 16)
+            grown_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
+            grown_v = v.new_empty(v.size(0), v.size(1), capacity, v.size(3))
+            if self.k is not None:
+                grown_k[:, :, : self.length] = self.k[:, :, : self.length]
+                grown_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.keys_values()
+
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+@register("attention", "multi_head")
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: h scaled dot-product heads over learned projections, concatenated."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % heads:
+            raise UsageError(f"d_model {d_model} is not divisible by heads {heads} (pick sizes where it is)")
+        self.d_model, self.heads = d_model, heads
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)  # [W_Q; W_K; W_V]
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.attend = ScaledDotProductAttention(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Self-attention over ``x`` (B, T, D), or cross-attention from ``x`` to ``context`` (B, S, D)."""
+        batch, length, _ = x.shape
+        if context is None:
+            q, k, v = self._heads(self.in_proj(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            d = self.d_model
+            bias = self.in_proj.bias
+            (q,) = self._heads(F.linear(x, self.in_proj.weight[:d], None if bias is None else bias[:d]), 1)
+            if cache is not None and cache.length:
+                k, v = cache.keys_values()
+            else:
+                k, v = self._heads(F.linear(context, self.in_proj.weight[d:], None if bias is None else bias[d:]), 2)
+                if cache is not None:
+                    cache.append(k, v)
+        out = self.attend(q, k, v, mask=mask, causal=causal)  # (B, H, T, d_k)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.d_model))
+
+    def _heads(self, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
+        """(B, T, parts·D) → ``parts`` tensors of (B, H, T, d_k)."""
+        batch, length, _ = projected.shape
+        split = projected.view(batch, length, parts, self.heads, self.d_model // self.heads)
+        return split.permute(2, 0, 3, 1, 4).unbind(0)

@@ -1,0 +1,162 @@
+"""Transformer blocks and the stacks built from them.
+
+Post-LN (the original Transformer, BERT) normalises after each residual: x = LN(x + F(x)).
+Pre-LN (GPT-2, ViT) normalises inside the branch, x = x + F(LN(x)), and its stack ends with a LayerNorm.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from tfkit import registry
+from tfkit.errors import UsageError
+from tfkit.nn.attention import KVCache, MultiHeadAttention
+from tfkit.registry import register
+
+register("activation", "relu")(nn.ReLU)
+register("activation", "gelu")(nn.GELU)
+register("activation", "swish")(nn.SiLU)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: W₂·act(W₁x + b₁) + b₂."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.act = registry.get("activation", activation)()
+        self.dropout = nn.Dropout(dropout)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(self.act(self.up(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Self-attention and feed-forward sublayers, each with a residual connection and LayerNorm."""
+
+    role = "encoder"
+    norm_first = False
+
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu"):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, heads, dropout)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.norm_first:
+            x = x + self.dropout(self.self_attn(self.norm1(x), mask=mask))
+            return x + self.dropout(self.feed_forward(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.self_attn(x, mask=mask)))
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
+
+
+@register("block", "post_ln")
+class PostLNEncoderBlock(EncoderBlock):
+    """Encoder block with LayerNorm after each residual, x = LN(x + F(x)) (Vaswani et al., 2017)."""
+
+
+@register("block", "pre_ln")
+class PreLNEncoderBlock(EncoderBlock):
+    """Encoder block with LayerNorm before each sublayer, x = x + F(LN(x)) (Xiong et al., 2020)."""
+
+    norm_first = True
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder output, and feed-forward sublayers."""
+
+    role = "decoder"
+    norm_first = False
+
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu"):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, heads, dropout)
+        self.cross_attn = MultiHeadAttention(d_model, heads, dropout)
+        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        cache: tuple[KVCache, KVCache] | None = None,
+    ) -> Tensor:
+        """With a cache, ``x`` holds only the new positions and attends to every cached one."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+
+        def self_attn(h: Tensor) -> Tensor:
+            return self.self_attn(h, causal=True, cache=self_cache)
+
+        def cross_attn(h: Tensor) -> Tensor:
+            return self.cross_attn(h, memory, mask=memory_mask, cache=cross_cache)
+
+        for sublayer, norm in ((self_attn, self.norm1), (cross_attn, self.norm2), (self.feed_forward, self.norm3)):
+            x = x + self.dropout(sublayer(norm(x))) if self.norm_first else norm(x + self.dropout(sublayer(x)))
+        return x
+
+
+@register("block", "post_ln_decoder")
+class PostLNDecoderBlock(DecoderBlock):
+    """Decoder block with LayerNorm after each residual (Vaswani et al., 2017)."""
+
+
+@register("block", "pre_ln_decoder")
+class PreLNDecoderBlock(DecoderBlock):
+    """Decoder block with LayerNorm before each sublayer (Xiong et al., 2020)."""
+
+    norm_first = True
+
+
+def _block_class(name: str, role: str) -> type[nn.Module]:
+    cls = registry.get("block", name)
+    if getattr(cls, "role", None) != role:
+        valid = [n for n in registry.names("block") if getattr(registry.get("block", n), "role", None) == role]
+        raise UsageError(f"block '{name}' is not an {role} block (valid: {', '.join(valid)})")
+    return cls
+
+
+class Encoder(nn.Module):
+    """A stack of encoder blocks named by the registry; a pre-LN stack ends with a LayerNorm."""
+
+    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str):
+        super().__init__()
+        cls = _block_class(block, "encoder")
+        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """A stack of decoder blocks; :meth:`new_cache` makes the per-layer caches for incremental decoding."""
+
+    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str):
+        super().__init__()
+        cls = _block_class(block, "decoder")
+        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
+
+    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
+        return [(KVCache(), KVCache()) for _ in self.layers]
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        cache: list[tuple[KVCache, KVCache]] | None = None,
+    ) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, memory_mask, None if cache is None else cache[i])
+        return self.norm(x)

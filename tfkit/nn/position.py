@@ -1,0 +1,52 @@
+"""Positional encodings that act on the input embeddings: ``forward(x, offset)`` returns x + P[offset:offset+T]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from tfkit.errors import UsageError
+from tfkit.registry import register
+
+
+def sinusoids(length: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); (length, d_model)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
+    return table
+
+
+@register("position", "sinusoidal")
+class SinusoidalPosition(nn.Module):
+    """Fixed sine and cosine encodings of each position, added to the embeddings (Vaswani et al., 2017)."""
+
+    def __init__(self, d_model: int, max_len: int = 1024):
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("table", sinusoids(max_len, d_model), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        end = offset + x.size(1)
+        if end > self.table.size(0):  # any length works: the table is a formula, not a parameter
+            self.table = sinusoids(max(end, 2 * self.table.size(0)), self.d_model).to(self.table.device)
+        return x + self.table[offset:end].to(x.dtype)
+
+
+@register("position", "learned")
+class LearnedPosition(nn.Module):
+    """One trained vector per position up to max_len, added to the embeddings (BERT, ViT)."""
+
+    def __init__(self, d_model: int, max_len: int = 1024):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        end = offset + x.size(1)
+        if end > self.table.size(0):
+            raise UsageError(f"input of {end} positions is longer than the {self.table.size(0)} learned ones")
+        return x + self.table[offset:end]

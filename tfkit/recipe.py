@@ -1,0 +1,75 @@
+"""What every task recipe provides to the trainer, the run directory and the CLI.
+
+A recipe owns its data, tokenizer or label set, model construction, loss, metrics, prediction on user
+files, and the example it feeds through the model for ``inspect-attention``. It registers under the
+registry kind "recipe" and ships ``<config_file>`` beside its module as its default config and schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+import yaml
+from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class AttentionExample:
+    """One input ready for inspection: ``run`` feeds it through the model."""
+
+    run: Callable[[], Any]
+    tokens: dict[str, list[str]]  # axis name → labels, e.g. {"source": [...], "target": [...]}
+    axes: Callable[[str], tuple[str, str]]  # attention module name → (query axis, key axis)
+
+
+class Recipe:
+    """Base class of task recipes; subclasses set ``config_file``, and their docstring's first line
+    is the description ``tfkit recipes`` shows."""
+
+    config_file: str
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        return yaml.safe_load((resources.files("tfkit.recipes") / cls.config_file).read_text(encoding="utf-8"))
+
+    # -- training ---------------------------------------------------------------------------------
+    def prepare(self, run_dir: Path | None = None) -> None:
+        """Load the data. Fit the tokenizer (or labels), or load them from ``run_dir`` when given."""
+        raise NotImplementedError
+
+    def save(self, run_dir: Path) -> None:
+        """Write what :meth:`load` needs besides config and weights (tokenizer, labels)."""
+        raise NotImplementedError
+
+    def load(self, run_dir: Path) -> None:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        """The training batches of one epoch, in an order that depends only on the seed and epoch."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        """Mean loss over the batch and the number of items (tokens, images, frames) it covers."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, **options: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- using a trained run ----------------------------------------------------------------------
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, **options: Any) -> None:
+        """Write predictions for one input file; raise :class:`tfkit.errors.UsageError` for a bad file."""
+        raise NotImplementedError
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        raise NotImplementedError

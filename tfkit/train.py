@@ -1,0 +1,268 @@
+"""One training loop for every recipe.
+
+Optimiser (Adam/AdamW), learning-rate schedule, autocast on CUDA, gradient accumulation and clipping,
+periodic evaluation, metrics, atomic checkpoints, exact resume, and a clean stop on SIGINT/SIGTERM.
+
+Exact resume rests on one rule: data order and data randomness come from generators seeded by
+(seed, epoch) inside the recipe, and the model's own randomness (dropout) from the global RNG, whose
+state is checkpointed. Replaying the same batches with the same RNG state gives the same losses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_model
+from torch import nn
+
+from tfkit import run as runs
+from tfkit.errors import TfkitError, UsageError
+from tfkit.recipe import Recipe
+
+
+class Interrupted(TfkitError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, run_dir: Path, step: int):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved "
+            f"(continue with: tfkit train --resume {run_dir})"
+        )
+        self.exit_code = 128 + signum
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device '{name}' (valid: auto, cpu, cuda)")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto`` means bf16 on CUDA and fp32 on CPU, where
+    low-precision matmuls are far slower than fp32 on most processors."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise UsageError(f"unknown train.precision '{precision}' (valid: auto, fp32, bf16, fp16)")
+    return dtypes[precision]
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    # weight decay on matrices only, not on biases, norms or position tables of rank 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg["optimizer"] not in optimizers:
+        raise UsageError(f"unknown train.optimizer '{cfg['optimizer']}' (valid: {', '.join(optimizers)})")
+    return optimizers[cfg["optimizer"]](groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+
+
+def lr_factor(cfg: dict[str, Any]) -> Callable[[int], float]:
+    """Multiplier of the peak ``train.lr`` after ``step`` optimiser steps.
+
+    noam: the paper's d^-0.5·min(s^-0.5, s·w^-1.5), written as peak·min(s/w, √(w/s)) so the peak is
+    explicit; warmup_cosine: linear warmup, then cosine decay to zero at ``train.steps``;
+    constant: linear warmup, then flat.
+    """
+    warmup, total, kind = max(1, cfg["warmup"]), cfg["steps"], cfg["schedule"]
+
+    def noam(step: int) -> float:
+        s = step + 1
+        return min(s / warmup, math.sqrt(warmup / s))
+
+    def warmup_cosine(step: int) -> float:
+        s = step + 1
+        if s < warmup:
+            return s / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    def constant(step: int) -> float:
+        return min(1.0, (step + 1) / warmup)
+
+    schedules = {"noam": noam, "warmup_cosine": warmup_cosine, "constant": constant}
+    if kind not in schedules:
+        raise UsageError(f"unknown train.schedule '{kind}' (valid: {', '.join(schedules)})")
+    return schedules[kind]
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device, console: Console | None = None):
+        self.recipe, self.run_dir, self.device = recipe, run_dir, device
+        self.cfg = recipe.config["train"]
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.cfg))
+        self.dtype = autocast_dtype(self.cfg["precision"], device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.console = console or Console(stderr=True)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
+        self._signal: int | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "window": dict(self.window),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def resume(self) -> None:
+        state = runs.load_state(self.run_dir)
+        load_model(self.model, str(self.run_dir / runs.WEIGHTS), device=str(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.window = dict(state["window"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        runs.truncate_metrics(self.run_dir, self.step)
+
+    def save(self) -> None:
+        runs.save_checkpoint(self.run_dir, self.model, self.state_dict())
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches across epochs, resuming mid-epoch at ``batch_in_epoch``."""
+        while True:
+            start = self.batch_in_epoch
+            for batch in itertools.islice(self.recipe.train_batches(self.epoch), start, None):
+                self.batch_in_epoch += 1
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if self.batch_in_epoch == 0:
+                raise UsageError("the training split yields no batches (is the training data empty?)")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _train_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        self.model.train()
+        accumulate = self.cfg["accumulate"]
+        total_loss, items = 0.0, 0
+        for _ in range(accumulate):
+            batch = next(stream)
+            with self._autocast():
+                loss, n = self.recipe.loss(self.model, batch)
+            if not torch.isfinite(loss):
+                raise TfkitError(
+                    f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving "
+                    f"(lower train.lr, raise train.warmup, or set train.clip_grad_norm)"
+                )
+            self.scaler.scale(loss / accumulate).backward()
+            total_loss += loss.item() / accumulate
+            items += n
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg["clip_grad_norm"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad_norm"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return total_loss, items
+
+    def _autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        with self._autocast():
+            metrics = self.recipe.evaluate(self.model, split)
+        self.model.train()
+        runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics})
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.console.print(f"step {self.step} {split}: {shown}")
+        return metrics
+
+    def fit(self, on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, float]:
+        """Train to ``train.steps``; ``on_step`` is called after each step (tests use it to interrupt)."""
+        cfg, total = self.cfg, self.cfg["steps"]
+        stream = self._stream()
+        metrics: dict[str, float] = {}
+        last_eval = -1
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        ]
+        with self._signals(), Progress(*columns, console=self.console, disable=not progress) as bar:
+            task = bar.add_task(self.recipe.config["recipe"], total=total, completed=self.step, info="")
+            tick = time.perf_counter()
+            while self.step < total:
+                loss, items = self._train_step(stream)
+                self.window["loss"] += loss
+                self.window["steps"] += 1
+                self.window["items"] += items
+                if self.step % cfg["log_every"] == 0 or self.step == total:
+                    elapsed = time.perf_counter() - tick
+                    record = {
+                        "step": self.step,
+                        "loss": self.window["loss"] / self.window["steps"],
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "items_per_s": self.window["items"] / max(elapsed, 1e-9),
+                    }
+                    runs.append_metrics(self.run_dir, record)
+                    bar.update(task, info=f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['items_per_s']:,.0f} tok/s")
+                    self.window = {"loss": 0.0, "steps": 0, "items": 0}
+                    tick = time.perf_counter()
+                bar.update(task, completed=self.step)
+                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0:
+                    metrics, last_eval = self.evaluate(), self.step
+                if self.step % cfg["save_every"] == 0:
+                    self.save()
+                if on_step is not None:
+                    on_step(self.step)
+                if self._signal is not None:
+                    self.save()
+                    raise Interrupted(self._signal, self.run_dir, self.step)
+        self.save()
+        if last_eval != self.step:
+            metrics = self.evaluate()
+        return metrics
+
+    @contextmanager
+    def _signals(self):
+        """SIGINT and SIGTERM finish the current step, save, and stop."""
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
