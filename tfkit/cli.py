@@ -54,9 +54,7 @@ def train(
 
     Example: tfkit train translation --set train.steps=500 --out runs/demo
     """
-    import torch
-
-    from tfkit.train import Trainer, pick_device
+    from tfkit.train import pick_device, start_training
 
     target = pick_device(device)
     if resume is not None:
@@ -81,25 +79,14 @@ def train(
         resolved = configs.resolve(recipe_cls.default_config(), config, sets)
         if out is not None and (out / runs.CONFIG).exists():
             raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
-        run_dir = None
+        run_dir = out
 
-    task = recipe_cls(resolved)
-    stderr.print(f"preparing data for [bold]{resolved['recipe']}[/bold]...")
-    task.prepare(run_dir)
-    if run_dir is None:
-        run_dir = runs.new_run_dir(resolved["recipe"], out)
-        task.save(run_dir)
-    runs.save_config(run_dir, resolved)
-    torch.manual_seed(resolved["seed"])
-    model = task.build_model()
-    trainer = Trainer(task, model, run_dir, target, console=stderr)
-    if resume is not None:
-        trainer.resume()
-    parameters = sum(p.numel() for p in model.parameters())
-    stderr.print(f"run directory {run_dir}  ({parameters:,} parameters, {target})")
+    trainer = start_training(resolved, run_dir, target, resume=resume is not None, console=stderr)
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    stderr.print(f"run directory {trainer.run_dir}  ({parameters:,} parameters, {target})")
     metrics = trainer.fit()
     stderr.print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    print(run_dir)
+    print(trainer.run_dir)
 
 
 def _options(method: Any, **given: Any) -> dict[str, Any]:
@@ -239,11 +226,12 @@ def components() -> None:
     stdout.print(table)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     # read before Typer parses: errors are turned into one line here, outside the app
-    debug = "--debug" in sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
     try:
-        app()
+        app(args=argv, prog_name="tfkit")
     except TfkitError as e:
         if debug:
             raise

@@ -35,9 +35,11 @@ def beam_search(
 ) -> list[list[int]]:
     """Keep the ``beam`` best prefixes per sentence; hypotheses are ranked by log p / length^α.
 
-    As in fairseq, each step looks at the 2·beam best extensions: EOS among the top ``beam`` ends a
-    hypothesis, the best ``beam`` others go on; a sentence is done once it has ``beam`` hypotheses.
-    With beam 1 this is exactly greedy search.
+    Each step looks at the 2·beam best extensions: EOS among the top ``beam`` ends a hypothesis, the
+    best ``beam`` others go on. A sentence keeps its ``beam`` best ended hypotheses and is done once its
+    best live prefix, ended at the next step, could not beat the worst of them (Hugging Face's rule;
+    stopping at the first ``beam`` ended ones, as fairseq does, often loses the greedy answer).
+    With beam 1 and no length penalty this is exactly greedy search.
     """
     batch, device = src.size(0), src.device
     memory, memory_mask = model.encode(src)
@@ -47,7 +49,8 @@ def beam_search(
     scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
     prefixes = torch.full((batch * beam, 0), bos, dtype=torch.long, device=device)
     token = torch.full((batch * beam,), bos, dtype=torch.long, device=device)
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    ended = [_Best(beam) for _ in range(batch)]
+    done = [False] * batch
     rank = torch.arange(2 * beam, device=device)
     offsets = torch.arange(batch, device=device)[:, None] * beam
     for t in range(max_len):
@@ -60,27 +63,48 @@ def beam_search(
         is_eos = next_token == eos
 
         rows = offsets + source_beam  # (B, 2K): each candidate's row in the flattened batch
-        for b, j in (is_eos & (rank < beam)).nonzero().tolist():
-            if len(finished[b]) < beam:
-                score = top_scores[b, j].item() / (t + 1) ** length_penalty
-                finished[b].append((score, prefixes[rows[b, j]].tolist()))
-        if all(len(hyps) >= beam for hyps in finished):
-            break
+        # a -inf candidate is an unused beam slot (fewer live prefixes than beams), never a hypothesis
+        for b, j in (is_eos & (rank < beam) & top_scores.isfinite()).nonzero().tolist():
+            if not done[b]:
+                ended[b].add(top_scores[b, j].item() / (t + 1) ** length_penalty, prefixes[rows[b, j]].tolist())
 
         # the first `beam` candidates that are not EOS go on
         keep = (is_eos.long() * 2 * beam + rank).argsort(dim=1)[:, :beam]
         scores = top_scores.gather(1, keep)
+        best_live = (scores[:, 0] / (t + 2) ** length_penalty).tolist()
+        done = [d or ended[b].beats(best_live[b]) for b, d in enumerate(done)]
+        if all(done):
+            break
         rows = rows.gather(1, keep).view(-1)
         token = next_token.gather(1, keep).view(-1)
         prefixes = torch.cat([prefixes[rows], token[:, None]], dim=1)
         for self_cache, _ in cache:  # cross-attention caches are the same for every beam of a sentence
             self_cache.reorder(rows)
-
-    for b in range(batch):  # out of length: the live beams are candidates too
-        if len(finished[b]) < beam:
+    else:  # out of length: the live prefixes are hypotheses too
+        for b in range(batch):
             for k in range(beam):
-                finished[b].append((scores[b, k].item() / max_len**length_penalty, prefixes[b * beam + k].tolist()))
-    return [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
+                if not done[b] and scores[b, k].isfinite():
+                    ended[b].add(scores[b, k].item() / max_len**length_penalty, prefixes[b * beam + k].tolist())
+    return [hyps.best() for hyps in ended]
+
+
+class _Best:
+    """The ``size`` best-scoring ended hypotheses of one sentence."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.hyps: list[tuple[float, list[int]]] = []
+
+    def add(self, score: float, tokens: list[int]) -> None:
+        self.hyps.append((score, tokens))
+        self.hyps.sort(key=lambda h: -h[0])
+        del self.hyps[self.size :]
+
+    def beats(self, score: float) -> bool:
+        return len(self.hyps) == self.size and self.hyps[-1][0] >= score
+
+    def best(self) -> list[int]:
+        return self.hyps[0][1]
 
 
 def _until(tokens: list[int], eos: int) -> list[int]:

@@ -32,6 +32,7 @@ class Recipe:
     is the description ``tfkit recipes`` shows."""
 
     config_file: str
+    unit = "tok"  # what loss() counts, for the progress bar's throughput
 
     def __init__(self, config: dict[str, Any]):
         self.config = config

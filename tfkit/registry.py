@@ -3,7 +3,8 @@
 Each kind fixes a constructor contract, so builders pass the shared sizes and a config only names the
 component:
 
-- ``attention``: ``cls(d_model, heads, dropout)``, called as ``(x, context=None, mask=None, causal=False, cache=None)``
+- ``attention``: layers ``cls(d_model, heads, dropout)`` called as ``(x, context=None, mask=None, causal=False,
+  cache=None)``; the kernel ``scaled_dot_product`` inside them is ``cls(dropout)`` called on ``(q, k, v, mask, causal)``
 - ``position``: ``cls(d_model, max_len)``, called as ``(x, offset=0)`` on the input embeddings
 - ``block``: ``cls(d_model, heads, d_ff, dropout, activation)``
 - ``activation``: ``cls()``

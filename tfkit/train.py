@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_model
 from torch import nn
 
+from tfkit import registry
 from tfkit import run as runs
 from tfkit.errors import TfkitError, UsageError
 from tfkit.recipe import Recipe
@@ -232,7 +233,10 @@ class Trainer:
                         "items_per_s": self.window["items"] / max(elapsed, 1e-9),
                     }
                     runs.append_metrics(self.run_dir, record)
-                    bar.update(task, info=f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['items_per_s']:,.0f} tok/s")
+                    info = f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['items_per_s']:,.0f} {self.recipe.unit}/s"
+                    bar.update(task, info=info)
+                    if progress and not self.console.is_terminal:  # logs and CI: a line instead of a bar
+                        self.console.print(f"step {self.step}/{total}  {info}")
                     self.window = {"loss": 0.0, "steps": 0, "items": 0}
                     tick = time.perf_counter()
                 bar.update(task, completed=self.step)
@@ -266,3 +270,27 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def start_training(
+    config: dict[str, Any],
+    run_dir: Path | None,
+    device: torch.device,
+    resume: bool = False,
+    console: Console | None = None,
+) -> Trainer:
+    """A trainer for a resolved config: new run directory (``run_dir`` or runs/RECIPE/TIME), or with
+    ``resume`` the existing ``run_dir`` restored to its last checkpoint."""
+    console = console or Console(stderr=True)
+    recipe = registry.get("recipe", config["recipe"])(config)
+    console.print(f"preparing data for [bold]{config['recipe']}[/bold]...")
+    recipe.prepare(run_dir if resume else None)
+    if not resume:
+        run_dir = runs.new_run_dir(config["recipe"], run_dir)
+        recipe.save(run_dir)
+    runs.save_config(run_dir, config)
+    torch.manual_seed(config["seed"])
+    trainer = Trainer(recipe, recipe.build_model(), run_dir, device, console)
+    if resume:
+        trainer.resume()
+    return trainer

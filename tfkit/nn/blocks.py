@@ -119,7 +119,7 @@ def _block_class(name: str, role: str) -> type[nn.Module]:
     cls = registry.get("block", name)
     if getattr(cls, "role", None) != role:
         valid = [n for n in registry.names("block") if getattr(registry.get("block", n), "role", None) == role]
-        raise UsageError(f"block '{name}' is not an {role} block (valid: {', '.join(valid)})")
+        raise UsageError(f"block '{name}' does not fit the {role} (valid {role} blocks: {', '.join(valid)})")
     return cls
 
 

@@ -1,0 +1,187 @@
+"""The command line as a user meets it: outputs, run directories, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from tfkit import run as runs
+from tfkit.cli import main
+
+
+def tfkit(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str, fragment: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "inspect-attention", "recipes", "components"])
+def test_every_command_has_help_with_an_example(capsys, command):
+    code, out, _ = tfkit(capsys, command, "--help")
+    assert code == 0 and "Example: tfkit " in out
+
+
+def test_recipes_and_components_tables(capsys):
+    code, out, _ = tfkit(capsys, "recipes")
+    assert code == 0 and "translation" in out and "Encoder-decoder" in out
+    code, out, _ = tfkit(capsys, "components")
+    for name in ("scaled_dot_product", "multi_head", "sinusoidal", "learned", "post_ln", "pre_ln", "post_ln_decoder"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "nmt"], "unknown recipe 'nmt' (valid: translation)"),
+        (["train", "translation", "--set", "model.width=3"], "unknown config key 'model.width'"),
+        (["train", "translation", "--set", "model.d_model"], "malformed --set 'model.d_model'"),
+        (["train", "translation", "--set", "model.heads=four"], "'model.heads' expects an integer"),
+        (["train", "translation", "--set", "model.position=rope"], "unknown position 'rope'"),
+        (["train", "translation", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train"], "name a recipe"),
+        (["evaluate", "no/such/run"], "run directory no/such/run does not exist"),
+        (["predict", "no/such/run", "x.txt"], "does not exist"),
+        (["inspect-attention", "no/such/run", "one"], "does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, args, fragment):
+    code, _, err = tfkit(capsys, *args)
+    assert code == 2
+    one_error_line(err, fragment)
+
+
+def test_missing_and_unreadable_data(capsys, tmp_path):
+    code, _, err = tfkit(capsys, "train", "translation", "--data", str(tmp_path / "none.tsv"), *sum((["--set", s] for s in TINY), []))
+    assert code == 2
+    one_error_line(err, "does not exist")
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("src\ttgt\n" + "ein\tone\n" * 50)
+    code, _, err = tfkit(capsys, "train", "translation", "--data", str(bad), *sum((["--set", s] for s in TINY), []))
+    assert code == 2
+    one_error_line(err, "has no column 'source'")
+
+
+def test_run_directory_with_a_missing_file(capsys, trained_run, tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    (run / runs.CONFIG).write_bytes((trained_run / runs.CONFIG).read_bytes())
+    code, _, err = tfkit(capsys, "evaluate", str(run))
+    assert code == 2
+    one_error_line(err, "has no model.safetensors")
+
+
+def held_out(run, count: int) -> tuple[list[str], list[str]]:
+    """Test-split sources of a run and the translations its model gives them with greedy search."""
+    recipe, model = runs.open_run(run)
+    recipe.prepare(run)
+    sources = [src for src, _ in recipe.pairs["test"][:count]]
+    return sources, recipe.translate(model, recipe.sources["test"][:count], beam=1)
+
+
+def test_predict_reports_bad_files_and_translates_the_rest(capsys, trained_run, tmp_path):
+    sources, expected = held_out(trained_run, 2)
+    good = tmp_path / "good.txt"
+    good.write_text(f"{sources[0]}\n\n{sources[1]}\n")
+    empty, latin1, missing = tmp_path / "empty.txt", tmp_path / "latin1.txt", tmp_path / "missing.txt"
+    empty.write_text("")
+    latin1.write_bytes("fünf\n".encode("latin-1"))
+    code, out, err = tfkit(capsys, "predict", str(trained_run), str(missing), str(empty), str(latin1), str(good), "--beam", "1")
+    assert code == 2
+    assert out.splitlines() == [expected[0], "", expected[1]]  # one line per input line, the empty one kept
+    assert "missing.txt: no such file" in err and "empty.txt: the file is empty" in err and "latin1.txt: not UTF-8" in err
+    assert "good.txt:2: empty line" in err and "Traceback" not in err
+
+
+def test_predict_writes_to_out(capsys, trained_run, tmp_path):
+    sources, expected = held_out(trained_run, 3)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(sources) + "\n")
+    code, out, _ = tfkit(capsys, "predict", str(trained_run), str(source), "--out", str(tmp_path / "out.txt"))
+    assert code == 0 and out == ""
+    assert (tmp_path / "out.txt").read_text().splitlines() == expected  # beam 3 agrees with greedy here
+
+
+def test_evaluate_prints_json(capsys, trained_run):
+    code, out, _ = tfkit(capsys, "evaluate", str(trained_run), "--json", "--beam", "1")
+    metrics = json.loads(out)
+    assert code == 0 and set(metrics) == {"exact_match", "chrf", "bleu"} and metrics["chrf"] > 80
+
+
+def test_inspect_attention_dumps_every_head(capsys, trained_run, tmp_path):
+    out_dir = tmp_path / "attention"
+    code, out, err = tfkit(capsys, "inspect-attention", str(trained_run), "fünfundzwanzig", "--out", str(out_dir))
+    assert code == 0, err
+    tokens = json.loads((out_dir / "tokens.json").read_text())
+    weights = np.load(out_dir / "attention.npz")
+    expected = {f"{side}.layers.{i}.{kind}" for i in range(2) for side, kind in
+                [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "cross_attn")]}
+    assert set(weights.files) == expected
+    source, target = len(tokens["axes"]["source"]), len(tokens["axes"]["target"])
+    assert weights["encoder.layers.0.self_attn"].shape == (4, source, source)
+    assert weights["decoder.layers.1.cross_attn"].shape == (4, target, source)
+    assert weights["decoder.layers.0.self_attn"].shape == (4, target, target)
+    np.testing.assert_allclose(weights["decoder.layers.1.cross_attn"].sum(-1), 1.0, atol=1e-5)
+    assert np.triu(weights["decoder.layers.0.self_attn"], 1).max() == 0  # causal
+    assert sorted(p.name for p in out_dir.glob("*.png")) == sorted(f"{name}.png" for name in expected)
+    assert "entropy" in out and "decoder.layers.1.cross_attn" in out
+
+
+def test_user_tsv_and_jsonl_data_train_end_to_end(capsys, tmp_path):
+    from num2words import num2words
+
+    numbers = range(1, 200)
+    tsv, jsonl = tmp_path / "pairs.tsv", tmp_path / "pairs.jsonl"
+    tsv.write_text("en\tfr\n" + "".join(f"{num2words(n)}\t{num2words(n, lang='fr')}\n" for n in numbers))
+    jsonl.write_text("".join(json.dumps({"source": num2words(n), "target": num2words(n, lang="es")}) + "\n" for n in numbers))
+    small = ["--set", "data.vocab_size=100", "--set", "train.batch_size=16", "--set", "train.log_every=1",
+             "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "decode.beam=2"]
+    for data, columns in ((tsv, ["--set", "data.source_column=en", "--set", "data.target_column=fr"]), (jsonl, [])):
+        run = tmp_path / data.suffix[1:]
+        code, out, err = tfkit(capsys, "train", "translation", "--data", str(data), "--max-steps", "3", "--out", str(run), *small, *columns)
+        assert code == 0, err
+        assert out.strip() == str(run)
+        assert {p.name for p in run.iterdir()} >= {"config.yaml", "model.safetensors", "tokenizer.json", "state.pt", "metrics.jsonl"}
+        assert [r["step"] for r in runs.read_metrics(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_resume_through_the_cli_and_refusing_to_overwrite(capsys, tmp_path):
+    sets = sum((["--set", s] for s in [*TINY, "data.train_size=200", "train.eval_every=0"]), [])
+    run = tmp_path / "run"
+    code, _, err = tfkit(capsys, "train", "translation", "--max-steps", "2", "--out", str(run), *sets)
+    assert code == 0, err
+    code, _, err = tfkit(capsys, "train", "translation", "--out", str(run), *sets)
+    assert code == 2
+    one_error_line(err, "already holds a run")
+    code, _, err = tfkit(capsys, "train", "--resume", str(run), "--set", "train.lr=1")
+    assert code == 2
+    one_error_line(err, "--resume continues a run with its own config")
+    code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "4")
+    assert code == 0, err
+    assert [r["step"] for r in runs.read_metrics(run) if "loss" in r] == [2, 4]  # log_every 10: only the ends
+
+
+def test_the_installed_entry_point_hides_tracebacks_unless_debug():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "tfkit", "train", "translation", "--set", "nope=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    one_error_line(result.stderr, "unknown config key 'nope'")
+    result = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "Traceback" in result.stderr

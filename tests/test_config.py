@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tfkit import config as configs
+from tfkit import registry
+from tfkit.errors import UsageError
+
+DEFAULTS = registry.get("recipe", "translation").default_config()
+
+
+def resolve(*sets: str, config_file=None) -> dict:
+    return configs.resolve(DEFAULTS, config_file, list(sets))
+
+
+def test_dotted_overrides_reach_nested_keys_with_their_types():
+    config = resolve("model.encoder.layers=5", "train.lr=1e-3", "train.betas=[0.8, 0.9]", "data.target_lang=fr")
+    assert config["model"]["encoder"]["layers"] == 5
+    assert config["train"]["lr"] == 0.001 and isinstance(config["train"]["lr"], float)
+    assert config["train"]["betas"] == [0.8, 0.9]
+    assert config["data"]["target_lang"] == "fr"
+    assert DEFAULTS["model"]["encoder"]["layers"] == 3  # the defaults are not mutated
+
+
+def test_an_integer_is_accepted_where_a_float_is_expected():
+    assert resolve("train.lr=1")["train"]["lr"] == 1.0
+
+
+def test_unknown_key_names_the_valid_ones():
+    with pytest.raises(UsageError, match=r"unknown config key 'model.dmodel' \(valid keys under 'model': d_model, heads"):
+        resolve("model.dmodel=256")
+    with pytest.raises(UsageError, match="valid keys at the top level: recipe, seed, data"):
+        resolve("optimiser=adam")
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("model.d_model=big", "'model.d_model' expects an integer, got 'big'"),
+        ("train.lr=fast", "'train.lr' expects a number"),
+        ("model.encoder.layers=true", "expects an integer, got True"),
+        ("train.betas=0.9", "expects a list"),
+        ("model=3", "is a section"),
+    ],
+)
+def test_wrong_type_names_the_key(item, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(item)
+
+
+@pytest.mark.parametrize("item", ["model.d_model", "=3", "model..d_model=3", ".x=1"])
+def test_malformed_set_is_rejected(item):
+    with pytest.raises(UsageError, match="malformed --set"):
+        resolve(item)
+
+
+def test_unknown_component_fails_at_config_time():
+    with pytest.raises(UsageError, match=r"config key 'model.position': unknown position 'rotary' \(valid: learned, sinusoidal\)"):
+        resolve("model.position=rotary")
+    with pytest.raises(UsageError, match="config key 'model.encoder.block': unknown block"):
+        resolve("model.encoder.block=nope")
+
+
+def test_config_file_overrides_then_sets(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  d_model: 64\ntrain:\n  steps: 10\n")
+    config = resolve("train.steps=20", config_file=path)
+    assert config["model"]["d_model"] == 64 and config["train"]["steps"] == 20
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "does not exist"), ("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "must hold a mapping")],
+)
+def test_bad_config_files(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        resolve(config_file=path)
+
+
+def test_dump_round_trips():
+    config = resolve("train.lr=0.01")
+    assert configs.merge(DEFAULTS, yaml.safe_load(configs.dump(config))) == config

@@ -1,0 +1,230 @@
+"""Every registered component against an explicit reference implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfkit import registry
+from tfkit.errors import UsageError
+from tfkit.nn.attention import KVCache, MultiHeadAttention, ScaledDotProductAttention, causal_mask
+from tfkit.nn.blocks import Decoder, Encoder
+from tfkit.nn.position import LearnedPosition, SinusoidalPosition
+
+D, H, B = 32, 4, 3
+
+
+def padding_mask(lengths: list[int], total: int) -> torch.Tensor:
+    """(B, 1, 1, total), True on real tokens."""
+    return (torch.arange(total)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+
+
+# -- scaled dot-product attention ---------------------------------------------------------------
+def reference_attention(q, k, v, allowed=None):
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.size(-1))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("tq,tk", [(5, 5), (1, 7), (3, 8)])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_and_explicit_paths_agree_with_the_formula(tq, tk, use_mask, causal):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, tq, 8), torch.randn(B, H, tk, 8), torch.randn(B, H, tk, 8)
+    mask = padding_mask([tk, tk - 1, 1 if not causal else tk], tk) if use_mask else None
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        allowed = allowed & causal_mask(tq, tk)
+    if mask is not None:
+        allowed = allowed & mask
+    expected = reference_attention(q, k, v, allowed)
+    attention = ScaledDotProductAttention().eval()
+    fast = attention(q, k, v, mask=mask, causal=causal)
+    attention.explicit = True
+    explicit = attention(q, k, v, mask=mask, causal=causal)
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_mask_lets_the_last_query_see_every_key():
+    mask = causal_mask(2, 4)
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_multi_head_matches_torch_multihead_attention():
+    torch.manual_seed(0)
+    ours = MultiHeadAttention(D, H).eval()
+    reference = nn.MultiheadAttention(D, H, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(ours.in_proj.weight)
+        reference.in_proj_bias.copy_(ours.in_proj.bias)
+        reference.out_proj.weight.copy_(ours.out_proj.weight)
+        reference.out_proj.bias.copy_(ours.out_proj.bias)
+    x, memory = torch.randn(B, 6, D), torch.randn(B, 9, D)
+    lengths = [9, 4, 7]
+    pad = ~padding_mask(lengths, 9)[:, 0, 0]  # torch marks the padding
+    expected, _ = reference(x, x, x, attn_mask=~causal_mask(6, 6))
+    torch.testing.assert_close(ours(x, causal=True), expected, atol=1e-5, rtol=1e-5)
+    expected, _ = reference(x, memory, memory, key_padding_mask=pad)
+    torch.testing.assert_close(ours(x, memory, mask=padding_mask(lengths, 9)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_head_rejects_indivisible_sizes():
+    with pytest.raises(UsageError, match="not divisible"):
+        MultiHeadAttention(30, 4)
+
+
+def test_kv_cache_grows_and_reorders():
+    cache = KVCache()
+    keys = torch.randn(2, H, 40, 8)
+    for t in range(40):  # past the initial capacity of 16, twice
+        cache.append(keys[:, :, t : t + 1], -keys[:, :, t : t + 1])
+    k, v = cache.keys_values()
+    torch.testing.assert_close(k, keys)
+    torch.testing.assert_close(v, -keys)
+    cache.reorder(torch.tensor([1, 1]))
+    torch.testing.assert_close(cache.keys_values()[0], keys[[1, 1]])
+
+
+# -- blocks against torch.nn's Transformer layers ----------------------------------------------
+def copy_attention(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
+    theirs.in_proj_weight.copy_(ours.in_proj.weight)
+    theirs.in_proj_bias.copy_(ours.in_proj.bias)
+    theirs.out_proj.weight.copy_(ours.out_proj.weight)
+    theirs.out_proj.bias.copy_(ours.out_proj.bias)
+
+
+def copy_common(ours: nn.Module, theirs: nn.Module, norms: int) -> None:
+    theirs.linear1.load_state_dict(ours.feed_forward.up.state_dict())
+    theirs.linear2.load_state_dict(ours.feed_forward.down.state_dict())
+    for i in range(1, norms + 1):
+        getattr(theirs, f"norm{i}").load_state_dict(getattr(ours, f"norm{i}").state_dict())
+
+
+ENCODER_BLOCKS = {"post_ln": False, "pre_ln": True}
+DECODER_BLOCKS = {"post_ln_decoder": False, "pre_ln_decoder": True}
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("name", ENCODER_BLOCKS)
+def test_encoder_block_matches_torch(name, activation):
+    torch.manual_seed(0)
+    block = registry.get("block", name)(D, H, 64, 0.0, activation).eval()
+    reference = nn.TransformerEncoderLayer(
+        D, H, 64, 0.0, activation=activation, batch_first=True, norm_first=ENCODER_BLOCKS[name]
+    ).eval()
+    with torch.no_grad():
+        copy_attention(block.self_attn, reference.self_attn)
+        copy_common(block, reference, 2)
+    x, lengths = torch.randn(B, 7, D), [7, 3, 5]
+    mask = padding_mask(lengths, 7)
+    ours = block(x, mask)
+    theirs = reference(x, src_key_padding_mask=~mask[:, 0, 0])
+    for i, n in enumerate(lengths):  # positions past the padding are don't-cares
+        torch.testing.assert_close(ours[i, :n], theirs[i, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", DECODER_BLOCKS)
+def test_decoder_block_matches_torch(name):
+    torch.manual_seed(0)
+    block = registry.get("block", name)(D, H, 64, 0.0, "relu").eval()
+    reference = nn.TransformerDecoderLayer(D, H, 64, 0.0, batch_first=True, norm_first=DECODER_BLOCKS[name]).eval()
+    with torch.no_grad():
+        copy_attention(block.self_attn, reference.self_attn)
+        copy_attention(block.cross_attn, reference.multihead_attn)
+        copy_common(block, reference, 3)
+    x, memory, lengths = torch.randn(B, 6, D), torch.randn(B, 8, D), [8, 2, 5]
+    mask = padding_mask(lengths, 8)
+    ours = block(x, memory, mask)
+    theirs = reference(
+        x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_is_causal=True,
+        memory_key_padding_mask=~mask[:, 0, 0],
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_stacks_refuse_a_block_of_the_other_role():
+    with pytest.raises(UsageError, match="does not fit the encoder"):
+        Encoder("post_ln_decoder", 1, D, H, 64, 0.0, "relu")
+    with pytest.raises(UsageError, match="does not fit the decoder"):
+        Decoder("post_ln", 1, D, H, 64, 0.0, "relu")
+
+
+def test_pre_ln_stack_ends_with_a_layer_norm():
+    assert isinstance(Encoder("pre_ln", 2, D, H, 64, 0.0, "relu").norm, nn.LayerNorm)
+    assert isinstance(Encoder("post_ln", 2, D, H, 64, 0.0, "relu").norm, nn.Identity)
+
+
+def test_cached_decoding_equals_full_recomputation():
+    torch.manual_seed(0)
+    decoder = Decoder("post_ln_decoder", 2, D, H, 64, 0.0, "relu").eval()
+    x, memory, lengths = torch.randn(B, 10, D), torch.randn(B, 8, D), [8, 3, 6]
+    mask = padding_mask(lengths, 8)
+    full = decoder(x, memory, mask)
+    cache = decoder.new_cache()
+    steps = [decoder(x[:, t : t + 1], memory, mask, cache) for t in range(10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+# -- positions and activations ------------------------------------------------------------------
+def test_sinusoidal_follows_the_paper():
+    d, length = 16, 50
+    expected = torch.zeros(length, d)
+    for pos in range(length):
+        for i in range(d // 2):
+            expected[pos, 2 * i] = math.sin(pos / 10000 ** (2 * i / d))
+            expected[pos, 2 * i + 1] = math.cos(pos / 10000 ** (2 * i / d))
+    position = SinusoidalPosition(d, max_len=8)  # shorter than the input: the table must regrow
+    x = torch.randn(2, length, d)
+    torch.testing.assert_close(position(x), x + expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(position(x[:, 3:4], offset=3), x[:, 3:4] + expected[3:4], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_positions_add_a_trained_row_per_position():
+    position = LearnedPosition(D, max_len=12)
+    x = torch.randn(2, 5, D)
+    torch.testing.assert_close(position(x, offset=4), x + position.table[4:9])
+    position(x).sum().backward()
+    assert position.table.grad[:5].abs().sum() > 0 and position.table.grad[5:].abs().sum() == 0
+    with pytest.raises(UsageError, match="longer than the 12 learned"):
+        position(torch.randn(1, 13, D))
+
+
+ACTIVATIONS = {
+    "relu": lambda x: x.clamp(min=0),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    "swish": lambda x: x * torch.sigmoid(x),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_matches_its_formula(name):
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(registry.get("activation", name)()(x), ACTIVATIONS[name](x))
+
+
+# -- the registry --------------------------------------------------------------------------------
+TESTED = {
+    "attention": {"scaled_dot_product", "multi_head"},
+    "position": {"sinusoidal", "learned"},
+    "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS),
+    "activation": set(ACTIVATIONS),
+}
+
+
+@pytest.mark.parametrize("kind", TESTED)
+def test_every_registered_component_has_a_reference_test(kind):
+    assert set(registry.names(kind)) == TESTED[kind]
+
+
+def test_unknown_component_lists_the_valid_names():
+    with pytest.raises(UsageError, match="valid: .*post_ln"):
+        registry.get("block", "postln")
+    with pytest.raises(UsageError, match="unknown component kind|valid"):
+        registry.get("nonsense", "x")

@@ -1,0 +1,98 @@
+"""The trainer: schedules, learning, exact resume, stopping on a bad loss."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from conftest import quiet, tiny_config
+
+from tfkit import run as runs
+from tfkit.errors import TfkitError, UsageError
+from tfkit.train import Interrupted, lr_factor, start_training
+
+CPU = torch.device("cpu")
+
+
+def test_noam_schedule_is_the_papers_formula_scaled_to_its_peak():
+    d, warmup = 512, 4000
+    factor = lr_factor({"warmup": warmup, "steps": 100_000, "schedule": "noam"})
+    paper = lambda s: d**-0.5 * min(s**-0.5, s * warmup**-1.5)  # noqa: E731
+    peak = paper(warmup)
+    for step in (0, 10, 3999, 4000, 20_000):
+        assert math.isclose(factor(step) * peak, paper(step + 1), rel_tol=1e-9)
+
+
+def test_warmup_cosine_rises_then_decays_to_zero():
+    factor = lr_factor({"warmup": 10, "steps": 110, "schedule": "warmup_cosine"})
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(59) == pytest.approx(0.5) and factor(109) == pytest.approx(0.0)
+
+
+def test_unknown_schedule_is_a_usage_error():
+    with pytest.raises(UsageError, match="valid: noam, warmup_cosine, constant"):
+        lr_factor({"warmup": 1, "steps": 1, "schedule": "linear"})
+
+
+def test_tiny_model_learns(trained_run):
+    """The shared tiny run: loss falls steeply and held-out translations are mostly right."""
+    records = [r for r in runs.read_metrics(trained_run) if "loss" in r]
+    assert records[0]["step"] == 10 and records[-1]["step"] == 400
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    recipe, model = runs.open_run(trained_run)
+    recipe.prepare(trained_run)
+    metrics = recipe.evaluate(model, "test", beam=1)
+    assert metrics["bleu"] > 80, metrics
+    assert metrics["chrf"] > 90, metrics
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if "loss" in r}
+
+
+def test_interrupted_and_resumed_run_logs_the_same_losses(tmp_path):
+    sets = ["train.steps=12", "train.log_every=1", "train.save_every=5", "train.batch_size=16",
+            "data.train_size=200", "model.dropout=0.3"]
+    config = tiny_config(*sets)
+    straight = start_training(config, tmp_path / "straight", CPU, console=quiet())
+    straight.fit(progress=False)
+
+    def interrupt(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = start_training(config, tmp_path / "stopped", CPU, console=quiet())
+    with pytest.raises(Interrupted, match="stopped by SIGINT at step 7.*--resume") as info:
+        stopped.fit(on_step=interrupt, progress=False)
+    assert info.value.exit_code == 128 + signal.SIGINT
+    assert runs.load_state(tmp_path / "stopped")["step"] == 7
+
+    torch.manual_seed(1234)  # the resumed run must restore its own RNG state, not rely on this one
+    resumed = start_training(runs.read_config(tmp_path / "stopped"), tmp_path / "stopped", CPU, resume=True, console=quiet())
+    assert resumed.step == 7
+    resumed.fit(progress=False)
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(got) == list(range(1, 13))  # no step logged twice or lost
+    assert got == expected
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    trainer = start_training(tiny_config("train.steps=3", "data.train_size=200"), tmp_path / "run", CPU, console=quiet())
+    monkeypatch.setattr(trainer.recipe, "loss", lambda model, batch: (torch.tensor(float("nan")), 1))
+    with pytest.raises(TfkitError, match="loss became nan at step 1"):
+        trainer.fit(progress=False)
+
+
+def test_resume_refuses_weights_and_state_from_different_steps(trained_run, tmp_path):
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in (runs.CONFIG, runs.WEIGHTS, runs.STATE, "tokenizer.json"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    state = torch.load(run / runs.STATE, weights_only=True)
+    state["step"] -= 1
+    torch.save(state, run / runs.STATE)
+    with pytest.raises(UsageError, match="is from step 400 but state.pt from step 399"):
+        runs.load_state(run)
