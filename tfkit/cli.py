@@ -49,6 +49,7 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data order, splits and initialisation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory exactly."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from published weights (a Hugging Face model folder)."),
 ) -> None:
     """Train a recipe and write a run directory.
 
@@ -58,7 +59,7 @@ def train(
 
     target = pick_device(device)
     if resume is not None:
-        if config or set_ or data or seed is not None or out:
+        if config or set_ or data or seed is not None or out or init:
             raise UsageError("--resume continues a run with its own config (only --max-steps and --device apply)")
         resolved = runs.read_config(resume)
         if recipe is not None and recipe != resolved.get("recipe"):
@@ -76,7 +77,10 @@ def train(
         sets += [f"data.name={data}"] if data is not None else []
         sets += [f"train.steps={max_steps}"] if max_steps is not None else []
         sets += [f"seed={seed}"] if seed is not None else []
-        resolved = configs.resolve(recipe_cls.default_config(), config, sets)
+        defaults = recipe_cls.default_config()
+        if init is not None:  # the pretrained model fixes its sizes; the user's config and --set come after
+            defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})
+        resolved = configs.resolve(defaults, config, sets)
         if out is not None and (out / runs.CONFIG).exists():
             raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
         run_dir = out
@@ -105,9 +109,10 @@ def predict(
     files: list[Path] = typer.Argument(..., help="Input files."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here instead of stdout."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="How many labels to list per input (classifiers)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Predict on input files; a bad file is reported and the rest are still processed.
+    """Predict on input files (or folders of images); a bad file is reported and the rest are still processed.
 
     Example: tfkit predict runs/translation/20261123-101500 sentences.txt --beam 4
     """
@@ -115,7 +120,7 @@ def predict(
 
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device))
-    options = _options(recipe.predict_file, beam=beam)
+    options = _options(recipe.predict_file, beam=beam, top_k=top_k)
     failed = 0
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout
     try:

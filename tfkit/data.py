@@ -2,7 +2,8 @@
 
 Every source ends up as a ``datasets.DatasetDict`` with train/validation/test splits, through one
 path: the built-in data of a recipe, a local file (.tsv/.csv/.jsonl/.json), a folder holding
-train/validation/test files, or a Hugging Face dataset name (``datasets.load_dataset``, online).
+train/validation/test files or images in class folders, or a Hugging Face dataset name
+(``datasets.load_dataset``, online).
 Splits a source lacks are carved from its training split, deterministically by seed.
 """
 
@@ -41,9 +42,12 @@ def load_splits(
     path = Path(spec).expanduser()
     if path.is_dir():
         files = {s: f for s in SPLITS for f in sorted(path.glob(f"{s}.*")) if f.suffix in _BUILDERS}
-        if "train" not in files:
-            raise UsageError(f"data folder {path} has no train.tsv/.csv/.jsonl/.json file")
-        loaded = datasets.DatasetDict({s: _load_file(f)["train"] for s, f in files.items()})
+        if files:
+            if "train" not in files:
+                raise UsageError(f"data folder {path} has no train.tsv/.csv/.jsonl/.json file")
+            loaded = datasets.DatasetDict({s: _load_file(f)["train"] for s, f in files.items()})
+        else:
+            loaded = _load_image_folder(path)
     elif path.suffix in _BUILDERS or path.exists():
         if not path.is_file():
             raise UsageError(f"data file {path} does not exist")
@@ -81,6 +85,17 @@ def _load_file(path: Path) -> datasets.DatasetDict:
         return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), **options)
     except Exception as e:
         raise UsageError(f"could not read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _load_image_folder(path: Path) -> datasets.DatasetDict:
+    """One subfolder of images per class (torchvision's ImageFolder layout), optionally under
+    train/, validation/ and test/ folders."""
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(path))
+    except Exception:
+        raise UsageError(
+            f"data folder {path} holds neither train.tsv/.csv/.jsonl/.json files nor images in one subfolder per class"
+        ) from None
 
 
 def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -> datasets.DatasetDict:

@@ -54,36 +54,75 @@ def inspect(model: nn.Module, example: AttentionExample, out_dir: Path) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / "attention.npz", **weights)
     modules = {name: list(example.axes(name)) for name in weights}
-    (out_dir / "tokens.json").write_text(json.dumps({"axes": example.tokens, "modules": modules}, indent=1, ensure_ascii=False), encoding="utf-8")
-    for name, w in weights.items():
-        draw_heads(w, *(example.tokens[axis] for axis in example.axes(name)), title=name, path=out_dir / f"{name}.png")
+    described = {"axes": example.tokens, "modules": modules, **example.meta}
+    (out_dir / "tokens.json").write_text(json.dumps(described, indent=1, ensure_ascii=False), encoding="utf-8")
+    if example.draw is not None:
+        example.draw(weights, out_dir)
+    else:
+        for name, w in weights.items():
+            draw_heads(w, *(example.tokens[axis] for axis in example.axes(name)), title=name, path=out_dir / f"{name}.png")
     return weights
+
+
+def attention_rollout(layers: list[np.ndarray]) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each input token flows into each output
+    token through a stack of self-attention layers, given in order as (heads, T, T) arrays.
+
+    Each layer's head-averaged attention is mixed half-and-half with the identity for the residual
+    connection, renormalised, and the layers are multiplied; every row of the result sums to 1.
+    """
+    rollout = np.eye(layers[0].shape[-1])
+    for weights in layers:
+        mixed = 0.5 * weights.mean(0) + 0.5 * np.eye(weights.shape[-1])
+        rollout = (mixed / mixed.sum(-1, keepdims=True)) @ rollout
+    return rollout
+
+
+def _panels(count: int, cell: float, title: str):
+    """A figure of ``count`` panels, at most 4 across; unused panels are hidden."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    cols = min(count, 4)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.6), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig, axes.flat[:count]
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def draw_heads(weights: np.ndarray, queries: list[str], keys: list[str], title: str, path: Path) -> None:
     """One heatmap per head, queries down and keys across, tokens as tick labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    heads = weights.shape[0]
-    cols = min(heads, 4)
-    rows = math.ceil(heads / cols)
-    cell = max(2.5, 0.28 * max(len(queries), len(keys)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.6), squeeze=False)
-    for h, ax in enumerate(axes.flat):
-        if h >= heads:
-            ax.axis("off")
-            continue
+    fig, axes = _panels(weights.shape[0], max(2.5, 0.28 * max(len(queries), len(keys))), title)
+    for h, ax in enumerate(axes):
         ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
         ax.set_yticks(range(len(queries)), queries, fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def draw_overlays(image: np.ndarray, maps: list[tuple[str, np.ndarray]], title: str, path: Path) -> None:
+    """Each (label, h×w map) stretched over the image (H, W, C in [0, 1]) as a translucent heatmap."""
+    fig, axes = _panels(len(maps), 2.5, title)
+    height, width = image.shape[:2]
+    for ax, (label, heat) in zip(axes, maps):
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
+        ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    _save(fig, path)
 
 
 def head_summary(weights: np.ndarray, keys: list[str]) -> list[tuple[int, float, str, float]]:

@@ -7,24 +7,34 @@ registry kind "recipe" and ships ``<config_file>`` beside its module as its defa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+import numpy as np
 import yaml
 from torch import Tensor, nn
+
+from tfkit.errors import UsageError
 
 Batch = dict[str, Tensor]
 
 
 @dataclass
 class AttentionExample:
-    """One input ready for inspection: ``run`` feeds it through the model."""
+    """One input ready for inspection: ``run`` feeds it through the model.
+
+    ``draw``, when given, replaces the default heatmap grids: it gets the captured weights
+    ({module: (heads, query, key)}) and the output folder, and writes its own pictures.
+    ``meta`` goes into tokens.json beside the tokens (an image recipe records its patch grid).
+    """
 
     run: Callable[[], Any]
     tokens: dict[str, list[str]]  # axis name → labels, e.g. {"source": [...], "target": [...]}
     axes: Callable[[str], tuple[str, str]]  # attention module name → (query axis, key axis)
+    draw: Callable[[dict[str, np.ndarray], Path], None] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe:
@@ -74,3 +84,12 @@ class Recipe:
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         raise NotImplementedError
+
+    # -- starting from published weights (``tfkit train RECIPE --init DIR``) ------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        """Config overrides that make the model match the pretrained one in ``path``."""
+        raise UsageError(f"recipe '{cls.config_file.removesuffix('.yaml')}' cannot start from pretrained weights (--init)")
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        raise UsageError(f"recipe '{self.config['recipe']}' cannot start from pretrained weights (--init)")

@@ -290,7 +290,10 @@ def start_training(
         recipe.save(run_dir)
     runs.save_config(run_dir, config)
     torch.manual_seed(config["seed"])
-    trainer = Trainer(recipe, recipe.build_model(), run_dir, device, console)
+    model = recipe.build_model()
+    if config.get("init") and not resume:
+        recipe.load_pretrained(model, Path(config["init"]))
+    trainer = Trainer(recipe, model, run_dir, device, console)
     if resume:
         trainer.resume()
     return trainer

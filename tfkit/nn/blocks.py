@@ -32,26 +32,47 @@ class FeedForward(nn.Module):
         return self.down(self.dropout(self.act(self.up(x))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for whole samples with probability p and
+    scale the kept ones by 1/(1-p) (Huang et al., 2016)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.size(0), *(1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class EncoderBlock(nn.Module):
     """Self-attention and feed-forward sublayers, each with a residual connection and LayerNorm."""
 
     role = "encoder"
     norm_first = False
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu"):
+    def __init__(
+        self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu", drop_path: float = 0.0
+    ):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, dropout)
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        def branch(sublayer_output: Tensor) -> Tensor:
+            return self.drop_path(self.dropout(sublayer_output))
+
         if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.norm1(x), mask=mask))
-            return x + self.dropout(self.feed_forward(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.self_attn(x, mask=mask)))
-        return self.norm2(x + self.dropout(self.feed_forward(x)))
+            x = x + branch(self.self_attn(self.norm1(x), mask=mask))
+            return x + branch(self.feed_forward(self.norm2(x)))
+        x = self.norm1(x + branch(self.self_attn(x, mask=mask)))
+        return self.norm2(x + branch(self.feed_forward(x)))
 
 
 @register("block", "post_ln")
@@ -124,12 +145,17 @@ def _block_class(name: str, role: str) -> type[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """A stack of encoder blocks named by the registry; a pre-LN stack ends with a LayerNorm."""
+    """A stack of encoder blocks named by the registry; a pre-LN stack ends with a LayerNorm.
+    Stochastic depth rises linearly from 0 at the first block to ``drop_path`` at the last."""
 
-    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str):
+    def __init__(
+        self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         cls = _block_class(block, "encoder")
-        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation) for _ in range(layers))
+        rates = [drop_path * i / max(1, layers - 1) for i in range(layers)]
+        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rate) for rate in rates)
         self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

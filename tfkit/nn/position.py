@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfkit.errors import UsageError
@@ -50,3 +51,13 @@ class LearnedPosition(nn.Module):
         if end > self.table.size(0):
             raise UsageError(f"input of {end} positions is longer than the {self.table.size(0)} learned ones")
         return x + self.table[offset:end]
+
+
+def resize_grid(table: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+    """Learned positions of an old×old patch grid, (h·w, D), bicubically resampled to a new grid, so a
+    ViT trained at one image size runs at another (Dosovitskiy et al., 2021, section 3.2)."""
+    if tuple(old) == tuple(new):
+        return table
+    grid = table.reshape(1, *old, -1).permute(0, 3, 1, 2)  # (1, D, h, w)
+    grid = F.interpolate(grid.float(), size=tuple(new), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(new[0] * new[1], -1).to(table.dtype)

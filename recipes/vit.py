@@ -1,0 +1,380 @@
+"""Image classification with the Vision Transformer (Dosovitskiy et al., 2021).
+
+Patches as tokens through a strided convolution, a learned [CLS] token, learned positions (resampled
+when the image size changes), pre-LN blocks with GELU, a final LayerNorm and a linear head on [CLS].
+AdamW with warmup-cosine, label smoothing, torchvision v2 augmentation. The built-in data are the
+1,797 real 8×8 handwritten digits that scikit-learn ships.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+from tfkit.data import load_splits
+from tfkit.errors import UsageError
+from tfkit.inspect import attention_rollout, draw_overlays
+from tfkit.nn.blocks import Encoder
+from tfkit.nn.embeddings import PatchEmbedding
+from tfkit.nn.position import resize_grid
+from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.registry import register
+from tfkit.run import atomic_write
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def digits(seed: int) -> datasets.DatasetDict:
+    """scikit-learn's 8×8 digits (ink 0..16 → 0..255) with a fixed stratified 70/10/20 split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = [Image.fromarray((img * 255 / 16).round().astype(np.uint8), mode="L") for img in bunch.images]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    full = datasets.Dataset.from_dict({"image": images, "label": bunch.target.tolist()}, features=features)
+    rest, test = full.train_test_split(test_size=0.2, stratify_by_column="label", seed=seed).values()
+    train, validation = rest.train_test_split(test_size=0.125, stratify_by_column="label", seed=seed).values()
+    return datasets.DatasetDict({"train": train, "validation": validation, "test": test})
+
+
+def open_image(path: Path | str | None = None, data: bytes | None = None, channels: int = 3) -> Image.Image:
+    """Decode an image file and convert it to L or RGB; transparency is laid over white."""
+    import io
+
+    try:
+        image = Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size: int, channels: int, classes: int, patch: int, d_model: int, depth: int,
+                 heads: int, d_ff: int, dropout: float, drop_path: float, activation: str, block: str, norm_eps: float):
+        super().__init__()
+        if image_size % patch:
+            raise UsageError(f"data.image_size {image_size} is not a multiple of model.patch {patch}")
+        self.patch = patch
+        self.grid = (image_size // patch, image_size // patch)
+        self.patches = PatchEmbedding(channels, d_model, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.position = nn.Parameter(torch.empty(1 + self.grid[0] * self.grid[1], d_model))  # [CLS] + patches
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = Encoder(block, depth, d_model, heads, d_ff, dropout, activation, drop_path)
+        self.head = nn.Linear(d_model, classes)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.eps = norm_eps
+        nn.init.trunc_normal_(self.position, std=0.02)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) → class logits (B, classes); any H and W divisible by the patch size."""
+        tokens = self.patches(images)
+        grid = (images.size(-2) // self.patch, images.size(-1) // self.patch)
+        position = torch.cat([self.position[:1], resize_grid(self.position[1:], self.grid, grid)])
+        x = torch.cat([self.cls.expand(tokens.size(0), -1, -1), tokens], dim=1) + position
+        return self.head(self.encoder(self.dropout(x))[:, 0])
+
+
+@register("recipe", "vit")
+class ViT(Recipe):
+    """Vision Transformer for image classification: patches, [CLS], pre-LN, attention rollout."""
+
+    config_file = "vit.yaml"
+    unit = "img"
+    labels: list[str]
+
+    # -- data -------------------------------------------------------------------------------------
+    def prepare(self, run_dir: Path | None = None) -> None:
+        data, seed = self.config["data"], self.config["seed"]
+        splits = load_splits(data["name"], lambda: digits(seed), seed, hub_config=data["hub_config"])
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            self.labels = self._label_names(splits["train"])
+        self.images, self.targets = {}, {}
+        for split in splits:
+            self.images[split], self.targets[split] = self._decode(splits[split], split)
+
+    def _label_names(self, rows: datasets.Dataset) -> list[str]:
+        column = self.config["data"]["label_column"]
+        self._require_columns(rows, "train")
+        feature = rows.features[column]
+        if isinstance(feature, datasets.ClassLabel):
+            return list(feature.names)
+        return sorted({str(label) for label in rows[column]})
+
+    def _require_columns(self, rows: datasets.Dataset, split: str) -> None:
+        data = self.config["data"]
+        for column in (data["image_column"], data["label_column"]):
+            if column not in rows.column_names:
+                raise UsageError(
+                    f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
+                    "set data.image_column and data.label_column)"
+                )
+
+    def _decode(self, rows: datasets.Dataset, split: str) -> tuple[Tensor, Tensor]:
+        """All images of a split as one uint8 tensor at the configured size; unreadable ones are skipped."""
+        data = self.config["data"]
+        self._require_columns(rows, split)
+        image_column, label_column = data["image_column"], data["label_column"]
+        feature = rows.features[label_column]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        if isinstance(rows.features[image_column], datasets.Image):
+            rows = rows.cast_column(image_column, datasets.Image(decode=False))
+        base = Path(data["name"]).parent  # paths in a .csv/.jsonl are relative to that file
+        index = {name: i for i, name in enumerate(self.labels)}
+        images, targets, bad = [], [], []
+        for row in rows:
+            cell, label = row[image_column], row[label_column]
+            label = names[label] if names is not None else str(label)
+            if label not in index:
+                raise UsageError(f"the {split} data has label '{label}', which the training data does not have")
+            try:
+                if isinstance(cell, str):
+                    image = open_image(base / cell, channels=data["channels"])
+                else:
+                    image = open_image(cell.get("path"), data=cell.get("bytes"), channels=data["channels"])
+            except UsageError as e:
+                bad.append(str(e))
+                continue
+            images.append(self._resize(image))
+            targets.append(index[label])
+        if bad:
+            print(f"warning: skipped {len(bad)} unreadable images in the {split} data, e.g. {bad[0]}", file=sys.stderr)
+        if not images:
+            raise UsageError(f"the {split} data holds no readable images")
+        return torch.stack(images), torch.tensor(targets)
+
+    def _resize(self, image: Image.Image) -> Tensor:
+        size = self.config["data"]["image_size"]
+        tensor = v2.functional.pil_to_tensor(image)
+        tensor = v2.functional.resize(tensor, size, antialias=True)
+        return v2.functional.center_crop(tensor, [size, size])
+
+    def _normalise(self, images: Tensor) -> Tensor:
+        data = self.config["data"]
+        channels = images.size(1)
+        mean = torch.tensor(data["mean"] * (channels if len(data["mean"]) == 1 else 1), device=images.device)
+        std = torch.tensor(data["std"] * (channels if len(data["std"]) == 1 else 1), device=images.device)
+        return (images.float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write(run_dir / "labels.json", lambda p: p.write_text(json.dumps(self.labels, ensure_ascii=False), encoding="utf-8"))
+
+    def load(self, run_dir: Path) -> None:
+        path = run_dir / "labels.json"
+        if not path.is_file():
+            raise UsageError(f"run directory {run_dir} has no labels.json (is it a complete tfkit run?)")
+        self.labels = json.loads(path.read_text(encoding="utf-8"))
+
+    def build_model(self) -> nn.Module:
+        m, data = self.config["model"], self.config["data"]
+        return VisionTransformer(
+            data["image_size"], data["channels"], len(self.labels), m["patch"], m["d_model"], m["depth"], m["heads"],
+            m["d_ff"], m["dropout"], m["drop_path"], m["activation"], m["block"], m["norm_eps"],
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+    def _augmentation(self) -> tuple[v2.Transform, v2.Transform | None]:
+        """Per-image transforms, and the batch-level mix (MixUp/CutMix) when either is on."""
+        aug, size = self.config["augment"], self.config["data"]["image_size"]
+        per_image: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(aug["crop_scale"]), antialias=True)]
+        if aug["flip"]:
+            per_image.append(v2.RandomHorizontalFlip())
+        if aug["randaugment"]:
+            per_image.append(v2.RandAugment())
+        classes = len(self.labels)
+        mixes = [cls(alpha=aug[key], num_classes=classes) for key, cls in (("mixup", v2.MixUp), ("cutmix", v2.CutMix)) if aug[key] > 0]
+        mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        return v2.Compose(per_image), mix
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        images, targets = self.images["train"], self.targets["train"]
+        size, seed = self.config["train"]["batch_size"], self.config["seed"]
+        per_image, mix = self._augmentation()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for b, start in enumerate(range(0, len(order), size)):
+            rows = order[start : start + size]
+            # torchvision draws from the global RNG: fork it, seeded by the batch, so a resumed run
+            # replays the same augmentations and the model's own randomness is left untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
+                batch = torch.stack([per_image(image) for image in images[rows]])
+                labels = targets[rows]
+                batch = self._normalise(batch)
+                if mix is not None:
+                    batch, labels = mix(batch, labels)
+            yield {"images": batch, "labels": labels}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["images"])
+        loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config["train"]["label_smoothing"])
+        return loss, batch["images"].size(0)
+
+    # -- using the model --------------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(self, model: nn.Module, images: Tensor) -> Tensor:
+        model.eval()
+        device = next(model.parameters()).device
+        size = self.config["predict"]["batch_size"]
+        chunks = [model(self._normalise(images[i : i + size].to(device))).float().softmax(-1).cpu() for i in range(0, len(images), size)]
+        return torch.cat(chunks)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        probs, targets = self.probabilities(model, self.images[split]), self.targets[split]
+        metrics = {
+            "accuracy": 100.0 * (probs.argmax(-1) == targets).float().mean().item(),
+            "loss": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
+        }
+        if len(self.labels) > 5:
+            top5 = probs.topk(5, dim=-1).indices
+            metrics["top5_accuracy"] = 100.0 * (top5 == targets[:, None]).any(-1).float().mean().item()
+        return metrics
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
+        """One line per image: path, then the top-k labels with their probabilities. A folder is
+        classified image by image; unreadable ones are reported and the rest still come out."""
+        top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
+        if not path.is_dir():
+            self._predict_image(model, path, out, top_k)
+            return
+        paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UsageError(f"{path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        bad = 0
+        for image_path in paths:
+            try:
+                self._predict_image(model, image_path, out, top_k)
+            except UsageError as e:
+                bad += 1
+                print(f"error: {e}", file=sys.stderr)
+        if bad:
+            raise UsageError(f"{path}: {bad} of {len(paths)} images could not be read")
+
+    def _predict_image(self, model: nn.Module, path: Path, out: TextIO, top_k: int) -> None:
+        image = self._resize(open_image(path, channels=self.config["data"]["channels"]))
+        (probs,) = self.probabilities(model, image[None])
+        values, indices = probs.topk(top_k)
+        ranked = "\t".join(f"{self.labels[i]} {p:.3f}" for p, i in zip(values.tolist(), indices.tolist()))
+        out.write(f"{path}\t{ranked}\n")
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        image = self._resize(open_image(Path(text), channels=self.config["data"]["channels"]))
+        device = next(model.parameters()).device
+        model.eval()
+        rows, cols = image.size(1) // model.patch, image.size(2) // model.patch
+        tokens = ["[CLS]"] + [f"patch {r},{c}" for r in range(rows) for c in range(cols)]
+        picture = image.permute(1, 2, 0).float().numpy() / 255
+
+        def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
+            layers = [weights[name] for name in sorted(weights, key=lambda n: int(n.split(".")[2]))]
+            for name, w in weights.items():
+                maps = [(f"head {h}", w[h, 0, 1:].reshape(rows, cols)) for h in range(w.shape[0])]
+                draw_overlays(picture, maps, f"{name}: [CLS] → patches", out_dir / f"{name}.png")
+            rollout = attention_rollout(layers)
+            np.save(out_dir / "rollout.npy", rollout)
+            draw_overlays(picture, [("rollout", rollout[0, 1:].reshape(rows, cols))], "attention rollout, [CLS] → patches", out_dir / "rollout.png")
+
+        return AttentionExample(
+            run=lambda: model(self._normalise(image[None].to(device))),
+            tokens={"tokens": tokens},
+            axes=lambda name: ("tokens", "tokens"),
+            draw=draw,
+            meta={"grid": [rows, cols], "patch": model.patch, "image_size": list(image.shape[1:])},
+        )
+
+    # -- Hugging Face weights ---------------------------------------------------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        """The config keys a transformers ViT folder fixes: sizes, image size, channels, normalisation."""
+        hf = _read_json(path / "config.json")
+        if hf.get("model_type") != "vit":
+            raise UsageError(f"{path}/config.json describes a '{hf.get('model_type')}' model, not a ViT")
+        if hf.get("hidden_act", "gelu") != "gelu" or not hf.get("qkv_bias", True):
+            raise UsageError(f"{path}: only ViTs with GELU and query/key/value biases can be imported")
+        overrides: dict[str, Any] = {
+            "model": {
+                "patch": hf["patch_size"], "d_model": hf["hidden_size"], "depth": hf["num_hidden_layers"],
+                "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"], "activation": "gelu",
+                "block": "pre_ln", "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+            },
+            "data": {"image_size": hf["image_size"], "channels": hf.get("num_channels", 3)},
+        }
+        if (path / "preprocessor_config.json").is_file():
+            pre = _read_json(path / "preprocessor_config.json")
+            overrides["data"].update({k: [float(v) for v in pre[f"image_{k}"]] for k in ("mean", "std") if f"image_{k}" in pre})
+        return overrides
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        """Copy a transformers ViT (ViTModel or ViTForImageClassification) into ``model``. The
+        classifier comes along when it has as many classes as this run; otherwise it starts fresh."""
+        weights_path = path / "model.safetensors"
+        if not weights_path.is_file():
+            raise UsageError(f"{path} has no model.safetensors (only safetensors weights are loaded)")
+        hf = {k.removeprefix("vit."): v for k, v in load_file(str(weights_path)).items()}
+        try:
+            ours = self._renamed(hf, len(model.encoder.layers))
+        except KeyError as e:
+            raise UsageError(f"{weights_path} is not a transformers ViT checkpoint (no tensor {e})") from None
+        head = hf.get("classifier.weight")
+        if head is not None and head.shape == model.head.weight.shape:
+            ours["head.weight"], ours["head.bias"] = head, hf["classifier.bias"]
+        else:
+            print(f"note: the classifier starts fresh for {len(self.labels)} classes", file=sys.stderr)
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        if unexpected or set(missing) - {"head.weight", "head.bias"}:
+            raise UsageError(f"{path}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    @staticmethod
+    def _renamed(hf: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+        """transformers ViT tensor names → ours; query, key and value fuse into one projection."""
+        ours: dict[str, Tensor] = {
+            "cls": hf["embeddings.cls_token"].reshape(1, 1, -1),
+            "position": hf["embeddings.position_embeddings"][0],
+            "patches.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+            "patches.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+            "encoder.norm.weight": hf["layernorm.weight"],
+            "encoder.norm.bias": hf["layernorm.bias"],
+        }
+        for i in range(depth):
+            theirs, mine = f"encoder.layer.{i}.", f"encoder.layers.{i}."
+            attention = theirs + "attention.attention."
+            for part in ("weight", "bias"):
+                ours[mine + f"self_attn.in_proj.{part}"] = torch.cat([hf[attention + f"{p}.{part}"] for p in ("query", "key", "value")])
+                ours[mine + f"self_attn.out_proj.{part}"] = hf[theirs + f"attention.output.dense.{part}"]
+                ours[mine + f"feed_forward.up.{part}"] = hf[theirs + f"intermediate.dense.{part}"]
+                ours[mine + f"feed_forward.down.{part}"] = hf[theirs + f"output.dense.{part}"]
+                ours[mine + f"norm1.{part}"] = hf[theirs + f"layernorm_before.{part}"]
+                ours[mine + f"norm2.{part}"] = hf[theirs + f"layernorm_after.{part}"]
+        return ours
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e})") from None

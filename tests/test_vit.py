@@ -1,0 +1,239 @@
+"""The ViT recipe: patches, positions, learning on the built-in digits, predict, inspection, HF import."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet
+from PIL import Image
+
+from tfkit import config as configs
+from tfkit import registry
+from tfkit import run as runs
+from tfkit.errors import UsageError
+from tfkit.inspect import attention_rollout
+from tfkit.nn.blocks import DropPath
+from tfkit.nn.embeddings import PatchEmbedding
+from tfkit.nn.position import resize_grid
+from tfkit.recipes.vit import VisionTransformer
+from tfkit.train import start_training
+from test_cli import one_error_line, tfkit
+
+TINY_VIT = [
+    "model.patch=4", "model.d_model=48", "model.depth=2", "model.d_ff=96", "model.drop_path=0.0",
+    "augment.crop_scale=[1.0, 1.0]", "train.steps=200", "train.lr=0.003", "train.warmup=30",
+    "train.eval_every=0", "train.log_every=10", "train.save_every=100",
+]
+
+
+def vit_config(*sets: str) -> dict:
+    return configs.resolve(registry.get("recipe", "vit").default_config(), None, [*TINY_VIT, *sets])
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory) -> object:
+    trainer = start_training(vit_config(), tmp_path_factory.mktemp("vit") / "run", torch.device("cpu"), console=quiet())
+    trainer.fit(progress=False)
+    return trainer.run_dir
+
+
+def test_patch_embedding_is_a_linear_map_of_each_patch():
+    torch.manual_seed(0)
+    embed = PatchEmbedding(3, 16, 4)
+    images = torch.randn(2, 3, 8, 12)
+    patches = images.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 2, 3, 4, 4)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 6, 3 * 16)  # row-major patches, (C, p, p) flattened
+    expected = patches @ embed.proj.weight.reshape(16, -1).T + embed.proj.bias
+    torch.testing.assert_close(embed(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_position_grid_resizing():
+    table = torch.randn(16, 8)
+    assert resize_grid(table, (4, 4), (4, 4)) is table
+    constant = torch.ones(16, 8) * 3
+    torch.testing.assert_close(resize_grid(constant, (4, 4), (6, 5)), torch.full((30, 8), 3.0))
+    ramp = torch.arange(4.0).repeat(4)[:, None].expand(16, 2)  # value = column index
+    resized = resize_grid(ramp, (4, 4), (4, 8)).reshape(4, 8, 2)
+    assert torch.all(resized[:, 1:, 0] >= resized[:, :-1, 0] - 1e-5)  # still rises across columns
+    assert torch.allclose(resized[0], resized[3])  # and is the same on every row
+
+
+def test_vit_runs_at_another_image_size():
+    model = VisionTransformer(8, 1, 10, 2, 32, 2, 4, 64, 0.0, 0.0, "gelu", "pre_ln", 1e-6).eval()
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    assert model(torch.randn(3, 1, 12, 16)).shape == (3, 10)
+    with pytest.raises(UsageError, match="not a multiple"):
+        VisionTransformer(9, 1, 10, 2, 32, 2, 4, 64, 0.0, 0.0, "gelu", "pre_ln", 1e-6)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    y = drop(x)
+    per_sample = y.flatten(1)
+    kept = per_sample[per_sample != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # all or nothing per sample
+    assert abs(y.mean().item() - 1.0) < 0.05
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_rollout_rows_sum_to_one_and_identity_attention_rolls_out_to_identity():
+    rng = np.random.default_rng(0)
+    layers = [rng.random((3, 5, 5)) for _ in range(4)]
+    layers = [w / w.sum(-1, keepdims=True) for w in layers]
+    np.testing.assert_allclose(attention_rollout(layers).sum(-1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(attention_rollout([np.stack([np.eye(5)] * 2)] * 3), np.eye(5))
+
+
+def test_tiny_vit_learns_the_digits(vit_run):
+    records = [r for r in runs.read_metrics(vit_run) if "loss" in r]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    recipe, model = runs.open_run(vit_run)
+    recipe.prepare(vit_run)
+    assert recipe.evaluate(model, "test")["accuracy"] >= 90
+
+
+def digit_images(run, count: int) -> tuple[list[np.ndarray], list[str]]:
+    recipe, _ = runs.open_run(run)
+    recipe.prepare(run)
+    images = recipe.images["test"][:count, 0].numpy()
+    return list(images), [recipe.labels[int(t)] for t in recipe.targets["test"][:count]]
+
+
+def test_predict_on_png_jpeg_grayscale_rgba_and_a_corrupt_file(capsys, vit_run, tmp_path):
+    images, labels = digit_images(vit_run, 4)
+    big = [Image.fromarray(img).resize((32, 32), Image.NEAREST) for img in images]
+    files = [tmp_path / "gray.png", tmp_path / "rgb.jpg", tmp_path / "rgba.png", tmp_path / "palette.gif"]
+    big[0].save(files[0])
+    big[1].convert("RGB").save(files[1], quality=95)
+    rgba = big[2].convert("RGBA")
+    rgba.putalpha(255)
+    rgba.save(files[2])
+    big[3].convert("P").save(files[3])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    code, out, err = tfkit(capsys, "predict", str(vit_run), str(files[0]), str(corrupt), *map(str, files[1:]), "--top-k", "2")
+    assert code == 2
+    one_error_line(err, "corrupt.png: not a readable image")
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[0] for line in lines] == list(map(str, files))
+    assert all(len(line) == 3 for line in lines)  # path and two labels
+    predicted = [line[1].split()[0] for line in lines]
+    assert sum(p == t for p, t in zip(predicted, labels)) >= 3
+    assert all(0 <= float(line[1].split()[1]) <= 1 for line in lines)
+
+
+def test_predict_on_a_folder_and_on_an_empty_folder(capsys, vit_run, tmp_path):
+    images, _ = digit_images(vit_run, 3)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, out, _ = tfkit(capsys, "predict", str(vit_run), str(tmp_path))
+    assert code == 0 and len(out.splitlines()) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = tfkit(capsys, "predict", str(vit_run), str(empty))
+    assert code == 2
+    one_error_line(err, "the folder holds no images")
+    code, _, err = tfkit(capsys, "predict", str(vit_run), str(tmp_path / "0.png"), "--beam", "2")
+    assert code == 2
+    one_error_line(err, "--beam does not apply to this recipe")
+
+
+def test_inspect_attention_on_an_image(capsys, vit_run, tmp_path):
+    images, _ = digit_images(vit_run, 1)
+    Image.fromarray(images[0]).save(tmp_path / "digit.png")
+    out_dir = tmp_path / "attention"
+    code, out, err = tfkit(capsys, "inspect-attention", str(vit_run), str(tmp_path / "digit.png"), "--out", str(out_dir))
+    assert code == 0, err
+    weights = np.load(out_dir / "attention.npz")
+    assert set(weights.files) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
+    assert weights["encoder.layers.0.self_attn"].shape == (4, 5, 5)  # heads, [CLS] + 2×2 patches
+    described = json.loads((out_dir / "tokens.json").read_text())
+    assert described["grid"] == [2, 2] and described["axes"]["tokens"][0] == "[CLS]"
+    rollout = np.load(out_dir / "rollout.npy")
+    assert rollout.shape == (5, 5)
+    np.testing.assert_allclose(rollout.sum(-1), 1.0, atol=1e-5)
+    assert {p.name for p in out_dir.glob("*.png")} == {"encoder.layers.0.self_attn.png", "encoder.layers.1.self_attn.png", "rollout.png"}
+    code, _, err = tfkit(capsys, "inspect-attention", str(vit_run), str(tmp_path / "none.png"))
+    assert code == 2
+    one_error_line(err, "none.png: no such file")
+
+
+def write_image_folder(root, images, labels, corrupt: bool = False):
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").save(folder / f"{i}.png")
+    if corrupt:
+        (root / f"class_{labels[0]}" / "broken.png").write_bytes(b"not an image at all")
+
+
+def test_user_image_folder_and_csv_train_end_to_end(capsys, vit_run, tmp_path):
+    images, labels = digit_images(vit_run, 60)
+    folder = tmp_path / "folder"
+    write_image_folder(folder, images, labels, corrupt=True)
+    small = ["--max-steps", "2", "--set", "train.batch_size=8", "--set", "data.image_size=16", "--set", "model.patch=4",
+             "--set", "data.channels=3", "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.depth=1"]
+    code, out, err = tfkit(capsys, "train", "vit", "--data", str(folder), "--out", str(tmp_path / "run1"), *small)
+    assert code == 0, err
+    assert "skipped 1 unreadable images" in err
+    assert json.loads((tmp_path / "run1" / "labels.json").read_text()) == sorted({f"class_{label}" for label in labels})
+
+    listing = tmp_path / "images.csv"
+    listing.write_text("file,digit\n" + "".join(f"folder/class_{label}/{i}.png,{label}\n" for i, label in enumerate(labels)))
+    columns = ["--set", "data.image_column=file", "--set", "data.label_column=digit"]
+    code, out, err = tfkit(capsys, "train", "vit", "--data", str(listing), "--out", str(tmp_path / "run2"), *small, *columns)
+    assert code == 0, err
+    code, _, err = tfkit(capsys, "train", "vit", "--data", str(listing), "--out", str(tmp_path / "run3"), *small)
+    assert code == 2
+    one_error_line(err, "has no column 'image'")
+
+
+def test_a_folder_with_no_images_is_a_clear_error(capsys, tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "readme.txt").write_text("no pictures here")
+    code, _, err = tfkit(capsys, "train", "vit", "--data", str(tmp_path), "--max-steps", "1")
+    assert code == 2
+    one_error_line(err, "nor images in one subfolder per class")
+
+
+def test_hugging_face_vit_imports_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    hf_model = transformers.ViTForImageClassification(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+
+    recipe_cls = registry.get("recipe", "vit")
+    defaults = configs.merge(recipe_cls.default_config(), {**recipe_cls.pretrained_config(tmp_path / "hf"), "init": "x"})
+    recipe = recipe_cls(defaults)
+    recipe.labels = [str(i) for i in range(10)]
+    model = recipe.build_model()
+    recipe.load_pretrained(model, tmp_path / "hf")
+    model.eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), hf_model(pixel_values=images).logits, atol=1e-5, rtol=1e-5)
+        bigger = torch.randn(2, 3, 24, 24)
+        theirs = hf_model(pixel_values=bigger, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(model(bigger), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_a_folder_that_is_not_a_vit(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = tfkit(capsys, "train", "vit", "--init", str(tmp_path))
+    assert code == 2
+    one_error_line(err, "describes a 'bert' model, not a ViT")
+    code, _, err = tfkit(capsys, "train", "translation", "--init", str(tmp_path))
+    assert code == 2
+    one_error_line(err, "cannot start from pretrained weights")
