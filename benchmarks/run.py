@@ -1,0 +1,385 @@
+"""tfkit against peer implementations of the same models: same sizes, inputs, threads and optimiser.
+
+    python benchmarks/run.py [--quick] [--json out.json] [--threads N] [--only TEXT]
+
+Each row builds a tfkit model and its peer in this process from the same seed, warms both up, then
+alternates them call by call (swapping who goes first) so that drift and the other processes on the
+machine slow both alike, and reports medians. ratio = tfkit speed / peer speed: peer time over tfkit
+time for training, tfkit tokens/s over peer tokens/s for decoding; > 1 means tfkit is faster.
+
+Peak memory is the largest total of live tensor bytes during one call: the bytes resident between
+calls (parameters, buffers, optimiser state) plus the peak of allocations minus frees that
+torch.profiler(profile_memory=True) records during the last warm-up call. It counts tensors only,
+not the Python heap or allocator slack, so it does not depend on what glibc keeps cached.
+
+Model FLOP utilisation (training rows) = training FLOPs per step / step time / fp32 matmul FLOP/s,
+where matmul FLOP/s is the median of a 2048×2048 @ 2048×2048 product (2·2048³ FLOPs) and
+
+    training FLOPs = 6 · Σ (weights of a matmul × tokens it multiplies)
+                   + 12 · d_model · Σ over attention modules (queries × keys)     (per sample, × batch)
+
+6 = 2 FLOPs per multiply-add × 3 (the forward pass and the two matmuls of its backward). Counted
+weights: attention projections, feed-forward layers, the output layer / classifier, the ViT patch
+projection; not embeddings looked up by index, biases, LayerNorms, softmax or the optimiser.
+Cross-attention's key and value projections multiply source tokens. The attention term counts QKᵀ and
+the weighted sum of V over the full queries × keys grid, causal or not. Both sides of a row share the
+same formula, so their MFU differ exactly as their speeds do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass
+class Side:
+    """One implementation of a row: ``call`` does one timed unit of work (a training step, a decode)."""
+
+    name: str
+    call: Callable[[], Any]
+    resident: Callable[[], int]  # tensor bytes that live between calls, once warmed up
+
+
+@dataclass
+class Row:
+    name: str
+    ours: Side
+    peer: Side
+    tokens: int | None = None  # tokens generated per call: the row is reported in tokens/s
+    flops: float | None = None  # training FLOPs per call, for MFU
+
+
+ROWS: dict[str, Callable[[], Row]] = {}
+
+
+def row(name: str):
+    """Register a function that builds a row; rows run in the order they are registered."""
+
+    def add(build: Callable[[], Row]) -> Callable[[], Row]:
+        ROWS[name] = build
+        return build
+
+    return add
+
+
+# -- helpers shared by rows --------------------------------------------------------------------------
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor)]
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # tied weights once
+    return sum(unique.values())
+
+
+def training_side(name: str, model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Side:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Side(name, step, lambda: resident_bytes(model, optimizer))  # AdamW's state appears at step 1
+
+
+def decoding_side(name: str, model: nn.Module, decode: Callable[[], Any]) -> Side:
+    model.eval()
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return decode()
+
+    return Side(name, call, lambda: resident_bytes(model))
+
+
+def train_flops(batch: int, d_model: int, matmuls: list[tuple[int, int]], attention: list[tuple[int, int, int]]) -> float:
+    """matmuls: (weights, tokens per sample); attention: (modules, queries, keys) per sample."""
+    return batch * (6 * sum(w * n for w, n in matmuls) + 12 * d_model * sum(m * q * k for m, q, k in attention))
+
+
+# -- rows -----------------------------------------------------------------------------------------
+SEQ = dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=3, dropout=0.1, length=32)
+
+
+class TorchSeq2Seq(nn.Module):
+    """The peer: nn.Transformer with tfkit's surroundings (one tied embedding, sinusoids, √d scaling)."""
+
+    def __init__(self, vocab: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float, **_):
+        super().__init__()
+        from tfkit.nn.position import sinusoids
+
+        self.embed = nn.Embedding(vocab, d_model, padding_idx=0)
+        self.register_buffer("table", sinusoids(1024, d_model), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        self.transformer = nn.Transformer(
+            d_model, heads, layers, layers, d_ff, dropout, "relu", batch_first=True, norm_first=False
+        )
+        # nn.Transformer ends both stacks with a LayerNorm even when post-LN; tfkit (and Vaswani) do not
+        self.transformer.encoder.norm = self.transformer.decoder.norm = None
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) * math.sqrt(self.embed.embedding_dim)
+        return self.dropout(x + self.table[: tokens.size(1)])
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
+        pad = src == 0
+        hidden = self.transformer(
+            self._embed(src), self._embed(tgt), tgt_mask=causal, tgt_is_causal=True,
+            src_key_padding_mask=pad, memory_key_padding_mask=pad,
+        )
+        return F.linear(hidden, self.embed.weight)
+
+
+def tfkit_seq2seq() -> nn.Module:
+    from tfkit.recipes.translation import Seq2SeqTransformer
+
+    c = SEQ
+    return Seq2SeqTransformer(
+        c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["dropout"], "relu", "sinusoidal",
+        {"block": "post_ln", "layers": c["layers"]}, {"block": "post_ln_decoder", "layers": c["layers"]},
+    )
+
+
+def marian() -> nn.Module:
+    from transformers import MarianConfig, MarianMTModel
+
+    c = SEQ
+    config = MarianConfig(
+        vocab_size=c["vocab"], decoder_vocab_size=c["vocab"], d_model=c["d_model"],
+        encoder_layers=c["layers"], decoder_layers=c["layers"],
+        encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"],
+        encoder_ffn_dim=c["d_ff"], decoder_ffn_dim=c["d_ff"], activation_function="relu", dropout=c["dropout"],
+        max_position_embeddings=1024, pad_token_id=0, decoder_start_token_id=2, eos_token_id=3,
+        forced_eos_token_id=None,  # its default forces EOS as the last token, work tfkit does not do
+        scale_embedding=True, share_encoder_decoder_embeddings=True,
+    )
+    return MarianMTModel(config)
+
+
+def random_ids(batch: int, length: int) -> Tensor:
+    return torch.randint(4, SEQ["vocab"], (batch, length))  # ids 0..3 are special: no padding, no EOS
+
+
+@row("Seq2seq training step")
+def seq2seq_training() -> Row:
+    c, batch, n = SEQ, 64, SEQ["length"]
+    src, tgt = random_ids(batch, n), random_ids(batch, n + 1)
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+
+    def loss(model: nn.Module) -> Tensor:
+        logits = model(src, tgt_in)
+        return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0, label_smoothing=0.1)
+
+    torch.manual_seed(0)
+    ours = training_side("tfkit", tfkit_seq2seq(), loss)
+    torch.manual_seed(0)
+    peer = training_side("torch.nn.Transformer", TorchSeq2Seq(**c), loss)
+    d, f, layers = c["d_model"], c["d_ff"], c["layers"]
+    matmuls = [
+        (layers * (4 * d * d + 2 * d * f), n),  # encoder: self-attention, feed-forward
+        (layers * (6 * d * d + 2 * d * f), n),  # decoder: self-attention, cross Q and output, feed-forward
+        (layers * 2 * d * d, n),  # cross-attention K and V project the source
+        (d * c["vocab"], n),  # output layer
+    ]
+    attention = [(layers, n, n), (layers, n, n), (layers, n, n)]  # encoder self, decoder self, cross
+    return Row("Seq2seq training step", ours, peer, flops=train_flops(batch, d, matmuls, attention))
+
+
+@row("ViT training step")
+def vit_training() -> Row:
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from tfkit.recipes.vit import VisionTransformer
+
+    batch, size, patch, d, depth, heads, f, classes = 64, 32, 4, 192, 6, 3, 768, 10
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+
+    def loss(model: nn.Module) -> Tensor:
+        return F.cross_entropy(model(images), labels)
+
+    torch.manual_seed(0)
+    ours = training_side("tfkit", VisionTransformer(size, 3, classes, patch, d, depth, heads, f, 0.0, 0.0, "gelu", "pre_ln", 1e-6), loss)
+    torch.manual_seed(0)
+    timm = TimmViT(img_size=size, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=f / d, num_classes=classes)
+    peer = training_side("timm", timm, loss)
+    patches = (size // patch) ** 2
+    matmuls = [(3 * patch * patch * d, patches), (depth * (4 * d * d + 2 * d * f), patches + 1), (d * classes, 1)]
+    return Row("ViT training step", ours, peer, flops=train_flops(batch, d, matmuls, [(depth, patches + 1, patches + 1)]))
+
+
+def decoding_row(name: str, beam: int) -> Row:
+    from tfkit.decode import beam_search, greedy_search
+
+    batch, n = 32, SEQ["length"]
+    src = random_ids(batch, n)
+    mask = torch.ones_like(src)
+    torch.manual_seed(0)
+    ours_model = tfkit_seq2seq()
+    torch.manual_seed(0)
+    peer_model = marian()
+
+    # an EOS id no model can emit, so an untrained model's output is never cut short
+    def ours() -> None:
+        if beam == 1:
+            out = greedy_search(ours_model, src, 2, -1, n)
+        else:
+            out = beam_search(ours_model, src, 2, -1, n, beam, 1.0)
+        assert all(len(hyp) == n for hyp in out)
+
+    def peer() -> None:
+        out = peer_model.generate(
+            input_ids=src, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, num_beams=beam, do_sample=False
+        )
+        assert out.shape == (batch, 1 + n)  # decoder_start_token_id, then n new tokens
+
+    return Row(name, decoding_side("tfkit", ours_model, ours), decoding_side("MarianMTModel", peer_model, peer), tokens=batch * n)
+
+
+@row("Greedy decoding")
+def greedy() -> Row:
+    return decoding_row("Greedy decoding", beam=1)
+
+
+@row("Beam search 4")
+def beam4() -> Row:
+    return decoding_row("Beam search 4", beam=4)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def peak_allocated(call: Callable[[], Any]) -> int:
+    """Peak of tensor bytes allocated minus freed during ``call``, from the profiler's memory events."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else the profiler logs every start and stop to stderr
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+
+    def walk(events):
+        for event in events:
+            yield event
+            yield from walk(event.children)
+
+    events = walk(prof.profiler.kineto_results.experimental_event_tree())
+    allocations = sorted((e for e in events if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    return max(itertools.accumulate((e.extra_fields.alloc_size for e in allocations), initial=0))  # frees are < 0
+
+
+def timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(r: Row, warmup: int, iters: int, peak_flops: float) -> dict[str, Any]:
+    sides = [r.ours, r.peer]
+    for _ in range(warmup - 1):
+        for side in sides:
+            side.call()
+    peak = [side.resident() + peak_allocated(side.call) for side in sides]  # the last warm-up call
+    times: list[list[float]] = [[], []]
+    for i in range(iters):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            times[k].append(timed(sides[k].call))
+    out: dict[str, Any] = {"row": r.name, "unit": "tokens/s" if r.tokens else "ms/step", "tokens_per_call": r.tokens}
+    for key, side, ts, mem in zip(("tfkit", "peer"), sides, times, peak):
+        seconds = statistics.median(ts)
+        out[key] = {
+            "name": side.name,
+            "seconds": seconds,
+            "value": r.tokens / seconds if r.tokens else 1e3 * seconds,
+            "mfu": r.flops / seconds / peak_flops if r.flops else None,
+            "peak_mib": mem / 2**20,
+        }
+    out["ratio"] = out["peer"]["seconds"] / out["tfkit"]["seconds"]
+    out["train_gflop_per_step"] = r.flops / 1e9 if r.flops else None
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def matmul_flops(warmup: int, iters: int, n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(warmup):
+        a @ b
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b) for _ in range(iters))
+
+
+CAPTION = (
+    "median after warm-up; ratio = tfkit speed / peer speed (> 1: tfkit faster); "
+    "MFU = (6·Σ matmul weights × tokens + 12·d·Σ queries × keys per attention module) × batch / step time / "
+    "{gflops:.0f} GFLOP/s (fp32 2048² matmul); peak = resident params, buffers, optimiser state + "
+    "peak tensor bytes allocated in one call (torch.profiler); threads: {threads}"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 warm-up and 5 timed calls instead of 5 and 20")
+    parser.add_argument("--json", help="also write the table to this JSON file")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument("--only", help="run only the rows whose name contains this text")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup, iters = (2, 5) if args.quick else (5, 20)
+
+    peak_flops = matmul_flops(warmup, iters)
+    results = []
+    for name, build in ROWS.items():
+        if args.only and args.only.lower() not in name.lower():
+            continue
+        torch.manual_seed(0)
+        results.append(measure(build(), warmup, iters, peak_flops))
+
+    threads = torch.get_num_threads()
+    caption = CAPTION.format(gflops=peak_flops / 1e9, threads=threads)
+    table = Table(title="tfkit vs peers (CPU, fp32)", caption=caption, caption_justify="left")
+    for column in ("benchmark", "vs", "tfkit", "peer", "ratio", "MFU tfkit / peer", "peak MiB tfkit / peer"):
+        table.add_column(column, justify="left" if column in ("benchmark", "vs") else "right", no_wrap=True)
+    for r in results:
+        ours, peer = r["tfkit"], r["peer"]
+        value = "{:,.0f} tok/s" if r["tokens_per_call"] else "{:,.0f} ms"
+        mfu = " / ".join(f"{side['mfu']:.0%}" for side in (ours, peer)) if ours["mfu"] is not None else "—"
+        ratio = f"[{'green' if r['ratio'] >= 1 else 'red'}]{r['ratio']:.2f}×[/]"
+        table.add_row(
+            r["row"], peer["name"], value.format(ours["value"]), value.format(peer["value"]), ratio, mfu,
+            f"{ours['peak_mib']:,.0f} / {peer['peak_mib']:,.0f}",
+        )
+    Console(width=None if sys.stdout.isatty() else 132).print(table)  # files and pipes get 80 columns
+
+    if args.json:
+        machine = {
+            "torch": torch.__version__, "threads": threads, "cpu": cpu_name(), "cores": os.cpu_count(),
+            "matmul_gflops": peak_flops / 1e9, "warmup": warmup, "iters": iters,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
