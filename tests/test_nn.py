@@ -209,8 +209,20 @@ def test_activation_matches_its_formula(name):
     torch.testing.assert_close(registry.get("activation", name)()(x), ACTIVATIONS[name](x))
 
 
+def test_token_embedding_sums_token_segment_and_position_then_normalises():
+    from tfkit.nn.embeddings import TokenEmbedding
+
+    torch.manual_seed(0)
+    embed = TokenEmbedding(50, D, 16, 2, 0.0).eval()
+    tokens, segments = torch.randint(1, 50, (2, 7)), torch.randint(0, 2, (2, 7))
+    summed = embed.tokens.weight[tokens] + embed.segments.weight[segments] + embed.position.table[:7]
+    expected = F.layer_norm(summed, (D,), embed.norm.weight, embed.norm.bias)
+    torch.testing.assert_close(embed(tokens, segments), expected)
+
+
 # -- the registry --------------------------------------------------------------------------------
 TESTED = {
+    "embedding": {"patch", "token"},  # patch: tests/test_vit.py
     "attention": {"scaled_dot_product", "multi_head"},
     "position": {"sinusoidal", "learned"},
     "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS),

@@ -1,7 +1,7 @@
 """Data adapters shared by the recipes.
 
 Every source ends up as a ``datasets.DatasetDict`` with train/validation/test splits, through one
-path: the built-in data of a recipe, a local file (.tsv/.csv/.jsonl/.json), a folder holding
+path: the built-in data of a recipe, a local file (.tsv/.csv/.jsonl/.json/.txt), a folder holding
 train/validation/test files or images in class folders, or a Hugging Face dataset name
 (``datasets.load_dataset``, online).
 Splits a source lacks are carved from its training split, deterministically by seed.
@@ -15,15 +15,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import datasets
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tfkit.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
-_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text"}
+_FORMATS = ", ".join(_BUILDERS)
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
@@ -35,8 +36,11 @@ def load_splits(
     seed: int,
     held_out: float = 0.05,
     hub_config: str | None = None,
+    carve: bool = True,
 ) -> datasets.DatasetDict:
-    """Resolve ``--data`` into train/validation/test; ``held_out`` is each carved split's fraction."""
+    """Resolve ``--data`` into train/validation/test; ``held_out`` is each carved split's fraction.
+    With ``carve=False`` the splits come back as the source has them (a recipe that must split by
+    document rather than by row carves its own)."""
     if spec == "builtin":
         return builtin()
     path = Path(spec).expanduser()
@@ -44,7 +48,7 @@ def load_splits(
         files = {s: f for s in SPLITS for f in sorted(path.glob(f"{s}.*")) if f.suffix in _BUILDERS}
         if files:
             if "train" not in files:
-                raise UsageError(f"data folder {path} has no train.tsv/.csv/.jsonl/.json file")
+                raise UsageError(f"data folder {path} has no train file ({_FORMATS})")
             loaded = datasets.DatasetDict({s: _load_file(f)["train"] for s, f in files.items()})
         else:
             loaded = _load_image_folder(path)
@@ -52,13 +56,17 @@ def load_splits(
         if not path.is_file():
             raise UsageError(f"data file {path} does not exist")
         if path.suffix not in _BUILDERS:
-            raise UsageError(f"data file {path} has an unknown format (use .tsv, .csv, .jsonl or .json)")
+            raise UsageError(f"data file {path} has an unknown format (use {_FORMATS})")
         loaded = _load_file(path)
     else:
         try:
             loaded = datasets.load_dataset(spec, hub_config)
         except Exception as e:  # the hub raises many types: offline, unknown name, missing config
             raise UsageError(f"could not load dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not carve:
+        if "train" not in loaded:
+            raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
+        return datasets.DatasetDict({s: loaded[s] for s in SPLITS if s in loaded})
     return _complete_splits(loaded, seed, held_out)
 
 
@@ -80,7 +88,7 @@ def cached(name: str, key: dict, build: Callable[[], datasets.DatasetDict]) -> d
 
 
 def _load_file(path: Path) -> datasets.DatasetDict:
-    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
+    options: dict = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
     try:
         return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), **options)
     except Exception as e:
@@ -94,7 +102,7 @@ def _load_image_folder(path: Path) -> datasets.DatasetDict:
         return datasets.load_dataset("imagefolder", data_dir=str(path))
     except Exception:
         raise UsageError(
-            f"data folder {path} holds neither train.tsv/.csv/.jsonl/.json files nor images in one subfolder per class"
+            f"data folder {path} holds neither train files ({_FORMATS}) nor images in one subfolder per class"
         ) from None
 
 
@@ -132,5 +140,16 @@ def train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokeniz
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """BERT's uncased WordPiece: lower-cased, accents stripped, punctuation split off, ## continuations."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer

@@ -102,11 +102,17 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def draw_heads(weights: np.ndarray, queries: list[str], keys: list[str], title: str, path: Path) -> None:
-    """One heatmap per head, queries down and keys across, tokens as tick labels."""
+def draw_heads(
+    weights: np.ndarray, queries: list[str], keys: list[str], title: str, path: Path, boundary: int | None = None
+) -> None:
+    """One heatmap per head, queries down and keys across, tokens as tick labels; ``boundary`` draws
+    lines before that token on both axes (where a second segment starts)."""
     fig, axes = _panels(weights.shape[0], max(2.5, 0.28 * max(len(queries), len(keys))), title)
     for h, ax in enumerate(axes):
         ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        if boundary is not None:
+            ax.axvline(boundary - 0.5, color="white", linewidth=1)
+            ax.axhline(boundary - 0.5, color="white", linewidth=1)
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
         ax.set_yticks(range(len(queries)), queries, fontsize=7)

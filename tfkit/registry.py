@@ -8,7 +8,8 @@ component:
 - ``position``: ``cls(d_model, max_len)``, called as ``(x, offset=0)`` on the input embeddings
 - ``block``: ``cls(d_model, heads, d_ff, dropout, activation)``
 - ``activation``: ``cls()``
-- ``embedding``: inputs to tokens, each with its own arguments (``patch``: ``cls(channels, d_model, patch)``)
+- ``embedding``: inputs to tokens, each with its own arguments (``patch``: ``cls(channels, d_model, patch)``,
+  ``token``: ``cls(vocab_size, d_model, max_positions, segments, dropout)``)
 - ``recipe``: ``cls(config)``, see :class:`tfkit.recipe.Recipe`
 
 Components register by explicit import (``tfkit.nn`` and ``tfkit.recipes``), never by scanning folders.

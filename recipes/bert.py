@@ -1,0 +1,734 @@
+"""BERT (Devlin et al., 2019): masked-LM + next-sentence pretraining, and fine-tuning.
+
+The encoder is the shared post-LN block stack with GELU, under token + segment + learned position
+embeddings. Pretraining sees ``[CLS] A [SEP] B [SEP]``: B follows A half the time, and 15% of the
+ordinary tokens are chosen for prediction (80% become [MASK], 10% a random token, 10% stay); the MLM
+logits are computed only at the chosen positions, through the token embedding matrix.
+
+The built-in corpus is English prose every Python carries: the docstrings of the standard library
+(read with ``ast``, never imported) and the language reference in ``pydoc_data.topics``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import datasets
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from torch import Tensor, nn
+
+from tfkit import run as runs
+from tfkit.data import SPLITS, cached, load_splits, read_lines, train_wordpiece
+from tfkit.errors import UsageError
+from tfkit.inspect import draw_heads
+from tfkit.nn.blocks import Encoder
+from tfkit.nn.embeddings import TokenEmbedding
+from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.registry import register
+from tfkit.run import atomic_write
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
+IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
+SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data"}
+CLASSIFY_PACKAGES = ["asyncio", "email", "tkinter", "unittest", "xml"]  # the built-in classify labels
+
+
+# -- the built-in corpus ----------------------------------------------------------------------------
+def sentences(text: str) -> list[str]:
+    """Prose sentences of a docstring: code, doctests and indented blocks are dropped."""
+    out = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = paragraph.splitlines()
+        if any(line.startswith((" ", "\t", ">>>", "...")) for line in lines):
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(line.strip() for line in lines)):
+            words = sentence.split()
+            letters = sum(c.isalpha() for c in sentence)
+            if 4 <= len(words) <= 50 and letters >= 0.7 * len(sentence.replace(" ", "")):
+                out.append(sentence)
+    return out
+
+
+def stdlib_documents() -> list[tuple[str, list[str]]]:
+    """(package, sentences) for every docstring of the standard library with two or more sentences,
+    in a fixed order, then one document per language-reference topic."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if SKIPPED_PACKAGES & set(parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        package = parts[0].removesuffix(".py")
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+        for node in nodes:
+            found = sentences(ast.get_docstring(node) or "")
+            if len(found) >= 2:
+                documents.append((package, found))
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        found = sentences(topics[name])
+        if len(found) >= 2:
+            documents.append(("reference", found))
+    return documents
+
+
+def pretraining_corpus(seed: int) -> datasets.DatasetDict:
+    """Rows of sentences with a blank row between documents (the text-file layout); documents are
+    split 90/5/5 by seed."""
+
+    def build() -> datasets.DatasetDict:
+        documents = [doc for _, doc in stdlib_documents()]
+        random.Random(seed).shuffle(documents)
+        cut = len(documents) // 20
+        parts = {"validation": documents[:cut], "test": documents[cut : 2 * cut], "train": documents[2 * cut :]}
+        return datasets.DatasetDict(
+            {split: datasets.Dataset.from_dict({"text": [s for doc in docs for s in [*doc, ""]]}) for split, docs in parts.items()}
+        )
+
+    return cached("stdlib-prose", {"seed": seed, "python": sys.version.split()[0]}, build)
+
+
+def classify_corpus(seed: int) -> datasets.DatasetDict:
+    """Which part of the standard library a docstring sentence comes from: a balanced, stratified
+    70/10/20 split over CLASSIFY_PACKAGES."""
+
+    def build() -> datasets.DatasetDict:
+        by_package: dict[str, list[str]] = {p: [] for p in CLASSIFY_PACKAGES}
+        for package, doc in stdlib_documents():
+            if package in by_package:
+                by_package[package] += doc
+        smallest = min(len(s) for s in by_package.values())
+        rng = random.Random(seed)
+        texts, labels = [], []
+        for label, package in enumerate(CLASSIFY_PACKAGES):
+            chosen = rng.sample(sorted(set(by_package[package])), min(smallest, len(set(by_package[package]))))
+            texts += chosen
+            labels += [label] * len(chosen)
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=CLASSIFY_PACKAGES)})
+        full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+        rest, test = full.train_test_split(test_size=0.2, stratify_by_column="label", seed=seed).values()
+        train, validation = rest.train_test_split(test_size=0.125, stratify_by_column="label", seed=seed).values()
+        return datasets.DatasetDict({"train": train, "validation": validation, "test": test})
+
+    return cached("stdlib-classify", {"seed": seed, "python": sys.version.split()[0]}, build)
+
+
+def documents_of(rows: datasets.Dataset, column: str) -> list[list[str]]:
+    """Blank rows separate documents; without any blank row, each row is a document of sentences."""
+    if column not in rows.column_names:
+        raise UsageError(f"the data has no column '{column}' (it has: {', '.join(rows.column_names)}; set data.text_column)")
+    texts = [t if isinstance(t, str) else "" for t in rows[column]]
+    if any(not t.strip() for t in texts):
+        documents, current = [], []
+        for text in texts:
+            if text.strip():
+                current.append(text.strip())
+            elif current:
+                documents.append(current)
+                current = []
+        return documents + ([current] if current else [])
+    return [sentences(t) or [t] for t in texts]
+
+
+# -- the model --------------------------------------------------------------------------------------
+class Bert(nn.Module):
+    """BERT's encoder: embeddings, a stack of blocks, and the tanh pooler over [CLS]."""
+
+    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float,
+                 activation: str, block: str, max_positions: int, norm_eps: float):
+        super().__init__()
+        self.embed = TokenEmbedding(vocab_size, d_model, max_positions, 2, dropout, PAD)
+        self.encoder = Encoder(block, layers, d_model, heads, d_ff, dropout, activation)
+        self.pooler = nn.Linear(d_model, d_model)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = norm_eps
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) ids → hidden states (B, T, D) and pooled [CLS] (B, D)."""
+        mask = (token_ids != PAD)[:, None, None, :]
+        hidden = self.encoder(self.embed(token_ids, segment_ids), mask)
+        return hidden, torch.tanh(self.pooler(hidden[:, 0]))
+
+
+def init_bert_weights(model: nn.Module, norm_eps: float) -> None:
+    """N(0, 0.02) for every matrix and embedding, zero biases (Devlin et al.)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            module.eps = norm_eps
+    for module in model.modules():
+        if isinstance(module, TokenEmbedding):
+            nn.init.normal_(module.position.table, std=0.02)
+            with torch.no_grad():
+                module.tokens.weight[PAD].zero_()
+
+
+def build_bert(vocab_size: int, m: dict[str, Any]) -> Bert:
+    return Bert(vocab_size, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
+                m["max_positions"], m["norm_eps"])
+
+
+class BertForPretraining(nn.Module):
+    """BERT with the masked-LM head (output matrix tied to the token embeddings) and the NSP head."""
+
+    def __init__(self, bert: Bert, norm_eps: float):
+        super().__init__()
+        d_model, vocab_size = bert.pooler.in_features, bert.embed.tokens.num_embeddings
+        self.bert = bert
+        self.mlm_transform = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model))
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.nsp = nn.Linear(d_model, 2)
+        init_bert_weights(self, norm_eps)
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``positions`` index the flattened (B·T) tokens to predict → MLM logits (P, V), NSP logits (B, 2)."""
+        hidden, pooled = self.bert(token_ids, segment_ids)
+        chosen = self.mlm_transform(hidden.flatten(0, 1)[positions])
+        return F.linear(chosen, self.bert.embed.tokens.weight, self.mlm_bias), self.nsp(pooled)
+
+
+# -- masking and pairs ------------------------------------------------------------------------------
+def mask_tokens(
+    token_ids: Tensor, vocab_size: int, generator: torch.Generator, prob: float = 0.15
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose round(prob·n) of each row's n ordinary tokens (at least one); of those, 80% become [MASK],
+    10% a random ordinary token, 10% stay. Returns (masked ids, flat positions, original ids there)."""
+    ordinary = token_ids >= len(SPECIALS)
+    counts = (ordinary.sum(1).float() * prob).round().clamp(min=1).long()
+    scores = torch.rand(token_ids.shape, generator=generator).masked_fill(~ordinary, 2.0)  # specials sort last
+    ranks = scores.argsort(1).argsort(1)
+    chosen = (ranks < counts[:, None]) & ordinary
+    positions = chosen.flatten().nonzero().squeeze(1)
+    labels = token_ids.flatten()[positions]
+    action = torch.rand(len(positions), generator=generator)
+    replacement = torch.where(
+        action < 0.8,
+        torch.full_like(labels, MASK),
+        torch.where(action < 0.9, torch.randint(len(SPECIALS), vocab_size, labels.shape, generator=generator), labels),
+    )
+    masked = token_ids.flatten().clone()
+    masked[positions] = replacement
+    return masked.view_as(token_ids), positions, labels
+
+
+def nsp_pairs(documents: list[list[list[int]]], rng: random.Random) -> list[tuple[list[int], list[int], int]]:
+    """For each sentence with a successor: (A, B, label) with B the true next sentence half the time,
+    otherwise a random sentence of another document."""
+    pairs = []
+    for d, document in enumerate(documents):
+        for i in range(len(document) - 1):
+            if rng.random() < 0.5 or len(documents) < 2:
+                pairs.append((document[i], document[i + 1], IS_NEXT))
+            else:
+                other = rng.randrange(len(documents) - 1)
+                other += other >= d  # any document but this one
+                pairs.append((document[i], rng.choice(documents[other]), NOT_NEXT))
+    return pairs
+
+
+def pair_ids(
+    a: list[int], b: list[int] | None, max_length: int, cls: int = CLS, sep: int = SEP
+) -> tuple[list[int], list[int]]:
+    """[CLS] A [SEP] (B [SEP]) and segment ids, cutting tokens off the end of the longer side."""
+    a, b = list(a), (list(b) if b is not None else None)
+    budget = max_length - (3 if b is not None else 2)
+    while len(a) + (len(b) if b else 0) > budget:
+        (a if b is None or len(a) >= len(b) else b).pop()
+    ids = [cls, *a, sep] + ([*b, sep] if b is not None else [])
+    return ids, [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
+
+
+def pad(rows: list[list[int]], value: int = PAD) -> Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """tokenizer.json, or a BERT vocab.txt (uncased WordPiece) as Hugging Face folders carry."""
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.txt").is_file():
+        tokenizer = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        return tokenizer
+    raise UsageError(f"{folder} has no tokenizer.json or vocab.txt")
+
+
+def check_specials(tokenizer: Tokenizer, where: Path | str) -> None:
+    missing = [t for t in SPECIALS if tokenizer.token_to_id(t) is None]
+    if missing or tokenizer.token_to_id("[PAD]") != PAD:
+        raise UsageError(f"the tokenizer of {where} lacks {', '.join(missing) or '[PAD]'} at the ids tfkit's BERT expects")
+
+
+# -- pretraining ------------------------------------------------------------------------------------
+class BertRecipe(Recipe):
+    """What both BERT recipes share: the tokenizer in the run directory and encoding text pairs."""
+
+    tokenizer: Tokenizer
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+
+    def load(self, run_dir: Path) -> None:
+        if not (run_dir / "tokenizer.json").is_file():
+            raise UsageError(f"run directory {run_dir} has no tokenizer.json (is it a complete tfkit run?)")
+        self.tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, a: str, b: str | None = None) -> tuple[list[int], list[int]]:
+        (first,) = self.token_ids([a])
+        second = self.token_ids([b])[0] if b is not None else None
+        cls, sep = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
+        return pair_ids(first, second, self.config["data"]["max_length"], cls, sep)
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        """A sentence, or two separated by a tab or ' ||| ', as BERT sees them."""
+        parts = re.split(r"\t| \|\|\| ", text.strip(), maxsplit=1)
+        if not parts[0]:
+            raise UsageError("the input text is empty")
+        ids, segments = self.encode(parts[0], parts[1] if len(parts) > 1 else None)
+        device = next(model.parameters()).device
+        token_ids = torch.tensor([ids], device=device)
+        segment_ids = torch.tensor([segments], device=device)
+        tokens = [self.tokenizer.id_to_token(i) for i in ids]
+        boundary = segments.index(1) if 1 in segments else None
+        model.eval()
+
+        def draw(weights: dict, out_dir: Path) -> None:
+            for name, w in weights.items():
+                draw_heads(w, tokens, tokens, name, out_dir / f"{name}.png", boundary=boundary)
+
+        return AttentionExample(
+            run=lambda: model.bert(token_ids, segment_ids),
+            tokens={"tokens": tokens},
+            axes=lambda name: ("tokens", "tokens"),
+            draw=draw,
+            meta={"segments": segments},
+        )
+
+
+@register("recipe", "bert-pretrain")
+class BertPretrain(BertRecipe):
+    """BERT pretraining: masked LM (15%, 80/10/10) and next-sentence prediction, WordPiece."""
+
+    config_file = "bert-pretrain.yaml"
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        data, seed = self.config["data"], self.config["seed"]
+        splits = load_splits(data["name"], lambda: pretraining_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
+        text_documents = {split: documents_of(rows, data["text_column"]) for split, rows in splits.items()}
+        self._carve(text_documents, seed)
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            train_text = (s for doc in text_documents["train"] for s in doc)
+            self.tokenizer = train_wordpiece(train_text, data["vocab_size"], SPECIALS)
+        self.documents = {}
+        for split, docs in text_documents.items():
+            flat = self.token_ids([s for doc in docs for s in doc])
+            it = iter(flat)
+            self.documents[split] = [[next(it) for _ in doc] for doc in docs]
+        # held-out pairs and masks are drawn once, so every evaluation scores the same questions
+        self.held_out = {split: self._batches(self.documents[split], seed + 7919, shuffle=False) for split in ("validation", "test")}
+
+    def _carve(self, documents: dict[str, list[list[str]]], seed: int) -> None:
+        train = documents["train"]
+        if sum(len(d) >= 2 for d in train) < 3:
+            raise UsageError("the training text needs documents of two or more sentences (blank lines between documents)")
+        missing = [s for s in ("validation", "test") if s not in documents]
+        if missing:
+            order = list(range(len(train)))
+            random.Random(seed).shuffle(order)
+            size = max(1, round(self.config["data"]["held_out"] * len(train)))
+            for i, split in enumerate(missing):
+                documents[split] = [train[j] for j in order[i * size : (i + 1) * size]]
+            documents["train"] = [train[j] for j in order[len(missing) * size :]]
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        return BertForPretraining(build_bert(self.tokenizer.get_vocab_size(), m), m["norm_eps"])
+
+    def _batches(self, documents: list[list[list[int]]], seed: int, shuffle: bool = True) -> list[Batch]:
+        cfg = self.config
+        rng = random.Random(seed)
+        generator = torch.Generator().manual_seed(seed)
+        pairs = nsp_pairs(documents, rng)
+        size, vocab = cfg["train"]["batch_size"], self.tokenizer.get_vocab_size()
+        chunks = [pairs[start : start + size] for start in range(0, len(pairs), size)]
+        if shuffle:  # pairs of similar length share a batch (less padding), batches come in random order
+            rng.shuffle(pairs)
+            pool = 50 * size
+            chunks = []
+            for start in range(0, len(pairs), pool):
+                by_length = sorted(pairs[start : start + pool], key=lambda p: len(p[0]) + len(p[1]))
+                chunks += [by_length[i : i + size] for i in range(0, len(by_length), size)]
+            rng.shuffle(chunks)
+        batches = []
+        for chunk in chunks:
+            encoded = [pair_ids(a, b, cfg["data"]["max_length"]) for a, b, _ in chunk]
+            token_ids = pad([ids for ids, _ in encoded])
+            masked, positions, labels = mask_tokens(token_ids, vocab, generator, cfg["data"]["mask_prob"])
+            batches.append({
+                "token_ids": masked,
+                "segment_ids": pad([seg for _, seg in encoded], 0),
+                "positions": positions,
+                "mlm_labels": labels,
+                "nsp_labels": torch.tensor([label for _, _, label in chunk]),
+            })
+        return batches
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        # new pairs and new masks every epoch (dynamic masking), fixed by seed and epoch
+        yield from self._batches(self.documents["train"], self.config["seed"] * 1_000_003 + epoch)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        mlm_logits, nsp_logits = model(batch["token_ids"], batch["segment_ids"], batch["positions"])
+        loss = F.cross_entropy(mlm_logits.float(), batch["mlm_labels"]) + F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
+        return loss, int((batch["token_ids"] != PAD).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        model.eval()
+        device = next(model.parameters()).device
+        mlm_correct = mlm_total = nsp_correct = nsp_total = 0
+        mlm_loss = 0.0
+        for batch in self.held_out[split]:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mlm_logits, nsp_logits = model(batch["token_ids"], batch["segment_ids"], batch["positions"])
+            mlm_loss += F.cross_entropy(mlm_logits.float(), batch["mlm_labels"], reduction="sum").item()
+            mlm_correct += (mlm_logits.argmax(-1) == batch["mlm_labels"]).sum().item()
+            mlm_total += len(batch["mlm_labels"])
+            nsp_correct += (nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().item()
+            nsp_total += len(batch["nsp_labels"])
+        return {
+            "mlm_accuracy": 100.0 * mlm_correct / max(1, mlm_total),
+            "mlm_loss": mlm_loss / max(1, mlm_total),
+            "nsp_accuracy": 100.0 * nsp_correct / max(1, nsp_total),
+        }
+
+    @torch.no_grad()
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
+        """For each line with [MASK] (a pair separated by a tab): the top-k fillings of each mask as
+        tab-separated "token probability" fields, masks separated by a "|" field."""
+        top_k = top_k or self.config["predict"]["top_k"]
+        model.eval()
+        device = next(model.parameters()).device
+        for number, line in enumerate(read_lines(path), 1):
+            parts = line.split("\t", 1)
+            ids, segments = self.encode(parts[0], parts[1] if len(parts) > 1 else None)
+            positions = [i for i, t in enumerate(ids) if t == MASK]
+            if not positions:
+                print(f"warning: {path}:{number}: no [MASK] in the line, its output is left empty", file=sys.stderr)
+                out.write("\n")
+                continue
+            mlm_logits, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device), torch.tensor(positions, device=device))
+            probs, tokens = mlm_logits.float().softmax(-1).topk(top_k, dim=-1)
+            fillings = [
+                "\t".join(f"{self.tokenizer.id_to_token(t)} {p:.3f}" for p, t in zip(row_p.tolist(), row_t.tolist()))
+                for row_p, row_t in zip(probs, tokens)
+            ]
+            out.write("\t|\t".join(fillings) + "\n")
+
+
+# -- weights from elsewhere -------------------------------------------------------------------------
+def bert_config_from_hf(folder: Path) -> dict[str, Any]:
+    """model.* overrides for a transformers BERT folder's config.json."""
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} could not be read ({type(e).__name__})") from None
+    if hf.get("model_type") != "bert":
+        raise UsageError(f"{path} describes a '{hf.get('model_type')}' model, not BERT")
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UsageError(f"{folder}: only BERTs with GELU and absolute positions can be imported")
+    return {
+        "d_model": hf["hidden_size"], "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
+        "layers": hf["num_hidden_layers"], "activation": "gelu", "block": "post_ln",
+        "max_positions": hf["max_position_embeddings"], "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+    }
+
+
+def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:
+    """A transformers BERT checkpoint (BertModel or Bert*For*, safetensors) renamed to :class:`Bert`'s
+    names; query, key and value fuse into one projection."""
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{folder} has no model.safetensors (only safetensors weights are loaded)")
+    hf = {}
+    for key, value in load_file(str(path)).items():
+        key = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        hf[key] = value
+    try:
+        ours = {
+            "embed.tokens.weight": hf["embeddings.word_embeddings.weight"],
+            "embed.segments.weight": hf["embeddings.token_type_embeddings.weight"],
+            "embed.position.table": hf["embeddings.position_embeddings.weight"],
+            "embed.norm.weight": hf["embeddings.LayerNorm.weight"],
+            "embed.norm.bias": hf["embeddings.LayerNorm.bias"],
+            "pooler.weight": hf["pooler.dense.weight"],
+            "pooler.bias": hf["pooler.dense.bias"],
+        }
+        for i in range(layers):
+            theirs, mine = f"encoder.layer.{i}.", f"encoder.layers.{i}."
+            for part in ("weight", "bias"):
+                qkv = [hf[f"{theirs}attention.self.{p}.{part}"] for p in ("query", "key", "value")]
+                ours[f"{mine}self_attn.in_proj.{part}"] = torch.cat(qkv)
+                ours[f"{mine}self_attn.out_proj.{part}"] = hf[f"{theirs}attention.output.dense.{part}"]
+                ours[f"{mine}norm1.{part}"] = hf[f"{theirs}attention.output.LayerNorm.{part}"]
+                ours[f"{mine}feed_forward.up.{part}"] = hf[f"{theirs}intermediate.dense.{part}"]
+                ours[f"{mine}feed_forward.down.{part}"] = hf[f"{theirs}output.dense.{part}"]
+                ours[f"{mine}norm2.{part}"] = hf[f"{theirs}output.LayerNorm.{part}"]
+    except KeyError as e:
+        raise UsageError(f"{path} is not a transformers BERT checkpoint (no tensor {e})") from None
+    return ours
+
+
+# -- fine-tuning ------------------------------------------------------------------------------------
+TASKS = ("classify", "classify-pair")
+
+
+def pair_corpus(seed: int) -> datasets.DatasetDict:
+    """Paraphrase identification on the classify corpus's sentences (like MRPC): half the pairs are a
+    sentence and a lightly edited copy (one word dropped, two neighbours swapped), half a sentence
+    and another one from the same part of the standard library; four pairs per training sentence."""
+    rng = random.Random(seed)
+    out = {}
+    for split, rows in classify_corpus(seed).items():
+        by_label: dict[int, list[str]] = {}
+        for text, label in zip(rows["text"], rows["label"]):
+            by_label.setdefault(label, []).append(text)
+        texts, pairs, labels = [], [], []
+        repeats = 4 if split == "train" else 1  # several edits and partners per training sentence
+        for text, label in [row for row in zip(rows["text"], rows["label"]) for _ in range(repeats)]:
+            if rng.random() < 0.5:
+                words = text.split()
+                del words[rng.randrange(len(words))]
+                i = rng.randrange(len(words) - 1)
+                words[i], words[i + 1] = words[i + 1], words[i]
+                pairs.append(" ".join(words))
+                labels.append(0)
+            else:
+                pairs.append(rng.choice([t for t in by_label[label] if t != text]))
+                labels.append(1)
+            texts.append(text)
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "text_pair": datasets.Value("string"),
+             "label": datasets.ClassLabel(names=["paraphrase", "different"])}
+        )
+        out[split] = datasets.Dataset.from_dict({"text": texts, "text_pair": pairs, "label": labels}, features=features)
+    return datasets.DatasetDict(out)
+
+
+class BertClassifier(nn.Module):
+    """BERT with dropout and a linear layer on the pooled [CLS] vector."""
+
+    def __init__(self, bert: Bert, classes: int, dropout: float, norm_eps: float):
+        super().__init__()
+        self.bert = bert
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(bert.pooler.in_features, classes)
+        init_bert_weights(self, norm_eps)
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        _, pooled = self.bert(token_ids, segment_ids)
+        return self.head(self.dropout(pooled))
+
+
+def macro_f1(predicted: Tensor, target: Tensor, classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = ((predicted == c) & (target == c)).sum().item()
+        fp = ((predicted == c) & (target != c)).sum().item()
+        fn = ((predicted != c) & (target == c)).sum().item()
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return 100.0 * sum(scores) / classes
+
+
+@register("recipe", "bert-finetune")
+class BertFinetune(BertRecipe):
+    """BERT fine-tuning (--set task=classify|classify-pair) from a pretrain run or Hugging Face BERT."""
+
+    config_file = "bert-finetune.yaml"
+    unit = "tok"
+    labels: list[str]
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        task, data, seed = self.config["task"], self.config["data"], self.config["seed"]
+        if task not in TASKS:
+            raise UsageError(f"unknown task '{task}' (valid: {', '.join(TASKS)})")
+        builtin = classify_corpus if task == "classify" else pair_corpus
+        splits = load_splits(data["name"], lambda: builtin(seed), seed, hub_config=data["hub_config"])
+        rows = {split: self._rows(splits[split], split) for split in SPLITS}
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            self.labels = sorted({name for _, name in rows["train"]})
+            feature = splits["train"].features[data["label_column"]]
+            if isinstance(feature, datasets.ClassLabel):  # keep the dataset's own label order
+                self.labels = list(feature.names)
+            if self.config["init"]:
+                self.tokenizer = load_tokenizer(Path(self.config["init"]))
+            else:
+                texts = [text for fields, _ in rows["train"] for text in fields]
+                self.tokenizer = train_wordpiece(texts, data["vocab_size"], SPECIALS)
+        check_specials(self.tokenizer, self.config["init"] or "this run")
+        self.examples = {split: self._encode_rows(rows[split], split) for split in SPLITS}
+
+    def _text_columns(self) -> list[str]:
+        data = self.config["data"]
+        return [data["text_column"]] + ([data["text_pair_column"]] if self.config["task"] == "classify-pair" else [])
+
+    def _require(self, rows: datasets.Dataset, split: str, columns: list[str]) -> None:
+        for column in columns:
+            if column not in rows.column_names:
+                raise UsageError(
+                    f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
+                    "set data.text_column, data.text_pair_column and data.label_column)"
+                )
+
+    def _rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], str]]:
+        """(texts, label name) per row; a row without its texts or label is an error naming the row."""
+        text_columns, label_column = self._text_columns(), self.config["data"]["label_column"]
+        self._require(rows, split, [*text_columns, label_column])
+        feature = rows.features[label_column]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        texts = [rows[c] for c in text_columns]
+        out = []
+        for i, label in enumerate(rows[label_column]):
+            fields = [column[i] for column in texts]
+            if not all(isinstance(t, str) and t.strip() for t in fields) or label is None:
+                raise UsageError(f"the {split} data's row {i + 1} lacks a text or a label: {[*fields, label]!r}")
+            out.append((fields, names[label] if names is not None else str(label)))
+        return out
+
+    def _encode_rows(self, rows: list[tuple[list[str], str]], split: str) -> list[tuple[list[int], list[int], int]]:
+        index = {name: i for i, name in enumerate(self.labels)}
+        out = []
+        for i, (fields, name) in enumerate(rows):
+            if name not in index:
+                raise UsageError(f"the {split} data's row {i + 1} has label '{name}', which the training data does not have")
+            out.append((*self.encode(*fields), index[name]))
+        return out
+
+    def save(self, run_dir: Path) -> None:
+        super().save(run_dir)
+        atomic_write(run_dir / "labels.json", lambda p: p.write_text(json.dumps(self.labels, ensure_ascii=False), encoding="utf-8"))
+
+    def load(self, run_dir: Path) -> None:
+        super().load(run_dir)
+        if not (run_dir / "labels.json").is_file():
+            raise UsageError(f"run directory {run_dir} has no labels.json (is it a complete tfkit run?)")
+        self.labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        bert = build_bert(self.tokenizer.get_vocab_size(), m)
+        return BertClassifier(bert, len(self.labels), m["dropout"], m["norm_eps"])
+
+    def _batch(self, examples: list[tuple[list[int], list[int], int]]) -> Batch:
+        return {
+            "token_ids": pad([ids for ids, _, _ in examples]),
+            "segment_ids": pad([segments for _, segments, _ in examples], 0),
+            "labels": torch.tensor([label for _, _, label in examples]),
+        }
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        examples, size = self.examples["train"], self.config["train"]["batch_size"]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch))
+        for start in range(0, len(order), size):
+            yield self._batch([examples[i] for i in order[start : start + size].tolist()])
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["token_ids"], batch["segment_ids"])
+        return F.cross_entropy(logits.float(), batch["labels"]), int((batch["token_ids"] != PAD).sum())
+
+    @torch.no_grad()
+    def probabilities(self, model: nn.Module, examples: list[tuple[list[int], list[int], int]]) -> Tensor:
+        model.eval()
+        device = next(model.parameters()).device
+        size, out = self.config["predict"]["batch_size"], []
+        for start in range(0, len(examples), size):
+            batch = self._batch(examples[start : start + size])
+            out.append(model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().softmax(-1).cpu())
+        return torch.cat(out)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        examples = self.examples[split]
+        predicted = self.probabilities(model, examples).argmax(-1)
+        target = torch.tensor([label for _, _, label in examples])
+        return {
+            "accuracy": 100.0 * (predicted == target).float().mean().item(),
+            "macro_f1": macro_f1(predicted, target, len(self.labels)),
+        }
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
+        """One line per input line (a pair as two tab-separated sentences): labels with probabilities."""
+        top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
+        lines = read_lines(path)
+        pair = self.config["task"] == "classify-pair"
+        examples, kept = [], []
+        for number, line in enumerate(lines, 1):
+            fields = line.split("\t")
+            if not line.strip() or (pair and len(fields) != 2):
+                what = "two tab-separated sentences" if pair else "a sentence"
+                print(f"warning: {path}:{number}: expected {what}, the output line is left empty", file=sys.stderr)
+                continue
+            examples.append((*self.encode(*(fields if pair else [line])), 0))
+            kept.append(number)
+        results = dict(zip(kept, self.probabilities(model, examples))) if examples else {}
+        for number in range(1, len(lines) + 1):
+            if number not in results:
+                out.write("\n")
+                continue
+            values, indices = results[number].topk(top_k)
+            out.write("\t".join(f"{self.labels[i]} {p:.3f}" for p, i in zip(values.tolist(), indices.tolist())) + "\n")
+
+    # -- starting points ----------------------------------------------------------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        if (path / runs.CONFIG).is_file():  # a tfkit bert-pretrain run
+            config = runs.read_config(path)
+            if config.get("recipe") != "bert-pretrain":
+                raise UsageError(f"{path} is a {config.get('recipe')} run, not a bert-pretrain one")
+            return {"model": config["model"]}
+        if (path / "config.json").is_file():
+            return {"model": bert_config_from_hf(path)}
+        raise UsageError(f"{path} is neither a bert-pretrain run directory nor a Hugging Face BERT folder")
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        if (path / runs.CONFIG).is_file():
+            runs.require(path, runs.WEIGHTS)
+            weights = {k.removeprefix("bert."): v for k, v in load_file(str(path / runs.WEIGHTS)).items() if k.startswith("bert.")}
+        else:
+            weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
+        try:
+            model.bert.load_state_dict(weights)
+        except RuntimeError as e:  # sizes changed with --set after --init
+            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
