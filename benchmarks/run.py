@@ -23,7 +23,10 @@ weights: attention projections, feed-forward layers, the output layer / classifi
 projection; not embeddings looked up by index, biases, LayerNorms, softmax or the optimiser.
 Cross-attention's key and value projections multiply source tokens. The attention term counts QKᵀ and
 the weighted sum of V over the full queries × keys grid, causal or not. Both sides of a row share the
-same formula, so their MFU differ exactly as their speeds do.
+same formula, so their MFU differ exactly as their speeds do. BERT's MLM transform and output layer
+count only the positions chosen for prediction (15%), the useful work, for both sides: tfkit computes
+them there only, transformers' BertForPreTraining at every position and ignores the rest (-100 labels),
+so the peer's extra work shows as lower MFU rather than more FLOPs.
 """
 
 from __future__ import annotations
@@ -226,6 +229,64 @@ def vit_training() -> Row:
     patches = (size // patch) ** 2
     matmuls = [(3 * patch * patch * d, patches), (depth * (4 * d * d + 2 * d * f), patches + 1), (d * classes, 1)]
     return Row("ViT training step", ours, peer, flops=train_flops(batch, d, matmuls, [(depth, patches + 1, patches + 1)]))
+
+
+BERT = dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, dropout=0.1, length=128, batch=16)
+
+
+def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """[CLS] A [SEP] B [SEP] with random ordinary tokens, no padding; 15% chosen by tfkit's mask_tokens.
+    Returns masked ids, segment ids, flat chosen positions, their labels, (B, T) labels with -100
+    elsewhere (transformers' convention), NSP labels."""
+    from tfkit.recipes.bert import CLS, SEP, SPECIALS, mask_tokens
+
+    ids = torch.randint(len(SPECIALS), BERT["vocab"], (batch, length))
+    middle = length // 2 - 1
+    ids[:, 0], ids[:, middle], ids[:, -1] = CLS, SEP, SEP
+    segments = (torch.arange(length) > middle).long().expand(batch, length).contiguous()
+    masked, positions, labels = mask_tokens(ids, BERT["vocab"], torch.Generator().manual_seed(0))
+    full = torch.full((batch * length,), -100, dtype=torch.long)
+    full[positions] = labels
+    return masked, segments, positions, labels, full.view(batch, length), torch.randint(0, 2, (batch,))
+
+
+@row("BERT pretraining step (MLM+NSP)")
+def bert_pretraining() -> Row:
+    from transformers import BertConfig, BertForPreTraining
+
+    from tfkit.recipes.bert import Bert, BertForPretraining
+
+    c = BERT
+    batch, n, d, f, layers, vocab = c["batch"], c["length"], c["d_model"], c["d_ff"], c["layers"], c["vocab"]
+    masked, segments, positions, labels, full_labels, nsp_labels = bert_batch(batch, n)
+    ones = torch.ones_like(masked)
+
+    def ours_loss(model: nn.Module) -> Tensor:
+        mlm, nsp = model(masked, segments, positions)  # MLM logits at the chosen positions only
+        return F.cross_entropy(mlm, labels) + F.cross_entropy(nsp, nsp_labels)
+
+    def peer_loss(model: nn.Module) -> Tensor:  # MLM logits at every position, -100 labels ignored
+        return model(
+            input_ids=masked, token_type_ids=segments, attention_mask=ones, labels=full_labels, next_sentence_label=nsp_labels
+        ).loss
+
+    torch.manual_seed(0)
+    bert = Bert(vocab, d, c["heads"], f, layers, c["dropout"], "gelu", "post_ln", n, 1e-12)
+    ours = training_side("tfkit", BertForPretraining(bert, 1e-12), ours_loss)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=c["heads"], intermediate_size=f,
+        hidden_act="gelu", hidden_dropout_prob=c["dropout"], attention_probs_dropout_prob=c["dropout"],
+        max_position_embeddings=n, type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, attn_implementation="sdpa",
+    )
+    peer = training_side("BertForPreTraining", BertForPreTraining(config), peer_loss)
+    chosen = len(positions) / batch  # per sample; both sides are credited with MLM logits here only
+    matmuls = [
+        (layers * (4 * d * d + 2 * d * f), n),  # encoder: attention projections, feed-forward
+        (d * d + 2 * d, 1),  # pooler and NSP classifier on [CLS]
+        (d * d + vocab * d, chosen),  # MLM transform and output layer at the chosen positions
+    ]
+    return Row("BERT pretraining step (MLM+NSP)", ours, peer, flops=train_flops(batch, d, matmuls, [(layers, n, n)]))
 
 
 def decoding_row(name: str, beam: int) -> Row:

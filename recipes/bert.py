@@ -28,14 +28,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor, nn
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, load_splits, read_lines, train_wordpiece
+from tfkit.data import SPLITS, cached, label_names, load_splits, read_lines, train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import TokenEmbedding
 from tfkit.recipe import AttentionExample, Batch, Recipe
 from tfkit.registry import register
-from tfkit.run import atomic_write
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
@@ -291,12 +290,10 @@ class BertRecipe(Recipe):
     tokenizer: Tokenizer
 
     def save(self, run_dir: Path) -> None:
-        atomic_write(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+        runs.write_tokenizer(run_dir, self.tokenizer)
 
     def load(self, run_dir: Path) -> None:
-        if not (run_dir / "tokenizer.json").is_file():
-            raise UsageError(f"run directory {run_dir} has no tokenizer.json (is it a complete tfkit run?)")
-        self.tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+        self.tokenizer = runs.read_tokenizer(run_dir)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -589,10 +586,7 @@ class BertFinetune(BertRecipe):
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self.labels = sorted({name for _, name in rows["train"]})
-            feature = splits["train"].features[data["label_column"]]
-            if isinstance(feature, datasets.ClassLabel):  # keep the dataset's own label order
-                self.labels = list(feature.names)
+            self.labels = label_names(splits["train"], data["label_column"])
             if self.config["init"]:
                 self.tokenizer = load_tokenizer(Path(self.config["init"]))
             else:
@@ -639,13 +633,11 @@ class BertFinetune(BertRecipe):
 
     def save(self, run_dir: Path) -> None:
         super().save(run_dir)
-        atomic_write(run_dir / "labels.json", lambda p: p.write_text(json.dumps(self.labels, ensure_ascii=False), encoding="utf-8"))
+        runs.write_json(run_dir, "labels.json", self.labels)
 
     def load(self, run_dir: Path) -> None:
         super().load(run_dir)
-        if not (run_dir / "labels.json").is_file():
-            raise UsageError(f"run directory {run_dir} has no labels.json (is it a complete tfkit run?)")
-        self.labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+        self.labels = runs.read_json(run_dir, "labels.json")
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]

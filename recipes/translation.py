@@ -23,13 +23,13 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from tfkit import registry
+from tfkit import run as runs
 from tfkit.data import SPLITS, cached, load_splits, read_lines, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.recipe import AttentionExample, Batch, Recipe
 from tfkit.registry import register
-from tfkit.run import atomic_write
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PAD, UNK, BOS, EOS = range(len(SPECIALS))
@@ -167,13 +167,10 @@ class Translation(Recipe):
         return [[*ids, EOS] for ids in self._ids(texts)]
 
     def save(self, run_dir: Path) -> None:
-        atomic_write(run_dir / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+        runs.write_tokenizer(run_dir, self.tokenizer)
 
     def load(self, run_dir: Path) -> None:
-        path = run_dir / "tokenizer.json"
-        if not path.is_file():
-            raise UsageError(f"run directory {run_dir} has no tokenizer.json (is it a complete tfkit run?)")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = runs.read_tokenizer(run_dir)
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from tfkit.data import load_splits
+from tfkit import run as runs
+from tfkit.data import label_names, load_splits
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
@@ -30,7 +31,6 @@ from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
 from tfkit.recipe import AttentionExample, Batch, Recipe
 from tfkit.registry import register
-from tfkit.run import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -112,18 +112,11 @@ class ViT(Recipe):
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self.labels = self._label_names(splits["train"])
+            self._require_columns(splits["train"], "train")
+            self.labels = label_names(splits["train"], data["label_column"])
         self.images, self.targets = {}, {}
         for split in splits:
             self.images[split], self.targets[split] = self._decode(splits[split], split)
-
-    def _label_names(self, rows: datasets.Dataset) -> list[str]:
-        column = self.config["data"]["label_column"]
-        self._require_columns(rows, "train")
-        feature = rows.features[column]
-        if isinstance(feature, datasets.ClassLabel):
-            return list(feature.names)
-        return sorted({str(label) for label in rows[column]})
 
     def _require_columns(self, rows: datasets.Dataset, split: str) -> None:
         data = self.config["data"]
@@ -181,13 +174,10 @@ class ViT(Recipe):
         return (images.float() / 255 - mean[:, None, None]) / std[:, None, None]
 
     def save(self, run_dir: Path) -> None:
-        atomic_write(run_dir / "labels.json", lambda p: p.write_text(json.dumps(self.labels, ensure_ascii=False), encoding="utf-8"))
+        runs.write_json(run_dir, "labels.json", self.labels)
 
     def load(self, run_dir: Path) -> None:
-        path = run_dir / "labels.json"
-        if not path.is_file():
-            raise UsageError(f"run directory {run_dir} has no labels.json (is it a complete tfkit run?)")
-        self.labels = json.loads(path.read_text(encoding="utf-8"))
+        self.labels = runs.read_json(run_dir, "labels.json")
 
     def build_model(self) -> nn.Module:
         m, data = self.config["model"], self.config["data"]

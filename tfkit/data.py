@@ -120,6 +120,14 @@ def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
 
 
+def label_names(rows: datasets.Dataset, column: str) -> list[str]:
+    """The classes of a label column: a ClassLabel's own names in order, else the sorted values."""
+    feature = rows.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return sorted({str(label) for label in rows[column]})
+
+
 def read_lines(path: Path) -> list[str]:
     """A user's UTF-8 text file as lines; a missing, empty or undecodable file is a UsageError."""
     if not path.is_file():

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
 from torch import nn
 
 from tfkit import config as configs
@@ -101,6 +102,24 @@ def open_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Recipe,
     model = recipe.build_model()
     load_model(model, str(run_dir / WEIGHTS))
     return recipe, model.to(device).eval()
+
+
+def write_json(run_dir: Path, name: str, value: Any) -> None:
+    atomic_write(run_dir / name, lambda p: p.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8"))
+
+
+def read_json(run_dir: Path, name: str) -> Any:
+    require(run_dir, name)
+    return json.loads((run_dir / name).read_text(encoding="utf-8"))
+
+
+def write_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
+    atomic_write(run_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+
+
+def read_tokenizer(run_dir: Path) -> Tokenizer:
+    require(run_dir, "tokenizer.json")
+    return Tokenizer.from_file(str(run_dir / "tokenizer.json"))
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
