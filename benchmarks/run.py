@@ -231,7 +231,7 @@ def vit_training() -> Row:
     return Row("ViT training step", ours, peer, flops=train_flops(batch, d, matmuls, [(depth, patches + 1, patches + 1)]))
 
 
-BERT = dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, dropout=0.1, length=128, batch=16)
+BERT = {"vocab": 8000, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 4, "dropout": 0.1, "length": 128, "batch": 16}
 
 
 def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -252,9 +252,8 @@ def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor,
 
 @row("BERT pretraining step (MLM+NSP)")
 def bert_pretraining() -> Row:
-    from transformers import BertConfig, BertForPreTraining
-
     from tfkit.recipes.bert import Bert, BertForPretraining
+    from transformers import BertConfig, BertForPreTraining
 
     c = BERT
     batch, n, d, f, layers, vocab = c["batch"], c["length"], c["d_model"], c["d_ff"], c["layers"], c["vocab"]
