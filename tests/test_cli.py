@@ -183,5 +183,6 @@ def test_the_installed_entry_point_hides_tracebacks_unless_debug():
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stdout == ""
     one_error_line(result.stderr, "unknown config key 'nope'")
-    result = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True, env=env)
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    for debug in ([*command[:3], "--debug", *command[3:]], [*command, "--debug"]):
+        result = subprocess.run(debug, capture_output=True, text=True, env=env)
+        assert result.returncode != 0 and "Traceback" in result.stderr

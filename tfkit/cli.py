@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="tfkit")
+        # --debug may come anywhere (tfkit train x --debug), not only before the command as Typer wants
+        app(args=[arg for arg in argv if arg != "--debug"], prog_name="tfkit")
     except TfkitError as e:
         if debug:
             raise
