@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor, nn
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, label_names, load_splits, read_lines, train_wordpiece
+from tfkit.data import SPLITS, cached, label_names, load_splits, read_lines, require_columns, train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
@@ -128,10 +128,9 @@ def classify_corpus(seed: int) -> datasets.DatasetDict:
     return cached("stdlib-classify", {"seed": seed, "python": sys.version.split()[0]}, build)
 
 
-def documents_of(rows: datasets.Dataset, column: str) -> list[list[str]]:
+def documents_of(rows: datasets.Dataset, column: str, split: str) -> list[list[str]]:
     """Blank rows separate documents; without any blank row, each row is a document of sentences."""
-    if column not in rows.column_names:
-        raise UsageError(f"the data has no column '{column}' (it has: {', '.join(rows.column_names)}; set data.text_column)")
+    require_columns(rows, split, [column], "data.text_column")
     texts = [t if isinstance(t, str) else "" for t in rows[column]]
     if any(not t.strip() for t in texts):
         documents, current = [], []
@@ -339,7 +338,7 @@ class BertPretrain(BertRecipe):
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
         splits = load_splits(data["name"], lambda: pretraining_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
-        text_documents = {split: documents_of(rows, data["text_column"]) for split, rows in splits.items()}
+        text_documents = {split: documents_of(rows, data["text_column"], split) for split, rows in splits.items()}
         self._carve(text_documents, seed)
         if run_dir is not None:
             self.load(run_dir)
@@ -599,18 +598,10 @@ class BertFinetune(BertRecipe):
         data = self.config["data"]
         return [data["text_column"]] + ([data["text_pair_column"]] if self.config["task"] == "classify-pair" else [])
 
-    def _require(self, rows: datasets.Dataset, split: str, columns: list[str]) -> None:
-        for column in columns:
-            if column not in rows.column_names:
-                raise UsageError(
-                    f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
-                    "set data.text_column, data.text_pair_column and data.label_column)"
-                )
-
     def _rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], str]]:
         """(texts, label name) per row; a row without its texts or label is an error naming the row."""
         text_columns, label_column = self._text_columns(), self.config["data"]["label_column"]
-        self._require(rows, split, [*text_columns, label_column])
+        require_columns(rows, split, [*text_columns, label_column], "data.text_column, data.text_pair_column and data.label_column")
         feature = rows.features[label_column]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
         texts = [rows[c] for c in text_columns]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, load_splits, read_lines, train_bpe
+from tfkit.data import SPLITS, cached, load_splits, read_lines, require_columns, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
@@ -147,12 +147,7 @@ class Translation(Recipe):
             pairs = [tuple(row.get(lang) for lang in langs) for row in rows["translation"]]
         else:
             columns = data["source_column"], data["target_column"]
-            for column in columns:
-                if column not in rows.column_names:
-                    raise UsageError(
-                        f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
-                        "set data.source_column and data.target_column)"
-                    )
+            require_columns(rows, split, list(columns), "data.source_column and data.target_column")
             pairs = list(zip(rows[columns[0]], rows[columns[1]]))
         for i, pair in enumerate(pairs):
             if not all(isinstance(text, str) and text.strip() for text in pair):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from tfkit import run as runs
-from tfkit.data import label_names, load_splits
+from tfkit.data import label_names, load_splits, require_columns
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
@@ -120,12 +120,7 @@ class ViT(Recipe):
 
     def _require_columns(self, rows: datasets.Dataset, split: str) -> None:
         data = self.config["data"]
-        for column in (data["image_column"], data["label_column"]):
-            if column not in rows.column_names:
-                raise UsageError(
-                    f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; "
-                    "set data.image_column and data.label_column)"
-                )
+        require_columns(rows, split, [data["image_column"], data["label_column"]], "data.image_column and data.label_column")
 
     def _decode(self, rows: datasets.Dataset, split: str) -> tuple[Tensor, Tensor]:
         """All images of a split as one uint8 tensor at the configured size; unreadable ones are skipped."""

@@ -120,6 +120,13 @@ def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
 
 
+def require_columns(rows: datasets.Dataset, split: str, columns: list[str], keys: str) -> None:
+    """Each named column must exist; the error lists the ones there are and the config ``keys`` to set."""
+    for column in columns:
+        if column not in rows.column_names:
+            raise UsageError(f"the {split} data has no column '{column}' (it has: {', '.join(rows.column_names)}; set {keys})")
+
+
 def label_names(rows: datasets.Dataset, column: str) -> list[str]:
     """The classes of a label column: a ClassLabel's own names in order, else the sorted values."""
     feature = rows.features[column]
