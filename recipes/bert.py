@@ -507,7 +507,69 @@ def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
-TASKS = ("classify", "classify-pair")
+TASKS = ("classify", "classify-pair", "tag")
+IGNORE = -100  # label of the positions a tagger is not scored on: specials and non-first sub-tokens
+
+
+def word_tag(word: str) -> str:
+    """The built-in tagging scheme for docstring prose: constants, exception classes and calls."""
+    bare = word.strip(".,;:!?'\"`()[]")
+    if bare in ("True", "False", "None"):
+        return "B-CONST"
+    if re.fullmatch(r"[A-Z]\w*(Error|Exception|Warning)", bare):
+        return "B-EXC"
+    if re.fullmatch(r"[A-Za-z_][\w.]*\(\)[.,;:]?", word.strip("`")):
+        return "B-CALL"
+    return "O"
+
+
+def tag_corpus(seed: int) -> datasets.DatasetDict:
+    """Docstring sentences tagged word by word (BIO) with word_tag; sentences with at least one
+    entity, split 70/10/20 by seed."""
+
+    def build() -> datasets.DatasetDict:
+        rows = {"tokens": [], "tags": []}
+        for _, document in stdlib_documents():
+            for sentence in document:
+                words = sentence.split()
+                tags = [word_tag(w) for w in words]
+                if any(t != "O" for t in tags):
+                    rows["tokens"].append(words)
+                    rows["tags"].append(tags)
+        full = datasets.Dataset.from_dict(rows)
+        rest, test = full.train_test_split(test_size=0.2, seed=seed).values()
+        train, validation = rest.train_test_split(test_size=0.125, seed=seed).values()
+        return datasets.DatasetDict({"train": train, "validation": validation, "test": test})
+
+    return cached("stdlib-tags", {"seed": seed, "python": sys.version.split()[0]}, build)
+
+
+def entities(tags: list[str]) -> set[tuple[int, int, str]]:
+    """(start, end, type) spans of a BIO sequence; an I- without its B- starts a span, as conlleval does."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, label = tag.partition("-")
+        if start is not None and (prefix != "I" or label != kind):
+            spans.add((start, i, kind))
+            start = None
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, label
+    return spans
+
+
+class BertTagger(nn.Module):
+    """BERT with dropout and a linear layer on every token's hidden state."""
+
+    def __init__(self, bert: Bert, tags: int, dropout: float, norm_eps: float):
+        super().__init__()
+        self.bert = bert
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(bert.pooler.in_features, tags)
+        init_bert_weights(self, norm_eps)
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        hidden, _ = self.bert(token_ids, segment_ids)
+        return self.head(self.dropout(hidden))  # (B, T, tags)
 
 
 def pair_corpus(seed: int) -> datasets.DatasetDict:
@@ -569,7 +631,7 @@ def macro_f1(predicted: Tensor, target: Tensor, classes: int) -> float:
 
 @register("recipe", "bert-finetune")
 class BertFinetune(BertRecipe):
-    """BERT fine-tuning (--set task=classify|classify-pair) from a pretrain run or Hugging Face BERT."""
+    """BERT fine-tuning (--set task=classify|classify-pair|tag) from a pretrain run or Hugging Face BERT."""
 
     config_file = "bert-finetune.yaml"
     unit = "tok"
@@ -579,20 +641,25 @@ class BertFinetune(BertRecipe):
         task, data, seed = self.config["task"], self.config["data"], self.config["seed"]
         if task not in TASKS:
             raise UsageError(f"unknown task '{task}' (valid: {', '.join(TASKS)})")
-        builtin = classify_corpus if task == "classify" else pair_corpus
+        builtin = {"classify": classify_corpus, "classify-pair": pair_corpus, "tag": tag_corpus}[task]
         splits = load_splits(data["name"], lambda: builtin(seed), seed, hub_config=data["hub_config"])
-        rows = {split: self._rows(splits[split], split) for split in SPLITS}
+        read = self._tagged_rows if task == "tag" else self._rows
+        rows = {split: read(splits[split], split) for split in SPLITS}
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self.labels = label_names(splits["train"], data["label_column"])
+            if task == "tag":
+                self.labels = sorted({t for _, tags in rows["train"] for t in tags}, key=lambda t: (t != "O", t))
+            else:
+                self.labels = label_names(splits["train"], data["label_column"])
             if self.config["init"]:
                 self.tokenizer = load_tokenizer(Path(self.config["init"]))
             else:
-                texts = [text for fields, _ in rows["train"] for text in fields]
+                texts = [" ".join(words) for words, _ in rows["train"]] if task == "tag" else [t for f, _ in rows["train"] for t in f]
                 self.tokenizer = train_wordpiece(texts, data["vocab_size"], SPECIALS)
         check_specials(self.tokenizer, self.config["init"] or "this run")
-        self.examples = {split: self._encode_rows(rows[split], split) for split in SPLITS}
+        encode = self._encode_tagged if task == "tag" else self._encode_rows
+        self.examples = {split: encode(rows[split], split) for split in SPLITS}
 
     def _text_columns(self) -> list[str]:
         data = self.config["data"]
@@ -622,6 +689,42 @@ class BertFinetune(BertRecipe):
             out.append((*self.encode(*fields), index[name]))
         return out
 
+    def _tagged_rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], list[str]]]:
+        data = self.config["data"]
+        columns = [data["tokens_column"], data["tags_column"]]
+        require_columns(rows, split, columns, "data.tokens_column and data.tags_column")
+        feature = rows.features[columns[1]]
+        names = getattr(getattr(feature, "feature", None), "names", None)  # a Sequence of ClassLabel (conll2003)
+        out = []
+        for i, (words, tags) in enumerate(zip(rows[columns[0]], rows[columns[1]])):
+            if not words or len(words) != len(tags):
+                raise UsageError(f"the {split} data's sentence {i + 1} has {len(words or [])} words but {len(tags or [])} tags")
+            out.append((list(words), [names[t] for t in tags] if names else [str(t) for t in tags]))
+        return out
+
+    def _encode_words(self, words: list[str]) -> tuple[list[int], list[int]]:
+        """[CLS] sub-tokens [SEP] and, per position, the index of its word where it is the word's first
+        sub-token (else IGNORE)."""
+        encoding = self.tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+        limit = self.config["data"]["max_length"] - 2
+        firsts, seen = [], set()
+        for word in encoding.word_ids[:limit]:
+            firsts.append(word if word is not None and word not in seen else IGNORE)
+            seen.add(word)
+        cls, sep = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
+        return [cls, *encoding.ids[:limit], sep], [IGNORE, *firsts, IGNORE]
+
+    def _encode_tagged(self, rows: list[tuple[list[str], list[str]]], split: str) -> list[tuple[list[int], list[int], list[int]]]:
+        index = {name: i for i, name in enumerate(self.labels)}
+        out = []
+        for i, (words, tags) in enumerate(rows):
+            unknown = set(tags) - set(index)
+            if unknown:
+                raise UsageError(f"the {split} data's sentence {i + 1} has tags {sorted(unknown)} that the training data does not have")
+            ids, firsts = self._encode_words(words)
+            out.append((ids, [0] * len(ids), [IGNORE if w == IGNORE else index[tags[w]] for w in firsts]))
+        return out
+
     def save(self, run_dir: Path) -> None:
         super().save(run_dir)
         runs.write_json(run_dir, "labels.json", self.labels)
@@ -633,13 +736,15 @@ class BertFinetune(BertRecipe):
     def build_model(self) -> nn.Module:
         m = self.config["model"]
         bert = build_bert(self.tokenizer.get_vocab_size(), m)
-        return BertClassifier(bert, len(self.labels), m["dropout"], m["norm_eps"])
+        head = BertTagger if self.config["task"] == "tag" else BertClassifier
+        return head(bert, len(self.labels), m["dropout"], m["norm_eps"])
 
-    def _batch(self, examples: list[tuple[list[int], list[int], int]]) -> Batch:
+    def _batch(self, examples: list[tuple[list[int], list[int], Any]]) -> Batch:
+        labels = [label for _, _, label in examples]
         return {
             "token_ids": pad([ids for ids, _, _ in examples]),
             "segment_ids": pad([segments for _, segments, _ in examples], 0),
-            "labels": torch.tensor([label for _, _, label in examples]),
+            "labels": pad(labels, IGNORE) if self.config["task"] == "tag" else torch.tensor(labels),
         }
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
@@ -650,7 +755,8 @@ class BertFinetune(BertRecipe):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         logits = model(batch["token_ids"], batch["segment_ids"])
-        return F.cross_entropy(logits.float(), batch["labels"]), int((batch["token_ids"] != PAD).sum())
+        loss = F.cross_entropy(logits.float().flatten(0, -2), batch["labels"].flatten(), ignore_index=IGNORE)
+        return loss, int((batch["token_ids"] != PAD).sum())
 
     @torch.no_grad()
     def probabilities(self, model: nn.Module, examples: list[tuple[list[int], list[int], int]]) -> Tensor:
@@ -662,8 +768,40 @@ class BertFinetune(BertRecipe):
             out.append(model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().softmax(-1).cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]]) -> list[list[str]]:
+        """The tag of each word, read at its first sub-token (the positions whose label is not IGNORE)."""
+        model.eval()
+        device = next(model.parameters()).device
+        size, out = self.config["predict"]["batch_size"], []
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            batch = self._batch(chunk)
+            predicted = model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).argmax(-1).cpu()
+            for row, (_, _, labels) in zip(predicted.tolist(), chunk):
+                out.append([self.labels[row[i]] for i, label in enumerate(labels) if label != IGNORE])
+        return out
+
+    def _evaluate_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]]) -> dict[str, float]:
+        predicted = self.predicted_tags(model, examples)
+        gold = [[self.labels[label] for label in labels if label != IGNORE] for _, _, labels in examples]
+        true_spans = [entities(tags) for tags in gold]
+        found_spans = [entities(tags) for tags in predicted]
+        correct = sum(len(t & f) for t, f in zip(true_spans, found_spans))
+        found, true = sum(map(len, found_spans)), sum(map(len, true_spans))
+        precision, recall = correct / max(1, found), correct / max(1, true)
+        words = sum(map(len, gold))
+        return {
+            "entity_f1": 100.0 * (2 * precision * recall / (precision + recall) if correct else 0.0),
+            "entity_precision": 100.0 * precision,
+            "entity_recall": 100.0 * recall,
+            "word_accuracy": 100.0 * sum(p == g for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs)) / max(1, words),
+        }
+
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         examples = self.examples[split]
+        if self.config["task"] == "tag":
+            return self._evaluate_tags(model, examples)
         predicted = self.probabilities(model, examples).argmax(-1)
         target = torch.tensor([label for _, _, label in examples])
         return {
@@ -673,8 +811,11 @@ class BertFinetune(BertRecipe):
 
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
         """One line per input line (a pair as two tab-separated sentences): labels with probabilities."""
-        top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
         lines = read_lines(path)
+        if self.config["task"] == "tag":
+            self._predict_tags(model, path, lines, out)
+            return
+        top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
         pair = self.config["task"] == "classify-pair"
         examples, kept = [], []
         for number, line in enumerate(lines, 1):
@@ -692,6 +833,20 @@ class BertFinetune(BertRecipe):
                 continue
             values, indices = results[number].topk(top_k)
             out.write("\t".join(f"{self.labels[i]} {p:.3f}" for p, i in zip(values.tolist(), indices.tolist())) + "\n")
+
+    def _predict_tags(self, model: nn.Module, path: Path, lines: list[str], out: TextIO) -> None:
+        """One line per input line: each word as word/TAG; words past max_length are tagged O."""
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words:
+                print(f"warning: {path}:{number}: empty line, its output is left empty", file=sys.stderr)
+                out.write("\n")
+                continue
+            ids, firsts = self._encode_words(words)
+            labels = [IGNORE if w == IGNORE else 0 for w in firsts]
+            (tags,) = self.predicted_tags(model, [(ids, [0] * len(ids), labels)])
+            tags += ["O"] * (len(words) - len(tags))
+            out.write(" ".join(f"{word}/{tag}" for word, tag in zip(words, tags)) + "\n")
 
     # -- starting points ----------------------------------------------------------------------------
     @classmethod

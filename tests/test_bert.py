@@ -262,7 +262,7 @@ def test_finetune_on_user_csv_and_bad_rows(capsys, tmp_path):
     one_error_line(err, "lacks a text or a label")
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--set", "task=translate")
     assert code == 2
-    one_error_line(err, "unknown task 'translate' (valid: classify, classify-pair)")
+    one_error_line(err, "unknown task 'translate' (valid: classify, classify-pair, tag)")
 
 
 def test_finetune_from_a_hugging_face_folder(tmp_path):
@@ -277,3 +277,40 @@ def test_finetune_from_a_hugging_face_folder(tmp_path):
     trainer = finetune(tmp_path, "run", "train.steps=2", "data.max_length=32", init=folder)
     assert trainer.model.bert.embed.tokens.num_embeddings == len(vocab)
     assert trainer.recipe.config["model"]["d_model"] == 32
+
+
+def test_bio_spans():
+    from tfkit.recipes.bert import entities
+
+    assert entities(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "LOC"), (5, 6, "ORG")}
+    assert entities(["O", "O"]) == set()
+
+
+def test_tag_learns_and_predicts_word_by_word(capsys, tmp_path):
+    trainer = finetune(tmp_path, "tag", "task=tag", "data.vocab_size=1500", "train.steps=300")
+    metrics = trainer.recipe.evaluate(trainer.model, "test")
+    assert metrics["entity_f1"] > 60, metrics
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Return None if the ValueError is raised by close().\n\nshort\n")
+    code, out, err = tfkit(capsys, "predict", str(trainer.run_dir), str(lines))
+    assert code == 0, err
+    rows = out.split("\n")
+    words = rows[0].split()
+    assert len(words) == 9 and all(w.rsplit("/", 1)[1] in trainer.recipe.labels for w in words)
+    assert rows[1] == "" and rows[2].startswith("short/")
+
+
+def test_conll_files_train_and_malformed_lines_are_named(capsys, tmp_path):
+    sentence = "Paris\tB-LOC\nis\tO\nnice\tO\n\n"
+    good = tmp_path / "ner.conll"
+    good.write_text("-DOCSTART- -X- O O\n\n" + sentence * 40)
+    args = ["--set", "task=tag", "--set", "data.vocab_size=60", "--set", "model.d_model=32", "--set", "model.d_ff=64",
+            "--set", "model.layers=1", "--max-steps", "2"]
+    code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(good), "--out", str(tmp_path / "run"), *args)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["O", "B-LOC"]
+    bad = tmp_path / "bad.conll"
+    bad.write_text(sentence * 3 + "Berlin\n")
+    code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(bad), *args)
+    assert code == 2
+    one_error_line(err, "bad.conll:13: expected a word and its tag")

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tfkit.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
-_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text"}
+_BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text", ".conll": "conll"}
 _FORMATS = ", ".join(_BUILDERS)
 
 datasets.disable_progress_bars()
@@ -88,6 +88,8 @@ def cached(name: str, key: dict, build: Callable[[], datasets.DatasetDict]) -> d
 
 
 def _load_file(path: Path) -> datasets.DatasetDict:
+    if path.suffix == ".conll":
+        return datasets.DatasetDict({"train": read_conll(path)})
     options: dict = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
     try:
         return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), **options)
@@ -133,6 +135,26 @@ def label_names(rows: datasets.Dataset, column: str) -> list[str]:
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     return sorted({str(label) for label in rows[column]})
+
+
+def read_conll(path: Path) -> datasets.Dataset:
+    """CoNLL: one word per line with its tag in the last column, a blank line between sentences,
+    -DOCSTART- lines ignored → rows of ``tokens`` and ``tags``. A line without a tag names file and line."""
+    sentences, words, tags = [], [], []
+    for number, line in enumerate(read_lines(path), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise UsageError(f"{path}:{number}: expected a word and its tag, got {line.strip()!r}")
+        words.append(fields[0])
+        tags.append(fields[-1])
+    if words:
+        sentences.append((words, tags))
+    return datasets.Dataset.from_dict({"tokens": [w for w, _ in sentences], "tags": [t for _, t in sentences]})
 
 
 def read_lines(path: Path) -> list[str]:
