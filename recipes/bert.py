@@ -557,21 +557,6 @@ def entities(tags: list[str]) -> set[tuple[int, int, str]]:
     return spans
 
 
-class BertTagger(nn.Module):
-    """BERT with dropout and a linear layer on every token's hidden state."""
-
-    def __init__(self, bert: Bert, tags: int, dropout: float, norm_eps: float):
-        super().__init__()
-        self.bert = bert
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(bert.pooler.in_features, tags)
-        init_bert_weights(self, norm_eps)
-
-    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
-        hidden, _ = self.bert(token_ids, segment_ids)
-        return self.head(self.dropout(hidden))  # (B, T, tags)
-
-
 def pair_corpus(seed: int) -> datasets.DatasetDict:
     """Paraphrase identification on the classify corpus's sentences (like MRPC): half the pairs are a
     sentence and a lightly edited copy (one word dropped, two neighbours swapped), half a sentence
@@ -604,19 +589,22 @@ def pair_corpus(seed: int) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
-class BertClassifier(nn.Module):
-    """BERT with dropout and a linear layer on the pooled [CLS] vector."""
+class BertWithHead(nn.Module):
+    """BERT with dropout and a linear layer on the pooled [CLS] vector, or on every token's hidden
+    state (``per_token``, for tagging)."""
 
-    def __init__(self, bert: Bert, classes: int, dropout: float, norm_eps: float):
+    def __init__(self, bert: Bert, outputs: int, dropout: float, norm_eps: float, per_token: bool = False):
         super().__init__()
         self.bert = bert
+        self.per_token = per_token
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(bert.pooler.in_features, classes)
+        self.head = nn.Linear(bert.pooler.in_features, outputs)
         init_bert_weights(self, norm_eps)
 
     def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
-        _, pooled = self.bert(token_ids, segment_ids)
-        return self.head(self.dropout(pooled))
+        """(B, outputs), or (B, T, outputs) per token."""
+        hidden, pooled = self.bert(token_ids, segment_ids)
+        return self.head(self.dropout(hidden if self.per_token else pooled))
 
 
 def macro_f1(predicted: Tensor, target: Tensor, classes: int) -> float:
@@ -736,8 +724,7 @@ class BertFinetune(BertRecipe):
     def build_model(self) -> nn.Module:
         m = self.config["model"]
         bert = build_bert(self.tokenizer.get_vocab_size(), m)
-        head = BertTagger if self.config["task"] == "tag" else BertClassifier
-        return head(bert, len(self.labels), m["dropout"], m["norm_eps"])
+        return BertWithHead(bert, len(self.labels), m["dropout"], m["norm_eps"], per_token=self.config["task"] == "tag")
 
     def _batch(self, examples: list[tuple[list[int], list[int], Any]]) -> Batch:
         labels = [label for _, _, label in examples]
