@@ -622,7 +622,6 @@ class BertFinetune(BertRecipe):
     """BERT fine-tuning (--set task=classify|classify-pair|tag) from a pretrain run or Hugging Face BERT."""
 
     config_file = "bert-finetune.yaml"
-    unit = "tok"
     labels: list[str]
 
     def prepare(self, run_dir: Path | None = None) -> None:

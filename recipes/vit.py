@@ -8,6 +8,7 @@ AdamW with warmup-cosine, label smoothing, torchvision v2 augmentation. The buil
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -50,8 +51,6 @@ def digits(seed: int) -> datasets.DatasetDict:
 
 def open_image(path: Path | str | None = None, data: bytes | None = None, channels: int = 3) -> Image.Image:
     """Decode an image file and convert it to L or RGB; transparency is laid over white."""
-    import io
-
     try:
         image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
