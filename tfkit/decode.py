@@ -1,11 +1,15 @@
-"""Search over an encoder-decoder's outputs: greedy and beam search with a KV cache.
+"""Search over model outputs: greedy and beam search with a KV cache for encoder-decoders, and greedy
+and prefix beam search over CTC posteriors.
 
-The model provides ``encode(src) -> (memory, memory_mask)``, ``decoder.new_cache()`` and
+An encoder-decoder provides ``encode(src) -> (memory, memory_mask)``, ``decoder.new_cache()`` and
 ``decode(tokens, memory, memory_mask, cache, offset) -> logits``; with a cache, each step feeds only
 the newest token and attends to the cached keys and values of the earlier ones.
 """
 
 from __future__ import annotations
+
+import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
@@ -109,3 +113,47 @@ class _Best:
 
 def _until(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def ctc_greedy(log_probs: Tensor, lengths: Tensor, blank: int = 0) -> list[list[int]]:
+    """Best path: the most likely token per frame, repeats merged, blanks dropped; (B, T, V) → B lists."""
+    out = []
+    for path, length in zip(log_probs.argmax(-1).cpu(), lengths.tolist()):
+        merged = torch.unique_consecutive(path[:length])
+        out.append(merged[merged != blank].tolist())
+    return out
+
+
+def _log_add(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+
+def ctc_prefix_beam_search(log_probs: Tensor, beam: int, blank: int = 0, token_min_log_prob: float = -12.0) -> list[int]:
+    """The most likely label sequence of one utterance's (T, V) log posteriors, summing over every
+    frame alignment of each prefix (Hannun et al., 2014). Each prefix keeps two scores, ending in blank
+    and ending in a label, because a repeated label only extends the prefix after a blank. Tokens
+    rarer than ``token_min_log_prob`` in a frame are not tried there."""
+    neg_inf = -math.inf
+    beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}  # prefix → (ends in blank, in label)
+    for row in log_probs.float().cpu().tolist():
+        tokens = [c for c, p in enumerate(row) if c != blank and p >= token_min_log_prob]
+        grown: dict[tuple[int, ...], list[float]] = defaultdict(lambda: [neg_inf, neg_inf])
+        for prefix, (ends_blank, ends_label) in beams.items():
+            total = _log_add(ends_blank, ends_label)
+            stay = grown[prefix]
+            stay[0] = _log_add(stay[0], total + row[blank])
+            last = prefix[-1] if prefix else None
+            for c in tokens:
+                extended = grown[prefix + (c,)]
+                if c == last:
+                    extended[1] = _log_add(extended[1], ends_blank + row[c])  # "a _ a": a second a
+                    stay[1] = _log_add(stay[1], ends_label + row[c])  # "a a": still one a
+                else:
+                    extended[1] = _log_add(extended[1], total + row[c])
+        ranked = sorted(grown.items(), key=lambda item: _log_add(*item[1]), reverse=True)
+        beams = {prefix: (b, n) for prefix, (b, n) in ranked[:beam]}
+    return list(max(beams, key=lambda prefix: _log_add(*beams[prefix])))

@@ -105,17 +105,29 @@ def _save(fig, path: Path) -> None:
 def draw_heads(
     weights: np.ndarray, queries: list[str], keys: list[str], title: str, path: Path, boundary: int | None = None
 ) -> None:
-    """One heatmap per head, queries down and keys across, tokens as tick labels; ``boundary`` draws
-    lines before that token on both axes (where a second segment starts)."""
-    fig, axes = _panels(weights.shape[0], max(2.5, 0.28 * max(len(queries), len(keys))), title)
+    """One heatmap per head, queries down and keys across, tokens as tick labels (every n-th of a long
+    sequence); ``boundary`` draws lines before that token on both axes (where a second segment starts)."""
+    longest = max(len(queries), len(keys))
+    step = math.ceil(longest / 40)
+    fig, axes = _panels(weights.shape[0], min(12.0, max(2.5, 0.28 * longest / step)), title)
     for h, ax in enumerate(axes):
         ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         if boundary is not None:
             ax.axvline(boundary - 0.5, color="white", linewidth=1)
             ax.axhline(boundary - 0.5, color="white", linewidth=1)
         ax.set_title(f"head {h}", fontsize=9)
-        ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(queries)), queries, fontsize=7)
+        ax.set_xticks(range(0, len(keys), step), keys[::step], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, len(queries), step), queries[::step], fontsize=7)
+    _save(fig, path)
+
+
+def draw_spectrogram(spectrogram: np.ndarray, seconds_per_frame: float, title: str, path: Path) -> None:
+    """A (bins, frames) spectrogram with time in seconds across."""
+    fig, (ax,) = _panels(1, 4.0, title)
+    fig.set_size_inches(min(16.0, max(6.0, spectrogram.shape[1] / 40)), 3.5)
+    ax.imshow(spectrogram, origin="lower", aspect="auto", cmap="magma", extent=(0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0]))
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("mel bin")
     _save(fig, path)
 
 

@@ -1,3 +1,3 @@
 """The shared component registry: attention, positions, blocks, embeddings."""
 
-from tfkit.nn import attention, blocks, embeddings, position  # noqa: F401
+from tfkit.nn import attention, blocks, conformer, embeddings, position  # noqa: F401

@@ -1,8 +1,8 @@
 """Attention: softmax(QKᵀ/√d + mask)·V (Vaswani et al., 2017).
 
 One mask convention everywhere: masks are boolean, True means "may attend", and they broadcast to
-(batch, heads, query, key). The fast path is PyTorch's fused ``scaled_dot_product_attention``, which
-never materialises the weights; the explicit path computes them and passes them through ``probe``
+(batch, heads, query, key); a floating-point mask is instead added to the scores (relative positions).
+The fast path is PyTorch's fused ``scaled_dot_product_attention``, which never materialises the weights; the explicit path computes them and passes them through ``probe``
 (an ``nn.Identity``) so :func:`tfkit.inspect.capture_attention` can read them with a hook.
 """
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfkit.errors import UsageError
+from tfkit.nn.position import sinusoids
 from tfkit.registry import register
 
 
@@ -43,7 +44,7 @@ class ScaledDotProductAttention(nn.Module):
         if causal:
             scores = scores.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
         weights = self.probe(scores.softmax(dim=-1))
         return F.dropout(weights, dropout) @ v
 
@@ -130,3 +131,45 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = projected.shape
         split = projected.view(batch, length, parts, self.heads, self.d_model // self.heads)
         return split.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@register("attention", "relative_multi_head")
+class RelativePositionMultiHeadAttention(MultiHeadAttention):
+    """Self-attention with Transformer-XL relative positions (Dai et al., 2019), as in the Conformer.
+
+    score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_R·R(i-j)] / √d_k, with R the sinusoids of the relative
+    distance and u, v learned per head: content and position each get their own global bias.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, heads, dropout, bias)
+        d_k = d_model // heads
+        self.pos_proj = nn.Linear(d_model, d_model, bias=False)  # W_R
+        self.content_bias = nn.Parameter(torch.empty(heads, 1, d_k))  # u
+        self.position_bias = nn.Parameter(torch.empty(heads, 1, d_k))  # v
+        nn.init.xavier_uniform_(self.content_bias)
+        nn.init.xavier_uniform_(self.position_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        if context is not None or causal or cache is not None:
+            raise UsageError("relative_multi_head attention is for encoder self-attention only (use multi_head)")
+        batch, length, _ = x.shape
+        q, k, v = self._heads(self.in_proj(x), 3)
+        distances = torch.arange(length - 1, -length, -1, device=x.device)  # i - j from T-1 down to 1-T
+        relative = self.pos_proj(sinusoids(0, self.d_model, distances).to(x.dtype))  # (2T-1, D)
+        relative = relative.view(-1, self.heads, self.d_model // self.heads).transpose(0, 1)  # (H, 2T-1, d_k)
+        by_distance = (q + self.position_bias) @ relative.transpose(-2, -1)  # (B, H, T, 2T-1)
+        # column T-1-(i-j) of row i holds distance i-j
+        index = (length - 1 - torch.arange(length, device=x.device)[:, None] + torch.arange(length, device=x.device))
+        position_scores = by_distance.gather(-1, index.expand(batch, self.heads, length, length)) * q.size(-1) ** -0.5
+        if mask is not None:
+            position_scores = position_scores.masked_fill(~mask, float("-inf"))
+        out = self.attend(q + self.content_bias, k, v, mask=position_scores)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.d_model))

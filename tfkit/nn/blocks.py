@@ -146,16 +146,17 @@ def _block_class(name: str, role: str) -> type[nn.Module]:
 
 class Encoder(nn.Module):
     """A stack of encoder blocks named by the registry; a pre-LN stack ends with a LayerNorm.
-    Stochastic depth rises linearly from 0 at the first block to ``drop_path`` at the last."""
+    Stochastic depth rises linearly from 0 at the first block to ``drop_path`` at the last;
+    ``block_options`` go to each block (a Conformer block's kernel size and attention)."""
 
     def __init__(
         self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-        drop_path: float = 0.0,
+        drop_path: float = 0.0, **block_options,
     ):
         super().__init__()
         cls = _block_class(block, "encoder")
         rates = [drop_path * i / max(1, layers - 1) for i in range(layers)]
-        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rate) for rate in rates)
+        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rate, **block_options) for rate in rates)
         self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

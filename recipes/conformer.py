@@ -1,0 +1,350 @@
+"""Speech recognition with the Conformer (Gulati et al., 2020) and CTC (Graves et al., 2006).
+
+80-bin log-mel features normalised per utterance, SpecAugment in training (torchaudio's frequency and
+time masks, the time masks capped at a fraction of each utterance), convolution subsampling to 40 ms
+frames, Conformer blocks with relative-position self-attention, a linear CTC head over characters (or
+BPE pieces); greedy and prefix beam search; CER and WER. The built-in data are digit strings and
+number phrases spoken by eSpeak NG in many voice variants, with test speakers unseen in training.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import datasets
+import numpy as np
+import soundfile
+import torch
+import torch.nn.functional as F
+import torchaudio
+from num2words import num2words
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+
+from tfkit import run as runs
+from tfkit.data import SPLITS, cached, load_splits, require_columns, train_bpe
+from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
+from tfkit.errors import UsageError
+from tfkit.inspect import draw_heads, draw_spectrogram
+from tfkit.nn.blocks import Encoder
+from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
+from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.registry import register
+
+SPECIALS = ["<blank>", "<unk>"]
+BLANK = 0
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+DIGITS = "zero one two three four five six seven eight nine".split()
+BUILTIN_VOICES = ("en-us", "en")  # American and British English; each utterance adds a variant
+
+
+def speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
+    keys = ("train_size", "validation_size", "test_size", "sample_rate", "snr_db")
+    return cached("speech", {"seed": seed, **{k: data[k] for k in keys}}, lambda: _speech_corpus(data, seed))
+
+
+def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
+    """Numbers spoken by eSpeak NG. Speakers are voice variants, split 70/10/20 so validation and test
+    voices never occur in training; voice, rate, pitch and noise level are drawn per utterance."""
+    from tfkit.espeak import synthesizer
+
+    synth = synthesizer()
+    rng = random.Random(seed)
+    variants = synth.variants()
+    rng.shuffle(variants)
+    cut = [round(0.7 * len(variants)), round(0.8 * len(variants))]
+    speakers = dict(zip(SPLITS, (variants[: cut[0]], variants[cut[0] : cut[1]], variants[cut[1] :])))
+    out = {}
+    for split in SPLITS:
+        rows: dict[str, list] = {"audio": [], "text": [], "speaker": []}
+        for _ in range(data[f"{split}_size"]):
+            text = _number_text(rng)
+            speaker = f"{rng.choice(BUILTIN_VOICES)}+{rng.choice(speakers[split])}"
+            samples = synth.speak(text, speaker, rate=rng.randint(130, 210), pitch=rng.randint(20, 80))
+            samples = torchaudio.functional.resample(torch.from_numpy(samples), synth.sample_rate, data["sample_rate"])
+            signal_power = samples.square().mean()
+            snr = rng.uniform(*data["snr_db"])
+            noise = torch.randn(len(samples), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+            samples = (samples + noise * (signal_power / 10 ** (snr / 10)).sqrt()).clamp(-1, 1)
+            buffer = io.BytesIO()
+            soundfile.write(buffer, samples.numpy(), data["sample_rate"], format="FLAC")
+            rows["audio"].append({"bytes": buffer.getvalue(), "path": None})
+            rows["text"].append(text)
+            rows["speaker"].append(speaker)
+        # the layout of datasets.Audio(decode=False), without its encoder's torchcodec dependency
+        audio = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+        features = datasets.Features({"audio": audio, "text": datasets.Value("string"), "speaker": datasets.Value("string")})
+        out[split] = datasets.Dataset.from_dict(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
+def _number_text(rng: random.Random) -> str:
+    """A digit string read digit by digit ("four two seven") or a number in words ("forty seven")."""
+    if rng.random() < 0.5:
+        return " ".join(DIGITS[rng.randrange(10)] for _ in range(rng.randint(3, 7)))
+    n = rng.randint(0, 10 ** rng.randint(1, 6) - 1)
+    return num2words(n).replace("-", " ").replace(",", "")
+
+
+def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) -> Tensor:
+    """Decode a WAV/FLAC/OGG file (or its bytes) to mono float32 at ``sample_rate``; an unreadable,
+    empty or silent file is a UsageError naming it."""
+    if data is None and not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data) if data is not None else path, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if samples.shape[0] == 0:
+        raise UsageError(f"{path}: the audio is empty")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if mono.abs().max() < 1e-4:
+        raise UsageError(f"{path}: the audio is silent")
+    return torchaudio.functional.resample(mono, rate, sample_rate) if rate != sample_rate else mono
+
+
+class LogMel(nn.Module):
+    """Log-mel spectrogram (T, n_mels), each bin normalised to zero mean and unit variance over the utterance."""
+
+    def __init__(self, sample_rate: int, n_mels: int, window_ms: float, hop_ms: float):
+        super().__init__()
+        window, hop = round(sample_rate * window_ms / 1000), round(sample_rate * hop_ms / 1000)
+        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels)
+
+    @torch.no_grad()
+    def forward(self, samples: Tensor) -> Tensor:
+        features = (self.mel(samples) + 1e-6).log().T
+        return (features - features.mean(0)) / (features.std(0) + 1e-5)
+
+
+def spec_augment(features: Tensor, cfg: dict[str, Any]) -> Tensor:
+    """SpecAugment (Park et al., 2019) on one utterance (T, F): frequency masks up to ``freq_width``
+    bins, and time masks up to ``time_width`` frames but never more than ``time_ratio`` of the
+    utterance, so short utterances keep their words. Masked cells get 0, the normalised mean."""
+    spectrogram = features.T  # torchaudio masks (..., freq, time)
+    frequency = torchaudio.transforms.FrequencyMasking(cfg["freq_width"])
+    time = torchaudio.transforms.TimeMasking(cfg["time_width"], p=cfg["time_ratio"])
+    for _ in range(cfg["freq_masks"]):
+        spectrogram = frequency(spectrogram)
+    for _ in range(cfg["time_masks"]):
+        spectrogram = time(spectrogram)
+    return spectrogram.T
+
+
+class ConformerCTC(nn.Module):
+    def __init__(self, features: int, vocab_size: int, subsampling_channels: int, d_model: int, heads: int, d_ff: int,
+                 layers: int, kernel_size: int, dropout: float, drop_path: float, activation: str, attention: str):
+        super().__init__()
+        self.subsampling = ConvolutionSubsampling(features, d_model, subsampling_channels, dropout)
+        self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, drop_path,
+                               kernel_size=kernel_size, attention=attention)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, F) features and lengths → CTC log-probabilities (B, T/4, V) and their lengths."""
+        x, lengths = self.subsampling(features, lengths)
+        x = self.encoder(x, frame_mask(lengths, x.size(1))[:, None, None])
+        return self.head(x).float().log_softmax(-1), lengths
+
+
+def pad_features(features: list[Tensor]) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor([len(f) for f in features])
+    out = features[0].new_zeros(len(features), int(lengths.max()), features[0].size(1))
+    for i, f in enumerate(features):
+        out[i, : len(f)] = f
+    return out, lengths
+
+
+def error_rate(hypotheses: list[list[str]], references: list[list[str]]) -> float:
+    """Edits (substitutions, insertions, deletions) per reference unit, in percent."""
+    edits = sum(torchaudio.functional.edit_distance(r, h) for h, r in zip(hypotheses, references))
+    return 100.0 * edits / max(1, sum(map(len, references)))
+
+
+@register("recipe", "conformer")
+class Conformer(Recipe):
+    """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
+
+    config_file = "conformer.yaml"
+    unit = "frame"
+    tokenizer: Tokenizer
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        data, seed = self.config["data"], self.config["seed"]
+        splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"])
+        self.texts, self.features = {}, {}
+        for split in SPLITS:
+            self.texts[split], self.features[split] = self._decode(splits[split], split)
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            # vocab_size 0 leaves BPE with no merges: a character vocabulary
+            self.tokenizer = train_bpe(self.texts["train"], data["vocab_size"], SPECIALS)
+        self.labels = [e.ids for e in self.tokenizer.encode_batch(self.texts["train"])]
+
+    def _normalise_text(self, text: str) -> str:
+        text = " ".join(text.split())
+        return text.lower() if self.config["data"]["lowercase"] else text
+
+    def _decode(self, rows: datasets.Dataset, split: str) -> tuple[list[str], list[Tensor]]:
+        """Transcripts and log-mel features of a split; unreadable audio is skipped with a warning."""
+        data = self.config["data"]
+        require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
+        if isinstance(rows.features[data["audio_column"]], datasets.Audio):
+            rows = rows.cast_column(data["audio_column"], datasets.Audio(decode=False))
+        spec = Path(data["name"]).expanduser()
+        base = spec if spec.is_dir() else spec.parent  # paths in a manifest are relative to it
+        log_mel = self._log_mel()
+        texts, features, bad = [], [], []
+        for number, row in enumerate(rows, 1):
+            cell, text = row[data["audio_column"]], row[data["text_column"]]
+            if not isinstance(text, str) or not text.strip():
+                raise UsageError(f"the {split} data's row {number} has no transcript in column '{data['text_column']}'")
+            try:
+                if isinstance(cell, str):
+                    samples = read_audio(base / cell, None, data["sample_rate"])
+                else:
+                    samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
+            except UsageError as e:
+                bad.append(str(e))
+                continue
+            texts.append(self._normalise_text(text))
+            features.append(log_mel(samples))
+        if bad:
+            print(f"warning: skipped {len(bad)} unreadable recordings in the {split} data, e.g. {bad[0]}", file=sys.stderr)
+        if not features:
+            raise UsageError(f"the {split} data holds no readable recordings")
+        return texts, features
+
+    def _log_mel(self) -> LogMel:
+        f = self.config["features"]
+        return LogMel(self.config["data"]["sample_rate"], f["n_mels"], f["window_ms"], f["hop_ms"])
+
+    def save(self, run_dir: Path) -> None:
+        runs.write_tokenizer(run_dir, self.tokenizer)
+
+    def load(self, run_dir: Path) -> None:
+        self.tokenizer = runs.read_tokenizer(run_dir)
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        return ConformerCTC(
+            self.config["features"]["n_mels"], self.tokenizer.get_vocab_size(), m["subsampling_channels"], m["d_model"],
+            m["heads"], m["d_ff"], m["layers"], m["kernel_size"], m["dropout"], m["drop_path"], m["activation"],
+            m["attention"],
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+    def _buckets(self, lengths: list[int], generator: torch.Generator) -> list[list[int]]:
+        """Shuffled batches of utterances of similar length: each pool of 50 batches is sorted by length."""
+        size = self.config["train"]["batch_size"]
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), 50 * size):
+            chunk = sorted(order[start : start + 50 * size], key=lambda i: lengths[i])
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        features, seed = self.features["train"], self.config["seed"]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        for b, rows in enumerate(self._buckets([len(f) for f in features], generator)):
+            # torchaudio's masks draw from the global RNG: fork it, seeded by the batch, so a resumed
+            # run replays the same masks and the model's own randomness is left untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
+                batch, lengths = pad_features([spec_augment(features[i], self.config["specaugment"]) for i in rows])
+            labels = [self.labels[i] for i in rows]
+            targets = torch.tensor([t for label in labels for t in label])
+            yield {"features": batch, "lengths": lengths, "targets": targets, "target_lengths": torch.tensor([len(t) for t in labels])}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        """CTC loss per target token (summed over the batch, divided by its tokens)."""
+        log_probs, lengths = model(batch["features"], batch["lengths"])
+        loss = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
+                          blank=BLANK, reduction="sum", zero_infinity=True)
+        return loss / batch["target_lengths"].sum(), int(batch["lengths"].sum())
+
+    # -- using the model --------------------------------------------------------------------------
+    @torch.no_grad()
+    def transcribe(self, model: nn.Module, features: list[Tensor], beam: int | None = None) -> list[str]:
+        """Transcripts in input order; length-sorted batches, greedy (beam 1) or prefix beam search."""
+        decode = self.config["decode"]
+        beam = beam or decode["beam"]
+        device = next(model.parameters()).device
+        model.eval()
+        order = sorted(range(len(features)), key=lambda i: len(features[i]))
+        out = [""] * len(features)
+        for start in range(0, len(order), decode["batch_size"]):
+            rows = order[start : start + decode["batch_size"]]
+            batch, lengths = pad_features([features[i] for i in rows])
+            log_probs, out_lengths = model(batch.to(device), lengths.to(device))
+            if beam == 1:
+                ids = ctc_greedy(log_probs, out_lengths, BLANK)
+            else:
+                ids = [ctc_prefix_beam_search(lp[:n], beam, BLANK) for lp, n in zip(log_probs, out_lengths.tolist())]
+            for i, text in zip(rows, self.tokenizer.decode_batch(ids)):
+                out[i] = text
+        return out
+
+    def evaluate(self, model: nn.Module, split: str, beam: int | None = None) -> dict[str, float]:
+        hyps, refs = self.transcribe(model, self.features[split], beam), self.texts[split]
+        return {
+            "cer": error_rate([list(h) for h in hyps], [list(r) for r in refs]),
+            "wer": error_rate([h.split() for h in hyps], [r.split() for r in refs]),
+        }
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, beam: int | None = None) -> None:
+        """One line per recording: path, a tab, the transcript. A folder is transcribed file by file;
+        unreadable, empty or silent ones are reported and the rest still come out."""
+        if not path.is_dir():
+            out.write(f"{path}\t{self._transcribe_file(model, path, beam)}\n")
+            return
+        paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        if not paths:
+            raise UsageError(f"{path}: the folder holds no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+        bad = 0
+        for audio_path in paths:
+            try:
+                out.write(f"{audio_path}\t{self._transcribe_file(model, audio_path, beam)}\n")
+            except UsageError as e:
+                bad += 1
+                print(f"error: {e}", file=sys.stderr)
+        if bad:
+            raise UsageError(f"{path}: {bad} of {len(paths)} recordings could not be read")
+
+    def _transcribe_file(self, model: nn.Module, path: Path, beam: int | None) -> str:
+        features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
+        if ConvolutionSubsampling.output_lengths(torch.tensor(len(features))) < 1:
+            raise UsageError(f"{path}: the recording is too short to transcribe ({len(features)} frames)")
+        (text,) = self.transcribe(model, [features], beam)
+        return text
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        path = Path(text)
+        features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
+        device = next(model.parameters()).device
+        model.eval()
+        frames = int(ConvolutionSubsampling.output_lengths(torch.tensor(len(features))))
+        if frames < 1:
+            raise UsageError(f"{path}: the recording is too short to inspect ({len(features)} frames)")
+        seconds = 4 * self.config["features"]["hop_ms"] / 1000  # one encoder frame after 4× subsampling
+        times = [f"{t * seconds:.2f}s" for t in range(frames)]
+        (transcript,) = self.transcribe(model, [features])
+
+        def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
+            draw_spectrogram(features.T.numpy(), self.config["features"]["hop_ms"] / 1000, f"{path.name}: {transcript}", out_dir / "spectrogram.png")
+            for name, w in weights.items():
+                draw_heads(w, times, times, name, out_dir / f"{name}.png")
+
+        return AttentionExample(
+            run=lambda: model(features[None].to(device), torch.tensor([len(features)], device=device)),
+            tokens={"frames": times},
+            axes=lambda name: ("frames", "frames"),
+            draw=draw,
+            meta={"frame_seconds": seconds, "transcript": transcript},
+        )

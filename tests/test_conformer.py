@@ -1,0 +1,293 @@
+"""The Conformer recipe: SpecAugment, subsampling, relative-position attention, the convolution module,
+CTC decoding, learning on the built-in speech, predict and inspection on audio files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import quiet
+
+from tfkit import config as configs
+from tfkit import registry
+from tfkit import run as runs
+from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
+from tfkit.nn.attention import RelativePositionMultiHeadAttention
+from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, frame_mask
+from tfkit.nn.position import sinusoids
+from tfkit.recipes import conformer as recipe_module
+from tfkit.recipes.conformer import spec_augment
+from tfkit.train import start_training
+from test_cli import one_error_line, tfkit
+
+TINY_CONFORMER = [
+    "data.train_size=500", "data.validation_size=40", "data.test_size=40", "model.subsampling_channels=32",
+    "model.d_model=96", "model.heads=4", "model.d_ff=192", "model.layers=2", "model.kernel_size=7",
+    "train.steps=400", "train.batch_size=16", "train.lr=0.003", "train.warmup=60", "train.eval_every=0",
+    "train.log_every=10", "train.save_every=200",
+]
+
+
+def conformer_config(*sets: str) -> dict:
+    return configs.resolve(registry.get("recipe", "conformer").default_config(), None, [*TINY_CONFORMER, *sets])
+
+
+@pytest.fixture(scope="module")
+def conformer_run(tmp_path_factory) -> object:
+    trainer = start_training(conformer_config(), tmp_path_factory.mktemp("conformer") / "run", torch.device("cpu"), console=quiet())
+    trainer.fit(progress=False)
+    return trainer.run_dir
+
+
+# -- components -------------------------------------------------------------------------------------
+def test_relative_position_attention_matches_an_explicit_reference():
+    torch.manual_seed(0)
+    d, heads, length = 16, 2, 6
+    attention = RelativePositionMultiHeadAttention(d, heads).eval()
+    x = torch.randn(2, length, d)
+    mask = frame_mask(torch.tensor([6, 4]), length)[:, None, None]
+    d_k = d // heads
+    q, k, v = (t.view(2, length, heads, d_k).transpose(1, 2) for t in attention.in_proj(x).chunk(3, -1))
+    expected = torch.zeros(2, heads, length, d_k)
+    for b, h, i in itertools.product(range(2), range(heads), range(length)):
+        scores = []
+        for j in range(length):
+            r = attention.pos_proj(sinusoids(0, d, torch.tensor([i - j])))[0].view(heads, d_k)[h]
+            content = (q[b, h, i] + attention.content_bias[h, 0]) @ k[b, h, j]
+            position = (q[b, h, i] + attention.position_bias[h, 0]) @ r
+            scores.append((content + position) / math.sqrt(d_k) if mask[b, 0, 0, j] else torch.tensor(-math.inf))
+        expected[b, h, i] = torch.stack(scores).softmax(0) @ v[b, h]
+    expected = attention.out_proj(expected.transpose(1, 2).reshape(2, length, d))
+    with torch.no_grad():
+        fast = attention(x, mask=mask)
+        attention.attend.explicit = True
+        explicit = attention(x, mask=mask)
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_subsampling_lengths_match_the_convolutions_and_ignore_padding():
+    torch.manual_seed(0)
+    subsampling = ConvolutionSubsampling(80, 32, 8).eval()
+    lengths = torch.tensor([7, 8, 10, 11, 57, 100])
+    assert ConvolutionSubsampling.output_lengths(lengths).tolist() == [1, 1, 1, 2, 13, 24]
+    features = torch.randn(len(lengths), 100, 80)
+    padded = features.masked_fill(~frame_mask(lengths, 100)[..., None], 0.0)
+    batch, out_lengths = subsampling(padded, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        alone, (m,) = subsampling(features[row : row + 1, :n], torch.tensor([n]))
+        assert alone.size(1) == m == out_lengths[row]
+        torch.testing.assert_close(batch[row, :m], alone[0], atol=1e-5, rtol=1e-5)
+    assert frame_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+
+
+def test_convolution_module_ignores_padded_frames_in_training_and_evaluation():
+    torch.manual_seed(0)
+    module = ConvolutionModule(8, 5, dropout=0.0)
+    lengths = torch.tensor([9, 5])
+    mask = frame_mask(lengths, 9)
+    x = torch.randn(2, 9, 8)
+    garbage = x.clone()
+    garbage[1, 5:] = 100.0  # padding with large values must change nothing in real frames
+    module.train()
+    first = module(x, mask)
+    second = module(garbage, mask)
+    torch.testing.assert_close(first[mask], second[mask])
+    module.eval()
+    batched = module(x, mask)
+    alone = module(x[1:, :5], None)
+    torch.testing.assert_close(batched[1, :5], alone[0], atol=1e-5, rtol=1e-5)
+
+    fresh = ConvolutionModule(8, 5, dropout=0.0).train()
+    fresh(garbage, mask)
+    with torch.no_grad():  # batch norm's running mean moved 10% toward the mean of the 14 real frames
+        h = torch.nn.functional.glu(fresh.pointwise_in(x), -1).masked_fill(~mask[..., None], 0.0)
+        h = fresh.depthwise(h.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(fresh.norm.running_mean, 0.1 * h[mask].mean(0))
+
+
+def test_conformer_block_gives_each_utterance_the_same_output_alone_or_padded():
+    torch.manual_seed(0)
+    block = ConformerBlock(16, 2, 32, dropout=0.0, kernel_size=5).eval()
+    lengths = torch.tensor([7, 4])
+    mask = frame_mask(lengths, 7)[:, None, None]
+    x = torch.randn(2, 7, 16)
+    batched = block(x, mask)
+    alone = block(x[1:, :4], frame_mask(torch.tensor([4]), 4)[:, None, None])
+    torch.testing.assert_close(batched[1, :4], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_spec_augment_masks_within_bounds_and_only_in_training(monkeypatch):
+    cfg = {"freq_masks": 2, "freq_width": 10, "time_masks": 3, "time_width": 40, "time_ratio": 0.05}
+    torch.manual_seed(0)
+    for length in (50, 200, 600):
+        features = torch.randn(length, 80) + 5.0  # no cell is 0 before masking
+        masked = spec_augment(features, cfg)
+        zero = masked == 0
+        bins, frames = zero.all(0), zero.all(1)
+        assert torch.equal(zero, bins[None, :] | frames[:, None])  # whole bins and whole frames only
+        assert bins.sum() <= 2 * 10
+        assert frames.sum() <= 3 * min(40, int(0.05 * length))
+        assert torch.equal(masked[~zero], features[~zero])
+    masked_any = [spec_augment(torch.randn(300, 80) + 5.0, cfg).eq(0).any() for _ in range(20)]
+    assert sum(masked_any) >= 15
+
+    recipe = registry.get("recipe", "conformer")(conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4"))
+    recipe.prepare()
+    stored = [f.clone() for f in recipe.features["train"]]
+    batch = next(iter(recipe.train_batches(0)))
+    assert (batch["features"] == 0).all(1).any()  # some bins are masked in training
+    assert all(torch.equal(a, b) for a, b in zip(stored, recipe.features["train"]))  # in a copy
+
+    def refuse(*args):
+        raise AssertionError("SpecAugment during evaluation")
+
+    monkeypatch.setattr(recipe_module, "spec_augment", refuse)
+    recipe.evaluate(recipe.build_model(), "validation")
+
+
+# -- CTC decoding -----------------------------------------------------------------------------------
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    # frames: a a _ a b b _  → "a a b"; the second utterance stops at its length
+    paths = torch.tensor([[1, 1, 0, 1, 2, 2, 0], [2, 0, 0, 2, 1, 1, 1]])
+    log_probs = torch.nn.functional.one_hot(paths, 3).float().log()
+    assert ctc_greedy(log_probs, torch.tensor([7, 4])) == [[1, 1, 2], [2, 2]]
+
+
+def exhaustive_best(log_probs: torch.Tensor) -> tuple[tuple[int, ...], float]:
+    """Sum the probability of every frame path into its label sequence; the best sequence."""
+    totals: dict[tuple[int, ...], float] = {}
+    probs = log_probs.exp()
+    for path in itertools.product(range(log_probs.size(1)), repeat=log_probs.size(0)):
+        p = math.prod(probs[t, c].item() for t, c in enumerate(path))
+        labels = tuple(c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1]))
+        totals[labels] = totals.get(labels, 0.0) + p
+    best = max(totals, key=totals.get)
+    return best, totals[best]
+
+
+def test_prefix_beam_search_sums_alignments_where_greedy_cannot():
+    # greedy takes blank twice (0.36) but "a" owns three paths: 0.16 + 0.24 + 0.24
+    log_probs = torch.tensor([[0.6, 0.4], [0.6, 0.4]]).log()
+    assert ctc_greedy(log_probs[None], torch.tensor([2])) == [[]]
+    assert ctc_prefix_beam_search(log_probs, beam=2) == [1]
+    torch.manual_seed(0)
+    for _ in range(20):
+        log_probs = (torch.randn(5, 4) * 2).log_softmax(-1)
+        best, _ = exhaustive_best(log_probs)
+        assert tuple(ctc_prefix_beam_search(log_probs, beam=64)) == best
+
+
+# -- the recipe -------------------------------------------------------------------------------------
+def test_tiny_conformer_learns_the_built_in_speech(conformer_run):
+    records = [r for r in runs.read_metrics(conformer_run) if "loss" in r]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    recipe, model = runs.open_run(conformer_run)
+    recipe.prepare(conformer_run)
+    metrics = recipe.evaluate(model, "test")
+    assert metrics["cer"] < 40, metrics
+    print(metrics)
+
+
+def write_test_audio(run, tmp_path) -> tuple[list, list[str]]:
+    recipe, _ = runs.open_run(run)
+    corpus = recipe_module.speech_corpus(recipe.config["data"], recipe.config["seed"])["test"]
+    paths = []
+    for i, (row, suffix) in enumerate(zip(corpus.select(range(2)), (".wav", ".flac"))):
+        samples, rate = soundfile.read(__import__("io").BytesIO(row["audio"]["bytes"]), dtype="float32")
+        paths.append(tmp_path / f"utterance{i}{suffix}")
+        # a stereo 22.05 kHz WAV exercises mixing down and resampling
+        if suffix == ".wav":
+            import torchaudio
+
+            stereo = torchaudio.functional.resample(torch.from_numpy(samples), rate, 22050).numpy()
+            soundfile.write(paths[-1], np.stack([stereo, stereo], 1), 22050)
+        else:
+            soundfile.write(paths[-1], samples, rate)
+    return paths, corpus["text"][:2]
+
+
+def test_predict_on_wav_and_flac_and_bad_files(capsys, conformer_run, tmp_path):
+    (wav, flac), texts = write_test_audio(conformer_run, tmp_path)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF" + b"\0" * 40)
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    code, out, err = tfkit(capsys, "predict", str(conformer_run), str(wav), str(broken), str(empty), str(silent), str(flac))
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3 and "Traceback" not in err
+    assert "broken.wav: not a readable audio file" in errors[0]
+    assert "empty.wav: the audio is empty" in errors[1] and "silent.wav: the audio is silent" in errors[2]
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[0] for line in lines] == [str(wav), str(flac)]
+    assert all(line[1].strip() for line in lines)
+    code, beam_out, _ = tfkit(capsys, "predict", str(conformer_run), str(flac), "--beam", "4")
+    assert code == 0 and beam_out.split("\t")[0] == str(flac)
+    code, _, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path / "missing.wav"))
+    assert code == 2
+    one_error_line(err, "missing.wav: no such file")
+
+
+def test_inspect_attention_on_a_recording(capsys, conformer_run, tmp_path):
+    (wav, _), _ = write_test_audio(conformer_run, tmp_path)
+    out_dir = tmp_path / "attention"
+    code, _, err = tfkit(capsys, "inspect-attention", str(conformer_run), str(wav), "--out", str(out_dir))
+    assert code == 0, err
+    weights = np.load(out_dir / "attention.npz")
+    described = json.loads((out_dir / "tokens.json").read_text())
+    frames = described["axes"]["frames"]
+    assert set(weights.files) == {"encoder.layers.0.self_attn", "encoder.layers.1.self_attn"}
+    assert weights["encoder.layers.0.self_attn"].shape == (4, len(frames), len(frames))
+    np.testing.assert_allclose(weights["encoder.layers.1.self_attn"].sum(-1), 1.0, atol=1e-5)
+    assert frames[:2] == ["0.00s", "0.04s"] and described["frame_seconds"] == 0.04
+    names = {p.name for p in out_dir.glob("*.png")}
+    assert names == {"spectrogram.png", "encoder.layers.0.self_attn.png", "encoder.layers.1.self_attn.png"}
+    code, _, err = tfkit(capsys, "inspect-attention", str(conformer_run), str(tmp_path / "none.wav"))
+    assert code == 2
+    one_error_line(err, "none.wav: no such file")
+
+
+def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conformer_run, tmp_path):
+    (wav, flac), texts = write_test_audio(conformer_run, tmp_path)
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
+    good = [("utterance0.wav", texts[0]), ("utterance1.flac", texts[1])]
+    for split, rows in (("train", good * 3 + [("broken.wav", "lost words")]), ("validation", good), ("test", good)):
+        (tmp_path / f"{split}.csv").write_text("audio,text\n" + "".join(f"{p},{t}\n" for p, t in rows))
+    code, out, err = tfkit(capsys, "train", "conformer", "--data", str(tmp_path), "--max-steps", "2",
+                           "--set", "model.layers=1", "--set", "model.d_model=32", "--set", "model.d_ff=64",
+                           "--set", "train.batch_size=4", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "skipped 1 unreadable recordings in the train data" in err and "broken.wav" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "utterance0.wav", "sentence": "x"}\n' * 30)
+    code, _, err = tfkit(capsys, "train", "conformer", "--data", str(bad), "--max-steps", "1")
+    assert code == 2
+    one_error_line(err, "no column 'audio'")
+
+
+def test_conformer_resumes_exactly(tmp_path):
+    """SpecAugment draws random numbers and batch norm keeps running statistics: both must resume."""
+    import os
+    import signal
+
+    from tfkit.train import Interrupted
+
+    config = conformer_config("train.steps=6", "train.log_every=1", "train.batch_size=8", "model.layers=1",
+                              "model.d_model=32", "model.d_ff=64", "model.drop_path=0.1")
+    straight = start_training(config, tmp_path / "straight", torch.device("cpu"), console=quiet())
+    straight.fit(progress=False)
+    stopped = start_training(config, tmp_path / "stopped", torch.device("cpu"), console=quiet())
+    with pytest.raises(Interrupted):
+        stopped.fit(on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM), progress=False)
+    resumed = start_training(config, tmp_path / "stopped", torch.device("cpu"), resume=True, console=quiet())
+    resumed.fit(progress=False)
+    losses = [{r["step"]: r["loss"] for r in runs.read_metrics(tmp_path / name) if "loss" in r} for name in ("straight", "stopped")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6

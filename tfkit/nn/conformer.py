@@ -1,0 +1,112 @@
+"""Conformer pieces (Gulati et al., 2020): convolution subsampling, the convolution module, the block.
+
+Speech batches are padded, so every piece that mixes frames takes the frame mask (B, T), True on real
+frames: the depthwise convolution sees zeros past the end of each utterance, and batch norm takes its
+statistics from real frames only, so an utterance's output does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfkit import registry
+from tfkit.nn.blocks import DropPath, FeedForward
+from tfkit.registry import register
+
+
+def frame_mask(lengths: Tensor, total: int) -> Tensor:
+    """(B,) lengths → (B, total) boolean mask, True on the first ``length`` frames."""
+    return torch.arange(total, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@register("embedding", "conv2d_subsampling")
+class ConvolutionSubsampling(nn.Module):
+    """Two 3×3 stride-2 convolutions with ReLU over (time, frequency), 4× fewer frames, then a linear
+    projection of channels × remaining frequencies to d_model (ESPnet's Conv2dSubsampling)."""
+
+    def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
+        self.proj = nn.Linear(channels * (((features - 1) // 2 - 1) // 2), d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    @staticmethod
+    def output_lengths(lengths: Tensor) -> Tensor:
+        """Frames left after both convolutions; each uses only real input frames (no padding)."""
+        return ((lengths - 1) // 2 - 1) // 2
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T, F) features and their lengths → (B, T', d_model) and the new lengths."""
+        x = self.conv(features[:, None])  # (B, C, T', F')
+        x = self.proj(x.permute(0, 2, 1, 3).flatten(2))
+        return self.dropout(x), self.output_lengths(lengths)
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """Batch norm over (B, T, C) whose batch statistics come from the real frames only."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        out = x.new_zeros(x.shape)
+        out[mask] = super().forward(x[mask])  # (frames, C): statistics over real frames
+        return out
+
+
+class ConvolutionModule(nn.Module):
+    """Pointwise conv → GLU → depthwise conv → batch norm → Swish → pointwise conv → dropout."""
+
+    def __init__(self, d_model: int, kernel_size: int, dropout: float):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"the depthwise kernel size must be odd to keep frames aligned, got {kernel_size}")
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)  # a 1×1 convolution on (B, T, C)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
+        self.norm = MaskedBatchNorm1d(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = F.glu(self.pointwise_in(x), dim=-1)
+        if mask is not None:
+            x = x.masked_fill(~mask[..., None], 0.0)  # padded frames must not leak into real ones
+        x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        x = F.silu(self.norm(x, mask))
+        return self.dropout(self.pointwise_out(x))
+
+
+@register("block", "conformer")
+class ConformerBlock(nn.Module):
+    """½ feed-forward → self-attention → convolution module → ½ feed-forward → LayerNorm, each
+    sublayer pre-normed with its own residual (the macaron Conformer block)."""
+
+    role = "encoder"
+    norm_first = False  # the block ends with its own LayerNorm
+
+    def __init__(
+        self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "swish",
+        drop_path: float = 0.0, kernel_size: int = 31, attention: str = "relative_multi_head",
+    ):
+        super().__init__()
+        self.norm_ff1, self.ff1 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout, activation)
+        self.norm_attn, self.self_attn = nn.LayerNorm(d_model), registry.get("attention", attention)(d_model, heads, dropout)
+        self.norm_conv, self.conv = nn.LayerNorm(d_model), ConvolutionModule(d_model, kernel_size, dropout)
+        self.norm_ff2, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout, activation)
+        self.norm_out = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` is the attention mask (B, 1, 1, T); its last axis is the frame mask."""
+        frames = None if mask is None else mask[:, 0, 0]
+
+        def branch(sublayer_output: Tensor) -> Tensor:
+            return self.drop_path(self.dropout(sublayer_output))
+
+        x = x + 0.5 * branch(self.ff1(self.norm_ff1(x)))
+        x = x + branch(self.self_attn(self.norm_attn(x), mask=mask))
+        x = x + branch(self.conv(self.norm_conv(x), frames))
+        x = x + 0.5 * branch(self.ff2(self.norm_ff2(x)))
+        return self.norm_out(x)
