@@ -5,6 +5,10 @@ embeddings. Pretraining sees ``[CLS] A [SEP] B [SEP]``: B follows A half the tim
 ordinary tokens are chosen for prediction (80% become [MASK], 10% a random token, 10% stay); the MLM
 logits are computed only at the chosen positions, through the token embedding matrix.
 
+Fine-tuning puts a linear head on the pooled [CLS] vector (classify, classify-pair) or on every token
+(tag, and qa, whose two outputs are the start and end logits of the answer). qa reads a long context
+in windows that overlap by ``doc_stride`` tokens and answers with the best span over all of them.
+
 The built-in corpus is English prose every Python carries: the docstrings of the standard library
 (read with ``ast``, never imported) and the language reference in ``pydoc_data.topics``.
 """
@@ -12,13 +16,16 @@ The built-in corpus is English prose every Python carries: the docstrings of the
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import random
 import re
+import string
 import sys
 import sysconfig
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, NamedTuple, TextIO
 
 import datasets
 import torch
@@ -59,6 +66,7 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+@functools.cache  # every built-in corpus starts here, and parsing the library takes seconds
 def stdlib_documents() -> list[tuple[str, list[str]]]:
     """(package, sentences) for every docstring of the standard library with two or more sentences,
     in a fixed order, then one document per language-reference topic."""
@@ -507,7 +515,6 @@ def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
-TASKS = ("classify", "classify-pair", "tag")
 IGNORE = -100  # label of the positions a tagger is not scored on: specials and non-first sub-tokens
 
 
@@ -589,9 +596,226 @@ def pair_corpus(seed: int) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
+# -- question answering -----------------------------------------------------------------------------
+class Question(NamedTuple):
+    """One question about a context, with its gold answers."""
+
+    id: str
+    question: str
+    context: str
+    answers: list[tuple[str, int]]  # (text, first character in the context); none when predicting
+
+
+WH_PHRASES = {"B-EXC": "which exception", "B-CONST": "which constant", "B-CALL": "which function"}
+
+
+def passages(document: list[str], words: int = 150) -> list[list[str]]:
+    """Runs of a document's consecutive sentences of at most ``words`` words (SQuAD's paragraphs
+    average about 120)."""
+    out, current, count = [], [], 0
+    for sentence in document:
+        if current and count + len(sentence.split()) > words:
+            out.append(current)
+            current, count = [], 0
+        current.append(sentence)
+        count += len(sentence.split())
+    return out + [current] if current else out
+
+
+def docstring_questions(passage: list[str]) -> Iterator[tuple[str, str, int]]:
+    """(question, answer, answer start) about a passage, whose context is its sentences joined by
+    spaces: each entity of word_tag in a sentence of 25 words or fewer, asked for by the sentence with
+    the entity replaced by its wh-phrase; and, when exactly one sentence reads "Return(s) X." without
+    entities, "What does it return?" with X (2 to 12 words) as the answer."""
+    returns = [s for s in passage if re.match(r"Returns? ", s)]
+    offset = 0
+    for sentence in passage:
+        if len(sentence.split()) <= 25:  # the question is the sentence: it must leave room for context
+            for word in re.finditer(r"\S+", sentence):
+                kind = word_tag(word.group())
+                if kind == "O":
+                    continue
+                entity = re.search(r"[A-Za-z_][\w.]*\(\)" if kind == "B-CALL" else r"\w+", word.group())
+                at = word.start() + entity.start()
+                asked = (sentence[:at] + WH_PHRASES[kind] + sentence[at + len(entity.group()) :]).rstrip(".!?") + "?"
+                yield asked[0].upper() + asked[1:], entity.group(), offset + at
+        returned = re.fullmatch(r"(Returns? )(.+)\.", sentence)
+        if returned and len(returns) == 1 and 2 <= len(returned[2].split()) <= 12 and all(word_tag(w) == "O" for w in sentence.split()):
+            yield "What does it return?", returned[2], offset + len(returned[1])
+        offset += len(sentence) + 1
+
+
+def qa_corpus(seed: int) -> datasets.DatasetDict:
+    """Questions about docstring passages in the layout of Hugging Face's ``squad`` (a question turned
+    from a cloze sentence, as in Lewis et al., 2019; see docstring_questions); passages without a
+    question are left out, documents split 80/10/10 by seed."""
+
+    def build() -> datasets.DatasetDict:
+        documents = list(dict.fromkeys(tuple(doc) for _, doc in stdlib_documents()))  # some docstrings repeat verbatim
+        random.Random(seed).shuffle(documents)
+        cut = len(documents) // 10
+        parts = {"validation": documents[:cut], "test": documents[cut : 2 * cut], "train": documents[2 * cut :]}
+        out = {}
+        for split, docs in parts.items():
+            rows = []
+            for passage in (p for doc in docs for p in passages(list(doc))):
+                for question, answer, start in docstring_questions(passage):
+                    rows.append({"id": f"{split}-{len(rows)}", "question": question, "context": " ".join(passage),
+                                 "answers": {"text": [answer], "answer_start": [start]}})
+            out[split] = datasets.Dataset.from_list(rows)
+        return datasets.DatasetDict(out)
+
+    return cached("stdlib-qa", {"seed": seed, "python": sys.version.split()[0]}, build)
+
+
+def checked_question(where: str, qid: str, question: Any, context: Any, answers: list[tuple[Any, Any]] | None) -> Question:
+    """A question whose answers are all their context's text at their start; else an error naming
+    ``where``. ``answers=None`` (predicting) asks for none."""
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError(f"{where} has no question")
+    if not isinstance(context, str) or not context.strip():
+        raise UsageError(f"{where} has no context")
+    if answers is not None and not answers:
+        raise UsageError(f"{where} has no answer (unanswerable questions, as in SQuAD 2.0, are not supported)")
+    for text, start in answers or []:
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"{where} has an empty answer text")
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= len(context) - len(text):
+            raise UsageError(f"{where}: answer_start {start!r} does not fit the answer {text!r} in its context of {len(context)} characters")
+        if context[start : start + len(text)] != text:
+            raise UsageError(f"{where}: the answer {text!r} is not the context's text at {start} ({context[start : start + len(text)]!r})")
+    return Question(qid, question, context, answers or [])
+
+
+def read_squad(path: Path, answers: bool = True) -> list[Question] | None:
+    """The questions of a SQuAD v1.1 file, {"data": [{"paragraphs": [{"context", "qas": [{"id",
+    "question", "answers": [{"text", "answer_start"}]}]}]}]}; None when the file is not one JSON
+    object (JSON lines are rows). A malformed entry is an error naming the file and the entry;
+    ``answers=False`` (predicting) reads no answers."""
+    try:
+        top = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(top, dict):
+        return None
+
+    kinds = {list: "a list", str: "a string", int: "an integer"}
+
+    def field(entry: Any, key: str, kind: type, where: str) -> Any:
+        value = entry.get(key) if isinstance(entry, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UsageError(f"{path}: {where} lacks '{key}' ({kinds[kind]})")
+        return value
+
+    out = []
+    for a, article in enumerate(field(top, "data", list, "the top level")):
+        for p, paragraph in enumerate(field(article, "paragraphs", list, f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = field(paragraph, "context", str, where)
+            for q, qa in enumerate(field(paragraph, "qas", list, where)):
+                qid = str(qa.get("id", "")) if isinstance(qa, dict) else ""
+                entry = f"{where}.qas[{q}]" + (f" (id {qid})" if qid else "")
+                given = None
+                if answers:
+                    given = [(field(x, "text", str, f"{entry}.answers[{k}]"), field(x, "answer_start", int, f"{entry}.answers[{k}]"))
+                             for k, x in enumerate(field(qa, "answers", list, entry))]
+                out.append(checked_question(f"{path}: {entry}", qid, field(qa, "question", str, entry), context, given))
+    return out
+
+
+def carve_by_context(questions: dict[str, list[Question]], seed: int, held_out: float = 0.05) -> dict[str, list[Question]]:
+    """Validation and test questions the source lacks, held out from training a ``held_out`` share of
+    its contexts at a time (as load_splits carves rows): a question about a context trained on would
+    be half answered."""
+    train, missing = questions["train"], [split for split in SPLITS if split not in questions]
+    if not missing:
+        return questions
+    contexts = list(dict.fromkeys(q.context for q in train))
+    random.Random(seed).shuffle(contexts)
+    size = max(1, round(held_out * len(contexts)))
+    if len(contexts) <= size * len(missing):
+        raise UsageError(f"the dataset has too few contexts ({len(contexts)}) to hold out {' and '.join(missing)} questions")
+    out = dict(questions)
+    for i, split in enumerate(missing):
+        chosen = set(contexts[i * size : (i + 1) * size])
+        out[split] = [q for q in train if q.context in chosen]
+    kept = set(contexts[len(missing) * size :])
+    out["train"] = [q for q in train if q.context in kept]
+    return out
+
+
+class Window(NamedTuple):
+    """``[CLS] question [SEP] context tokens [SEP]`` for question number ``question``."""
+
+    ids: list[int]
+    segments: list[int]
+    start: int  # the answer's first and last token, both 0 ([CLS]) where the window lacks the answer
+    end: int
+    question: int
+    context_start: int  # position of the first context token
+    spans: list[tuple[int, int]]  # each context token's characters [start, end) in the context
+
+
+def windows(question: list[int], context: list[int], offsets: list[tuple[int, int]], answer: tuple[int, int] | None,
+            max_length: int, stride: int, number: int = 0, cls: int = CLS, sep: int = SEP) -> list[Window]:
+    """Windows over a context's tokens that overlap by ``stride`` tokens (HF run_qa's doc_stride),
+    each beside the question; ``answer`` is the characters [start, end) of the context to label."""
+    question = question[: max_length // 2]  # a long question still leaves half of each window to the context
+    room = max_length - len(question) - 3
+    if stride >= room:
+        raise UsageError(f"data.doc_stride {stride} must be smaller than the {room} context tokens that fit beside a "
+                         f"question of {len(question)} tokens in data.max_length {max_length}")
+    inside = [i for i, (start, end) in enumerate(offsets) if answer is not None and start < answer[1] and end > answer[0]]
+    first = len(question) + 2
+    out, begin = [], 0
+    while True:
+        end = min(begin + room, len(context))
+        holds = bool(inside) and begin <= inside[0] and inside[-1] < end
+        labels = (first + inside[0] - begin, first + inside[-1] - begin) if holds else (0, 0)
+        ids = [cls, *question, sep, *context[begin:end], sep]
+        out.append(Window(ids, [0] * first + [1] * (len(ids) - first), *labels, number, first, offsets[begin:end]))
+        if end == len(context):
+            return out
+        begin += room - stride
+
+
+def answer_spans(windows: list[Window], logits: list[Tensor], max_answer_length: int) -> dict[int, tuple[int, int]]:
+    """Each question's answer as characters [start, end) of its context: over all its windows, the
+    span of context tokens with the highest start + end logit, end ≥ start, at most
+    ``max_answer_length`` tokens. ``logits`` holds each window's (positions, 2) start and end logits."""
+    best: dict[int, tuple[float, int, int]] = {}
+    for window, scores in zip(windows, logits):
+        n = len(window.spans)
+        context = scores[window.context_start : window.context_start + n]
+        pairs = context[:, None, 0] + context[None, :, 1]  # [i, j]: the span from token i to token j
+        legal = torch.ones(n, n, dtype=torch.bool).triu().tril(max_answer_length - 1)
+        score, flat = pairs.masked_fill(~legal, float("-inf")).flatten().max(0)
+        i, j = divmod(int(flat), n)
+        if window.question not in best or score.item() > best[window.question][0]:
+            best[window.question] = (score.item(), window.spans[i][0], window.spans[j][1])
+    return {question: (start, end) for question, (_, start, end) in best.items()}
+
+
+def normalize_answer(text: str) -> str:
+    """The SQuAD evaluation's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(predicted: str, gold: str) -> float:
+    """SQuAD's F1 over the normalised words of two answers."""
+    ours, theirs = normalize_answer(predicted).split(), normalize_answer(gold).split()
+    common = sum((Counter(ours) & Counter(theirs)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(ours), common / len(theirs)
+    return 2 * precision * recall / (precision + recall)
+
 class BertWithHead(nn.Module):
     """BERT with dropout and a linear layer on the pooled [CLS] vector, or on every token's hidden
-    state (``per_token``, for tagging)."""
+    state (``per_token``: tags, or qa's start and end logits)."""
 
     def __init__(self, bert: Bert, outputs: int, dropout: float, norm_eps: float, per_token: bool = False):
         super().__init__()
@@ -617,44 +841,37 @@ def macro_f1(predicted: Tensor, target: Tensor, classes: int) -> float:
     return 100.0 * sum(scores) / classes
 
 
-@register("recipe", "bert-finetune")
-class BertFinetune(BertRecipe):
-    """BERT fine-tuning (--set task=classify|classify-pair|tag) from a pretrain run or Hugging Face BERT."""
+# -- fine-tuning tasks ------------------------------------------------------------------------------
+class Task:
+    """What one fine-tuning task brings to BertFinetune: ``read`` (rows of every split and the names of
+    the head's outputs), ``texts`` (to train WordPiece on), ``encode``, ``batch``, ``loss``,
+    ``evaluate`` and ``predict_file``."""
 
-    config_file = "bert-finetune.yaml"
-    labels: list[str]
+    per_token = False
 
-    def prepare(self, run_dir: Path | None = None) -> None:
-        task, data, seed = self.config["task"], self.config["data"], self.config["seed"]
-        if task not in TASKS:
-            raise UsageError(f"unknown task '{task}' (valid: {', '.join(TASKS)})")
-        builtin = {"classify": classify_corpus, "classify-pair": pair_corpus, "tag": tag_corpus}[task]
-        splits = load_splits(data["name"], lambda: builtin(seed), seed, hub_config=data["hub_config"])
-        read = self._tagged_rows if task == "tag" else self._rows
-        rows = {split: read(splits[split], split) for split in SPLITS}
-        if run_dir is not None:
-            self.load(run_dir)
-        else:
-            if task == "tag":
-                self.labels = sorted({t for _, tags in rows["train"] for t in tags}, key=lambda t: (t != "O", t))
-            else:
-                self.labels = label_names(splits["train"], data["label_column"])
-            if self.config["init"]:
-                self.tokenizer = load_tokenizer(Path(self.config["init"]))
-            else:
-                texts = [" ".join(words) for words, _ in rows["train"]] if task == "tag" else [t for f, _ in rows["train"] for t in f]
-                self.tokenizer = train_wordpiece(texts, data["vocab_size"], SPECIALS)
-        check_specials(self.tokenizer, self.config["init"] or "this run")
-        encode = self._encode_tagged if task == "tag" else self._encode_rows
-        self.examples = {split: encode(rows[split], split) for split in SPLITS}
+    def __init__(self, recipe: BertFinetune):
+        self.recipe, self.config = recipe, recipe.config
 
-    def _text_columns(self) -> list[str]:
+    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=IGNORE)
+
+
+class Classify(Task):
+    """A label per sentence: labels with probabilities, accuracy and macro-F1."""
+
+    pair = False
+
+    def read(self, seed: int) -> tuple[dict[str, list], list[str]]:
         data = self.config["data"]
-        return [data["text_column"]] + ([data["text_pair_column"]] if self.config["task"] == "classify-pair" else [])
+        builtin = pair_corpus if self.pair else classify_corpus
+        splits = load_splits(data["name"], lambda: builtin(seed), seed, hub_config=data["hub_config"])
+        return {split: self._rows(splits[split], split) for split in SPLITS}, label_names(splits["train"], data["label_column"])
 
     def _rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], str]]:
         """(texts, label name) per row; a row without its texts or label is an error naming the row."""
-        text_columns, label_column = self._text_columns(), self.config["data"]["label_column"]
+        data = self.config["data"]
+        text_columns = [data["text_column"]] + ([data["text_pair_column"]] if self.pair else [])
+        label_column = data["label_column"]
         require_columns(rows, split, [*text_columns, label_column], "data.text_column, data.text_pair_column and data.label_column")
         feature = rows.features[label_column]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
@@ -667,16 +884,78 @@ class BertFinetune(BertRecipe):
             out.append((fields, names[label] if names is not None else str(label)))
         return out
 
-    def _encode_rows(self, rows: list[tuple[list[str], str]], split: str) -> list[tuple[list[int], list[int], int]]:
-        index = {name: i for i, name in enumerate(self.labels)}
+    def texts(self, rows: list[tuple[list[str], str]]) -> list[str]:
+        return [text for fields, _ in rows for text in fields]
+
+    def encode(self, rows: list[tuple[list[str], str]], split: str) -> list[tuple[list[int], list[int], int]]:
+        index = {name: i for i, name in enumerate(self.recipe.labels)}
         out = []
         for i, (fields, name) in enumerate(rows):
             if name not in index:
                 raise UsageError(f"the {split} data's row {i + 1} has label '{name}', which the training data does not have")
-            out.append((*self.encode(*fields), index[name]))
+            out.append((*self.recipe.encode(*fields), index[name]))
         return out
 
-    def _tagged_rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], list[str]]]:
+    def batch(self, examples: list[tuple[list[int], list[int], int]]) -> Batch:
+        return {
+            "token_ids": pad([ids for ids, _, _ in examples]),
+            "segment_ids": pad([segments for _, segments, _ in examples], 0),
+            "labels": torch.tensor([label for _, _, label in examples]),
+        }
+
+    def probabilities(self, model: nn.Module, examples: list[tuple[list[int], list[int], int]]) -> Tensor:
+        return torch.cat([logits.softmax(-1) for _, logits in self.recipe.outputs(model, examples)])
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        examples = self.recipe.examples[split]
+        predicted = self.probabilities(model, examples).argmax(-1)
+        target = torch.tensor([label for _, _, label in examples])
+        return {
+            "accuracy": 100.0 * (predicted == target).float().mean().item(),
+            "macro_f1": macro_f1(predicted, target, len(self.recipe.labels)),
+        }
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None) -> None:
+        """One line per input line (a pair as two tab-separated sentences): labels with probabilities."""
+        lines = read_lines(path)
+        labels = self.recipe.labels
+        top_k = min(top_k or self.config["predict"]["top_k"], len(labels))
+        examples, kept = [], []
+        for number, line in enumerate(lines, 1):
+            fields = line.split("\t")
+            if not line.strip() or (self.pair and len(fields) != 2):
+                what = "two tab-separated sentences" if self.pair else "a sentence"
+                print(f"warning: {path}:{number}: expected {what}, the output line is left empty", file=sys.stderr)
+                continue
+            examples.append((*self.recipe.encode(*(fields if self.pair else [line])), 0))
+            kept.append(number)
+        results = dict(zip(kept, self.probabilities(model, examples))) if examples else {}
+        for number in range(1, len(lines) + 1):
+            if number not in results:
+                out.write("\n")
+                continue
+            values, indices = results[number].topk(top_k)
+            out.write("\t".join(f"{labels[i]} {p:.3f}" for p, i in zip(values.tolist(), indices.tolist())) + "\n")
+
+
+class ClassifyPair(Classify):
+    """A label per pair of sentences, [CLS] A [SEP] B [SEP]."""
+
+    pair = True
+
+
+class Tag(Task):
+    """A label per word, read at its first sub-token: word/TAG predictions, entity F1."""
+
+    per_token = True
+
+    def read(self, seed: int) -> tuple[dict[str, list], list[str]]:
+        data = self.config["data"]
+        splits = load_splits(data["name"], lambda: tag_corpus(seed), seed, hub_config=data["hub_config"])
+        rows = {split: self._rows(splits[split], split) for split in SPLITS}
+        return rows, sorted({t for _, tags in rows["train"] for t in tags}, key=lambda t: (t != "O", t))
+
+    def _rows(self, rows: datasets.Dataset, split: str) -> list[tuple[list[str], list[str]]]:
         data = self.config["data"]
         columns = [data["tokens_column"], data["tags_column"]]
         require_columns(rows, split, columns, "data.tokens_column and data.tags_column")
@@ -689,20 +968,24 @@ class BertFinetune(BertRecipe):
             out.append((list(words), [names[t] for t in tags] if names else [str(t) for t in tags]))
         return out
 
+    def texts(self, rows: list[tuple[list[str], list[str]]]) -> list[str]:
+        return [" ".join(words) for words, _ in rows]
+
     def _encode_words(self, words: list[str]) -> tuple[list[int], list[int]]:
         """[CLS] sub-tokens [SEP] and, per position, the index of its word where it is the word's first
         sub-token (else IGNORE)."""
-        encoding = self.tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+        tokenizer = self.recipe.tokenizer
+        encoding = tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
         limit = self.config["data"]["max_length"] - 2
         firsts, seen = [], set()
         for word in encoding.word_ids[:limit]:
             firsts.append(word if word is not None and word not in seen else IGNORE)
             seen.add(word)
-        cls, sep = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         return [cls, *encoding.ids[:limit], sep], [IGNORE, *firsts, IGNORE]
 
-    def _encode_tagged(self, rows: list[tuple[list[str], list[str]]], split: str) -> list[tuple[list[int], list[int], list[int]]]:
-        index = {name: i for i, name in enumerate(self.labels)}
+    def encode(self, rows: list[tuple[list[str], list[str]]], split: str) -> list[tuple[list[int], list[int], list[int]]]:
+        index = {name: i for i, name in enumerate(self.recipe.labels)}
         out = []
         for i, (words, tags) in enumerate(rows):
             unknown = set(tags) - set(index)
@@ -712,65 +995,25 @@ class BertFinetune(BertRecipe):
             out.append((ids, [0] * len(ids), [IGNORE if w == IGNORE else index[tags[w]] for w in firsts]))
         return out
 
-    def save(self, run_dir: Path) -> None:
-        super().save(run_dir)
-        runs.write_json(run_dir, "labels.json", self.labels)
-
-    def load(self, run_dir: Path) -> None:
-        super().load(run_dir)
-        self.labels = runs.read_json(run_dir, "labels.json")
-
-    def build_model(self) -> nn.Module:
-        m = self.config["model"]
-        bert = build_bert(self.tokenizer.get_vocab_size(), m)
-        return BertWithHead(bert, len(self.labels), m["dropout"], m["norm_eps"], per_token=self.config["task"] == "tag")
-
-    def _batch(self, examples: list[tuple[list[int], list[int], Any]]) -> Batch:
-        labels = [label for _, _, label in examples]
+    def batch(self, examples: list[tuple[list[int], list[int], list[int]]]) -> Batch:
         return {
             "token_ids": pad([ids for ids, _, _ in examples]),
             "segment_ids": pad([segments for _, segments, _ in examples], 0),
-            "labels": pad(labels, IGNORE) if self.config["task"] == "tag" else torch.tensor(labels),
+            "labels": pad([labels for _, _, labels in examples], IGNORE),
         }
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        examples, size = self.examples["train"], self.config["train"]["batch_size"]
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch))
-        for start in range(0, len(order), size):
-            yield self._batch([examples[i] for i in order[start : start + size].tolist()])
-
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-        logits = model(batch["token_ids"], batch["segment_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, -2), batch["labels"].flatten(), ignore_index=IGNORE)
-        return loss, int((batch["token_ids"] != PAD).sum())
-
-    @torch.no_grad()
-    def probabilities(self, model: nn.Module, examples: list[tuple[list[int], list[int], int]]) -> Tensor:
-        model.eval()
-        device = next(model.parameters()).device
-        size, out = self.config["predict"]["batch_size"], []
-        for start in range(0, len(examples), size):
-            batch = self._batch(examples[start : start + size])
-            out.append(model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().softmax(-1).cpu())
-        return torch.cat(out)
-
-    @torch.no_grad()
     def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]]) -> list[list[str]]:
         """The tag of each word, read at its first sub-token (the positions whose label is not IGNORE)."""
-        model.eval()
-        device = next(model.parameters()).device
-        size, out = self.config["predict"]["batch_size"], []
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            batch = self._batch(chunk)
-            predicted = model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).argmax(-1).cpu()
-            for row, (_, _, labels) in zip(predicted.tolist(), chunk):
-                out.append([self.labels[row[i]] for i, label in enumerate(labels) if label != IGNORE])
+        out = []
+        for chunk, logits in self.recipe.outputs(model, examples):
+            for row, (_, _, labels) in zip(logits.argmax(-1).tolist(), chunk):
+                out.append([self.recipe.labels[row[i]] for i, label in enumerate(labels) if label != IGNORE])
         return out
 
-    def _evaluate_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]]) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        examples = self.recipe.examples[split]
         predicted = self.predicted_tags(model, examples)
-        gold = [[self.labels[label] for label in labels if label != IGNORE] for _, _, labels in examples]
+        gold = [[self.recipe.labels[label] for label in labels if label != IGNORE] for _, _, labels in examples]
         true_spans = [entities(tags) for tags in gold]
         found_spans = [entities(tags) for tags in predicted]
         correct = sum(len(t & f) for t, f in zip(true_spans, found_spans))
@@ -784,45 +1027,9 @@ class BertFinetune(BertRecipe):
             "word_accuracy": 100.0 * sum(p == g for ps, gs in zip(predicted, gold) for p, g in zip(ps, gs)) / max(1, words),
         }
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        examples = self.examples[split]
-        if self.config["task"] == "tag":
-            return self._evaluate_tags(model, examples)
-        predicted = self.probabilities(model, examples).argmax(-1)
-        target = torch.tensor([label for _, _, label in examples])
-        return {
-            "accuracy": 100.0 * (predicted == target).float().mean().item(),
-            "macro_f1": macro_f1(predicted, target, len(self.labels)),
-        }
-
-    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
-        """One line per input line (a pair as two tab-separated sentences): labels with probabilities."""
-        lines = read_lines(path)
-        if self.config["task"] == "tag":
-            self._predict_tags(model, path, lines, out)
-            return
-        top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
-        pair = self.config["task"] == "classify-pair"
-        examples, kept = [], []
-        for number, line in enumerate(lines, 1):
-            fields = line.split("\t")
-            if not line.strip() or (pair and len(fields) != 2):
-                what = "two tab-separated sentences" if pair else "a sentence"
-                print(f"warning: {path}:{number}: expected {what}, the output line is left empty", file=sys.stderr)
-                continue
-            examples.append((*self.encode(*(fields if pair else [line])), 0))
-            kept.append(number)
-        results = dict(zip(kept, self.probabilities(model, examples))) if examples else {}
-        for number in range(1, len(lines) + 1):
-            if number not in results:
-                out.write("\n")
-                continue
-            values, indices = results[number].topk(top_k)
-            out.write("\t".join(f"{self.labels[i]} {p:.3f}" for p, i in zip(values.tolist(), indices.tolist())) + "\n")
-
-    def _predict_tags(self, model: nn.Module, path: Path, lines: list[str], out: TextIO) -> None:
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None) -> None:
         """One line per input line: each word as word/TAG; words past max_length are tagged O."""
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(read_lines(path), 1):
             words = line.split()
             if not words:
                 print(f"warning: {path}:{number}: empty line, its output is left empty", file=sys.stderr)
@@ -833,6 +1040,196 @@ class BertFinetune(BertRecipe):
             (tags,) = self.predicted_tags(model, [(ids, [0] * len(ids), labels)])
             tags += ["O"] * (len(words) - len(tags))
             out.write(" ".join(f"{word}/{tag}" for word, tag in zip(words, tags)) + "\n")
+
+
+class QuestionAnswering(Task):
+    """Extractive question answering (SQuAD v1.1): the answer's first and last token in the context,
+    scored by exact match and F1."""
+
+    per_token = True
+
+    def read(self, seed: int) -> tuple[dict[str, list], list[str]]:
+        data = self.config["data"]
+        path = Path(data["name"]).expanduser()
+        files = {split: path / f"{split}.json" for split in SPLITS} if path.is_dir() else {"train": path}
+        squad = {split: read_squad(file) for split, file in files.items() if file.suffix == ".json" and file.is_file()}
+        questions = {split: found for split, found in squad.items() if found is not None}
+        if questions and "train" not in questions:
+            raise UsageError(f"data folder {path} has no train.json beside {', '.join(f'{s}.json' for s in questions)}")
+        if not questions:  # the built-in data, JSON lines and Hugging Face datasets: rows in squad's layout
+            splits = load_splits(data["name"], lambda: qa_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
+            questions = {split: self._rows(rows, split) for split, rows in splits.items()}
+        return carve_by_context(questions, seed), ["start", "end"]
+
+    def _rows(self, rows: datasets.Dataset, split: str) -> list[Question]:
+        data = self.config["data"]
+        columns = [data["question_column"], data["context_column"], data["answers_column"]]
+        require_columns(rows, split, columns, "data.question_column, data.context_column and data.answers_column")
+        ids = rows["id"] if "id" in rows.column_names else [str(i + 1) for i in range(len(rows))]
+        out = []
+        for i, (qid, question, context, answers) in enumerate(zip(ids, *(rows[c] for c in columns))):
+            if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
+                raise UsageError(f"the {split} data's row {i + 1} has answers {answers!r}, not {{'text': [...], 'answer_start': [...]}}")
+            given = list(zip(answers["text"], answers["answer_start"]))
+            out.append(checked_question(f"the {split} data's row {i + 1}", str(qid), question, context, given))
+        return out
+
+    def texts(self, rows: list[Question]) -> list[str]:
+        return [q.question for q in rows] + list(dict.fromkeys(q.context for q in rows))
+
+    def encode(self, rows: list[Question], split: str) -> list[Window]:
+        """Every window of every question; a question trains on its first answer, as in HF run_qa."""
+        data, tokenizer = self.config["data"], self.recipe.tokenizer
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        asked = self.recipe.token_ids([q.question for q in rows])
+        contexts = tokenizer.encode_batch([q.context for q in rows], add_special_tokens=False)
+        out = []
+        for number, (question, ids, context) in enumerate(zip(rows, asked, contexts)):
+            answer = (question.answers[0][1], question.answers[0][1] + len(question.answers[0][0])) if question.answers else None
+            out += windows(ids, context.ids, context.offsets, answer, data["max_length"], data["doc_stride"], number, cls, sep)
+        return out
+
+    def batch(self, examples: list[Window]) -> Batch:
+        return {
+            "token_ids": pad([w.ids for w in examples]),
+            "segment_ids": pad([w.segments for w in examples], 0),
+            "start": torch.tensor([w.start for w in examples]),
+            "end": torch.tensor([w.end for w in examples]),
+        }
+
+    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        return (F.cross_entropy(logits[..., 0], batch["start"]) + F.cross_entropy(logits[..., 1], batch["end"])) / 2
+
+    def answers(self, model: nn.Module, rows: list[Question], examples: list[Window]) -> list[tuple[int, int]]:
+        """Each question's answer as characters [start, end) of its context."""
+        logits = [row for chunk, out in self.recipe.outputs(model, examples) for row in out]
+        spans = answer_spans(examples, logits, self.config["data"]["max_answer_length"])
+        return [spans[number] for number in range(len(rows))]
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        rows = self.recipe.rows[split]
+        exact = f1 = 0.0
+        for question, (start, end) in zip(rows, self.answers(model, rows, self.recipe.examples[split])):
+            predicted = question.context[start:end]
+            exact += max(float(normalize_answer(predicted) == normalize_answer(text)) for text, _ in question.answers)
+            f1 += max(answer_f1(predicted, text) for text, _ in question.answers)
+        return {"exact_match": 100.0 * exact / max(1, len(rows)), "f1": 100.0 * f1 / max(1, len(rows))}
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None) -> None:
+        """One line per question: the answer, its first and end character in the context
+        (context[start:end]), and the question's id where the input has ids. The input is a SQuAD
+        .json file, a .jsonl file of question/context rows, or lines of question<TAB>context; a bad
+        row or line leaves its output line empty."""
+        found = self._questions(path)
+        rows = [q for q in found if q is not None]
+        spans = iter(self.answers(model, rows, self.encode(rows, "predict")) if rows else [])
+        for question in found:
+            if question is None:
+                out.write("\n")
+                continue
+            start, end = next(spans)
+            answer = re.sub(r"[\t\r\n]", " ", question.context[start:end])  # one line per answer, as long as its span
+            out.write("\t".join([answer, str(start), str(end)] + ([question.id] if question.id else [])) + "\n")
+
+    def _questions(self, path: Path) -> list[Question | None]:
+        """The questions of a predict input; None for a bad row or line, which is warned about."""
+        if path.suffix == ".json":
+            if not path.is_file():
+                raise UsageError(f"{path}: no such file")
+            found = read_squad(path, answers=False)
+            if found is None:
+                raise UsageError(f"{path}: not one JSON object in SQuAD's layout (use .jsonl for a question and context per line)")
+            return list(found)
+        data = self.config["data"]
+        out: list[Question | None] = []
+        for number, line in enumerate(read_lines(path), 1):
+            try:
+                if path.suffix == ".jsonl":
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise UsageError("expected a JSON object")
+                    qid, question, context = str(row.get("id", "")), row.get(data["question_column"]), row.get(data["context_column"])
+                elif "\t" in line:
+                    question, context = line.split("\t", 1)
+                    qid = ""
+                else:
+                    raise UsageError("expected a question and its context separated by a tab")
+                out.append(checked_question("the line", qid, question, context, None))
+            except (UsageError, json.JSONDecodeError) as e:
+                print(f"warning: {path}:{number}: {e}; the output line is left empty", file=sys.stderr)
+                out.append(None)
+        return out
+
+
+TASKS = {"classify": Classify, "classify-pair": ClassifyPair, "tag": Tag, "qa": QuestionAnswering}
+
+
+@register("recipe", "bert-finetune")
+class BertFinetune(BertRecipe):
+    """BERT fine-tuning (--set task=classify|classify-pair|tag|qa) from a pretrain run or Hugging Face BERT."""
+
+    config_file = "bert-finetune.yaml"
+    labels: list[str]  # the names of the head's outputs: classes, tags, or start and end
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        if config["task"] not in TASKS:
+            raise UsageError(f"unknown task '{config['task']}' (valid: {', '.join(TASKS)})")
+        self.task = TASKS[config["task"]](self)
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        rows, labels = self.task.read(self.config["seed"])
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            self.labels = labels
+            if self.config["init"]:
+                self.tokenizer = load_tokenizer(Path(self.config["init"]))
+            else:
+                self.tokenizer = train_wordpiece(self.task.texts(rows["train"]), self.config["data"]["vocab_size"], SPECIALS)
+        check_specials(self.tokenizer, self.config["init"] or "this run")
+        self.rows = rows
+        self.examples = {split: self.task.encode(rows[split], split) for split in SPLITS}
+
+    def save(self, run_dir: Path) -> None:
+        super().save(run_dir)
+        runs.write_json(run_dir, "labels.json", self.labels)
+
+    def load(self, run_dir: Path) -> None:
+        super().load(run_dir)
+        self.labels = runs.read_json(run_dir, "labels.json")
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        bert = build_bert(self.tokenizer.get_vocab_size(), m)
+        return BertWithHead(bert, len(self.labels), m["dropout"], m["norm_eps"], per_token=self.task.per_token)
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        examples, size = self.examples["train"], self.config["train"]["batch_size"]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch))
+        for start in range(0, len(order), size):
+            yield self.task.batch([examples[i] for i in order[start : start + size].tolist()])
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        logits = model(batch["token_ids"], batch["segment_ids"])
+        return self.task.loss(logits.float(), batch), int((batch["token_ids"] != PAD).sum())
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, examples: list) -> Iterator[tuple[list, Tensor]]:
+        """(examples, their logits on the CPU), predict.batch_size examples at a time."""
+        model.eval()
+        device = next(model.parameters()).device
+        size = self.config["predict"]["batch_size"]
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            batch = self.task.batch(chunk)
+            yield chunk, model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().cpu()
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        return self.task.evaluate(model, split)
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
+        self.task.predict_file(model, path, out, top_k)
 
     # -- starting points ----------------------------------------------------------------------------
     @classmethod

@@ -1,9 +1,11 @@
-"""BERT: masking, sentence pairs, tied weights, pretraining learns, predict and inspection, HF import."""
+"""BERT: masking, sentence pairs, tied weights, pretraining learns, predict and inspection, HF import,
+fine-tuning tasks (classify, classify-pair, tag, qa)."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ from conftest import quiet
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
+from tfkit.data import train_wordpiece
+from tfkit.errors import UsageError
 from tfkit.recipes.bert import (
-    CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, bert_weights_from_hf,
-    mask_tokens, nsp_pairs, pair_ids,
+    CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, answer_spans,
+    bert_weights_from_hf, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, windows,
 )
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
@@ -262,7 +266,7 @@ def test_finetune_on_user_csv_and_bad_rows(capsys, tmp_path):
     one_error_line(err, "lacks a text or a label")
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--set", "task=translate")
     assert code == 2
-    one_error_line(err, "unknown task 'translate' (valid: classify, classify-pair, tag)")
+    one_error_line(err, "unknown task 'translate' (valid: classify, classify-pair, tag, qa)")
 
 
 def test_finetune_from_a_hugging_face_folder(tmp_path):
@@ -314,3 +318,176 @@ def test_conll_files_train_and_malformed_lines_are_named(capsys, tmp_path):
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(bad), *args)
     assert code == 2
     one_error_line(err, "bad.conll:13: expected a word and its tag")
+
+
+# -- question answering -----------------------------------------------------------------------------
+def squad_file(path, paragraphs):
+    """A SQuAD v1.1 file of one article; paragraphs are (context, [(id, question, answer text, answer start)])."""
+    written = [
+        {"context": context, "qas": [{"id": i, "question": q, "answers": [{"text": t, "answer_start": s}]} for i, q, t, s in qas]}
+        for context, qas in paragraphs
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": written}]}))
+    return path
+
+
+def warehouse(n: int) -> list:
+    """Contexts about numbered items, each with a question whose answer is a year in it."""
+    colours = ["red", "green", "blue", "grey"]
+    paragraphs = []
+    for i in range(n):
+        context = f"Item {i} is {colours[i % 4]}. It was built in {1900 + i} in the north hall."
+        paragraphs.append((context, [(f"q{i}", f"When was item {i} built?", str(1900 + i), context.index(str(1900 + i)))]))
+    return paragraphs
+
+
+def test_squad_files_train_and_malformed_entries_are_named(capsys, tmp_path):
+    good = squad_file(tmp_path / "items.json", warehouse(40))
+    (question,) = read_squad(squad_file(tmp_path / "one.json", warehouse(1)))
+    assert question == Question("q0", "When was item 0 built?", "Item 0 is red. It was built in 1900 in the north hall.", [("1900", 31)])
+    args = ["--set", "task=qa", "--set", "data.vocab_size=100", "--set", "model.d_model=32", "--set", "model.d_ff=64",
+            "--set", "model.layers=1", "--set", "data.max_length=32", "--set", "data.doc_stride=8", "--max-steps", "2"]
+    code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(good), "--out", str(tmp_path / "run"), *args)
+    assert code == 0, err
+    recipe, _ = runs.open_run(tmp_path / "run")
+    recipe.prepare(tmp_path / "run")
+    contexts = {split: {q.context for q in rows} for split, rows in recipe.rows.items()}
+    assert [len(contexts[s]) for s in ("train", "validation", "test")] == [36, 2, 2]  # held out whole contexts
+    assert not contexts["train"] & (contexts["validation"] | contexts["test"])
+
+    context = "Item 9 is blue. It was built in 1909."
+    cases = [
+        ([{"id": "q9", "answers": [{"text": "1909", "answer_start": 32}]}], "data[0].paragraphs[40].qas[0] (id q9) lacks 'question'"),
+        ([{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 99}]}],
+         "data[0].paragraphs[40].qas[0] (id q9): answer_start 99 does not fit"),
+        ([{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 30}]}],
+         "data[0].paragraphs[40].qas[0] (id q9): the answer '1909' is not the context's text at 30 ('n 19')"),
+        ([{"id": "q9", "question": "When?", "answers": []}], "data[0].paragraphs[40].qas[0] (id q9) has no answer"),
+    ]
+    for qas, fragment in cases:
+        data = json.loads(good.read_text())
+        data["data"][0]["paragraphs"].append({"context": context, "qas": qas})
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(data))
+        code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(bad), *args)
+        assert code == 2
+        one_error_line(err, f"{bad}: {fragment}")
+    rows = tmp_path / "rows.jsonl"  # Hugging Face squad's layout, one row per line
+    shifted = [{"question": q, "context": c, "answers": {"text": [t], "answer_start": [s + 1]}} for c, [(_, q, t, s)] in warehouse(20)]
+    rows.write_text("".join(json.dumps(row) + "\n" for row in shifted))
+    code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(rows), *args)
+    assert code == 2
+    one_error_line(err, "the train data's row 1: the answer '1900' is not the context's text at 32 ('900 ')")
+
+
+def test_windows_overlap_by_the_stride_and_map_the_answer_back():
+    context = " ".join(f"Sentence {i} names the module number {i * 7}." for i in range(30))
+    answer = "module number 112"
+    start = context.index(answer)
+    tokenizer = train_wordpiece([context, "Which module is named?"], 200, SPECIALS)
+    encoding = tokenizer.encode(context, add_special_tokens=False)
+    question = tokenizer.encode("Which module is named?", add_special_tokens=False).ids
+    found = windows(question, encoding.ids, encoding.offsets, (start, start + len(answer)), 40, 10)
+    room = 40 - len(question) - 3
+    assert len(found) > 3 and all(len(w.ids) == 40 for w in found[:-1]) and len(found[-1].ids) <= 40
+    for before, after in zip(found, found[1:]):
+        assert before.spans[-10:] == after.spans[:10] and len(before.spans) == room  # consecutive windows share 10 tokens
+    assert found[0].spans[0] == encoding.offsets[0] and found[-1].spans[-1] == encoding.offsets[-1]
+    for w in found:
+        assert w.ids[: len(question) + 2] == [CLS, *question, SEP] and w.ids[-1] == SEP
+        assert w.segments == [0] * (len(question) + 2) + [1] * (len(w.ids) - len(question) - 2)
+    holding = [w for w in found if w.start]
+    assert 1 <= len(holding) <= 2
+    for w in holding:
+        first, last = w.spans[w.start - w.context_start], w.spans[w.end - w.context_start]
+        assert context[first[0] : last[1]] == answer
+    assert all(w.start == w.end == 0 for w in found if w not in holding)  # the others point at [CLS]
+    long_question = windows(list(range(100, 150)), encoding.ids, encoding.offsets, None, 40, 10)
+    assert long_question[0].ids[:22] == [CLS, *range(100, 120), SEP]  # a question keeps half the window
+    with pytest.raises(UsageError, match="data.doc_stride 20 must be smaller than the 17 context tokens"):
+        windows(list(range(100, 150)), encoding.ids, encoding.offsets, None, 40, 20)
+
+
+def test_answer_spans_pick_the_best_legal_span_across_windows():
+    def window(question, spans):  # [CLS] one question token [SEP] context tokens [SEP]
+        return Window([CLS, 7, SEP, *range(10, 10 + len(spans)), SEP], [0] * 3 + [1] * (len(spans) + 1), 0, 0, question, 3, spans)
+
+    spans = [(0, 3), (4, 9), (10, 12), (13, 20)]
+    found = [window(0, spans), window(0, spans), window(0, spans[1:]), window(1, spans[:2])]
+    logits = [torch.full((len(w.ids), 2), -10.0) for w in found]
+    logits[0][:3] = 50.0  # [CLS] and the question are never answers
+    logits[0][5, 0] = logits[0][4, 1] = 9.0  # ends before it starts
+    logits[1][3, 0] = logits[1][6, 1] = 6.0  # four tokens: longer than max_answer_length 3
+    logits[2][3, 0], logits[2][4, 1] = 3.0, 2.5  # the best legal span: the third window's first two tokens
+    logits[3][4, 0] = logits[3][4, 1] = 1.0  # another question's one-token answer
+    assert answer_spans(found, logits, 3) == {0: (4, 12), 1: (4, 9)}
+    assert answer_spans(found, logits, 4)[0] == (0, 20)  # four tokens are allowed now, and score 12
+
+
+def test_squad_normalisation_exact_match_and_f1():
+    assert normalize_answer("The Cat!") == normalize_answer("cat") == "cat"
+    assert normalize_answer("  an  Apple, a day. ") == "apple day"
+    assert answer_f1("Denver Broncos", "The Denver Broncos") == 1.0
+    assert answer_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)  # precision 1, recall 2/3
+    assert answer_f1("Santa Clara, California", "Levi's Stadium") == 0.0
+    assert answer_f1("the", "a") == 0.0  # nothing left to compare, as the SQuAD script scores it
+
+
+QA_SETTINGS = ["task=qa", "data.vocab_size=1500", "data.max_length=64", "data.doc_stride=16", "train.steps=300", "train.lr=0.002"]
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory):
+    return finetune(tmp_path_factory.mktemp("qa"), "run", *QA_SETTINGS)
+
+
+def test_qa_learns_the_built_in_questions(qa_run):
+    records = [r for r in runs.read_metrics(qa_run.run_dir) if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"] / 3
+    recipe = qa_run.recipe
+    assert max(Counter(w.question for w in recipe.examples["train"]).values()) > 1  # long contexts take several windows
+    torch.manual_seed(1)
+    untrained = recipe.build_model()
+    for split in ("validation", "test"):
+        trained, random_model = recipe.evaluate(qa_run.model, split), recipe.evaluate(untrained, split)
+        assert set(trained) == {"exact_match", "f1"}
+        assert trained["exact_match"] > 20 and trained["f1"] > 30, trained  # measured about 36 and 48
+        assert random_model["exact_match"] < 5 and random_model["f1"] < 15, random_model
+
+
+def test_qa_predict_and_inspect(capsys, qa_run, tmp_path):
+    context = "Return None if the queue is empty. Raise ValueError if the timeout is negative."
+    lines = tmp_path / "questions.tsv"
+    lines.write_text(f"Raise which exception if the timeout is negative?\t{context}\nno context here\nWhat does it return?\t{context}\n")
+    code, out, err = tfkit(capsys, "predict", str(qa_run.run_dir), str(lines))
+    assert code == 0, err
+    rows = out.split("\n")[:3]
+    assert rows[1] == "" and "questions.tsv:2: expected a question and its context separated by a tab" in err
+    for row in (rows[0], rows[2]):
+        answer, start, end = row.split("\t")
+        assert answer and context[int(start) : int(end)] == answer
+    asked = [("a1", "Raise which exception if the timeout is negative?", "ValueError", context.index("ValueError"))]
+    squad = squad_file(tmp_path / "asked.json", [(context, asked)])
+    jsonl = tmp_path / "asked.jsonl"
+    jsonl.write_text(json.dumps({"id": "b2", "question": "Which constant is returned?", "context": context}) + "\n{not json\n")
+    code, out, err = tfkit(capsys, "predict", str(qa_run.run_dir), str(squad), str(jsonl))
+    assert code == 0, err
+    first, second, third = out.split("\n")[:3]
+    assert first.split("\t")[3] == "a1" and second.split("\t")[3] == "b2" and third == ""
+    assert "asked.jsonl:2:" in err
+    not_squad = tmp_path / "list.json"
+    not_squad.write_text("[1, 2]")
+    code, _, err = tfkit(capsys, "predict", str(qa_run.run_dir), str(not_squad))
+    assert code == 2
+    one_error_line(err, "list.json: not one JSON object in SQuAD's layout")
+    code, _, err = tfkit(capsys, "inspect-attention", str(qa_run.run_dir), f"Which constant is returned?\t{context}", "--out", str(tmp_path / "att"))
+    assert code == 0, err
+    described = json.loads((tmp_path / "att" / "tokens.json").read_text())
+    tokens = described["axes"]["tokens"]
+    assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and described["segments"][-1] == 1
+
+
+def test_qa_starts_from_a_pretrain_run(pretrained_run, tmp_path):
+    trainer = finetune(tmp_path, "qa", "task=qa", "data.max_length=64", "data.doc_stride=16", "train.steps=2", init=pretrained_run)
+    assert (trainer.run_dir / "tokenizer.json").read_text() == (pretrained_run / "tokenizer.json").read_text()
+    assert set(trainer.recipe.evaluate(trainer.model, "validation")) == {"exact_match", "f1"}
