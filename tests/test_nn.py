@@ -222,10 +222,10 @@ def test_token_embedding_sums_token_segment_and_position_then_normalises():
 
 # -- the registry --------------------------------------------------------------------------------
 TESTED = {
-    "embedding": {"patch", "token"},  # patch: tests/test_vit.py
-    "attention": {"scaled_dot_product", "multi_head"},
+    "embedding": {"patch", "token", "conv2d_subsampling"},  # patch: tests/test_vit.py; conv2d_subsampling: test_conformer.py
+    "attention": {"scaled_dot_product", "multi_head", "relative_multi_head"},  # relative: test_conformer.py
     "position": {"sinusoidal", "learned"},
-    "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS),
+    "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS) | {"conformer"},  # conformer: test_conformer.py
     "activation": set(ACTIVATIONS),
 }
 
