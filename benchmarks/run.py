@@ -20,10 +20,11 @@ where matmul FLOP/s is the median of a 2048×2048 @ 2048×2048 product (2·2048�
 
 6 = 2 FLOPs per multiply-add × 3 (the forward pass and the two matmuls of its backward). Counted
 weights: attention projections, feed-forward layers, the output layer / classifier, the ViT patch
-projection; not embeddings looked up by index, biases, LayerNorms, softmax or the optimiser.
+projection, the Conformer's convolutions (each kernel weight × the output positions it makes); not embeddings looked up by index, biases, LayerNorms, softmax or the optimiser.
 Cross-attention's key and value projections multiply source tokens. The attention term counts QKᵀ and
 the weighted sum of V over the full queries × keys grid, causal or not. Both sides of a row share the
-same formula, so their MFU differ exactly as their speeds do. BERT's MLM transform and output layer
+same formula, so their MFU differ exactly as their speeds do; tfkit's relative-position projection,
+which the peer lacks, is not counted. BERT's MLM transform and output layer
 count only the positions chosen for prediction (15%), the useful work, for both sides: tfkit computes
 them there only, transformers' BertForPreTraining at every position and ignores the rest (-100 labels),
 so the peer's extra work shows as lower MFU rather than more FLOPs.
@@ -229,6 +230,59 @@ def vit_training() -> Row:
     patches = (size // patch) ** 2
     matmuls = [(3 * patch * patch * d, patches), (depth * (4 * d * d + 2 * d * f), patches + 1), (d * classes, 1)]
     return Row("ViT training step", ours, peer, flops=train_flops(batch, d, matmuls, [(depth, patches + 1, patches + 1)]))
+
+
+CONFORMER = {"mels": 80, "frames": 400, "d_model": 144, "layers": 4, "heads": 4, "d_ff": 576, "kernel": 31, "batch": 8, "vocab": 32}
+
+
+class TorchaudioConformerCTC(nn.Module):
+    """The peer: torchaudio's Conformer (absolute-position-free attention, plain batch norm) between
+    the same subsampling and CTC head as tfkit's."""
+
+    def __init__(self, mels: int, vocab: int, d_model: int, heads: int, d_ff: int, layers: int, kernel: int, **_):
+        super().__init__()
+        from torchaudio.models import Conformer
+
+        from tfkit.nn.conformer import ConvolutionSubsampling
+
+        self.subsampling = ConvolutionSubsampling(mels, d_model, d_model, 0.1)
+        self.encoder = Conformer(d_model, heads, d_ff, layers, kernel, dropout=0.1)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x, lengths = self.subsampling(features, lengths)
+        x, lengths = self.encoder(x, lengths)
+        return self.head(x).log_softmax(-1), lengths
+
+
+@row("Conformer training step (CTC)")
+def conformer_training() -> Row:
+    from tfkit.recipes.conformer import ConformerCTC
+
+    c = CONFORMER
+    batch, d, f = c["batch"], c["d_model"], c["d_ff"]
+    lengths = torch.linspace(c["frames"], 0.75 * c["frames"], batch).long()  # padding exercises the masks
+    features = torch.randn(batch, c["frames"], c["mels"])
+    targets, target_lengths = torch.randint(1, c["vocab"], (batch * 40,)), torch.full((batch,), 40)
+
+    def loss(model: nn.Module) -> Tensor:
+        log_probs, out_lengths = model(features, lengths)
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, zero_infinity=True)
+
+    torch.manual_seed(0)
+    ours = ConformerCTC(c["mels"], c["vocab"], d, d, c["heads"], f, c["layers"], c["kernel"], 0.1, 0.0, "swish", "relative_multi_head")
+    torch.manual_seed(0)
+    peer = TorchaudioConformerCTC(**c)
+    t1, f1 = (c["frames"] - 1) // 2, (c["mels"] - 1) // 2
+    n, f2 = (t1 - 1) // 2, (f1 - 1) // 2
+    block = 2 * 2 * d * f + 4 * d * d + 3 * d * d  # two feed-forwards, attention, the conv module's pointwise convs
+    matmuls = [
+        (9 * d, t1 * f1), (9 * d * d, n * f2), (f2 * d * d, n),  # subsampling convolutions and projection
+        (c["layers"] * block, n), (c["layers"] * c["kernel"] * d, n),  # blocks, depthwise convolutions
+        (d * c["vocab"], n),  # CTC head
+    ]
+    return Row("Conformer training step (CTC)", training_side("tfkit", ours, loss), training_side("torchaudio", peer, loss),
+               flops=train_flops(batch, d, matmuls, [(c["layers"], n, n)]))
 
 
 BERT = {"vocab": 8000, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 4, "dropout": 0.1, "length": 128, "batch": 16}
