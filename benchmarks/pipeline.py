@@ -1,6 +1,6 @@
 """Is the data pipeline ever the bottleneck, and how much padding does length bucketing save?
 
-    python benchmarks/pipeline.py [--steps N] [--recipes translation vit bert-pretrain]
+    python benchmarks/pipeline.py [--steps N] [--recipes translation vit bert-pretrain conformer]
 
 For each recipe (default config, built-in data, CPU): the same training steps are timed twice, once
 drawing batches from the recipe's own loader (``Trainer._stream``, as ``tfkit train`` does) and once
@@ -16,7 +16,9 @@ import itertools
 import random
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -25,7 +27,19 @@ from rich.table import Table
 from tfkit import registry
 from tfkit.train import Trainer
 
-PADDED = {"translation": ("src", "tgt_in"), "bert-pretrain": ("token_ids",)}  # padded (B, T) inputs, pad id 0
+Lengths = Callable[[dict[str, torch.Tensor]], list[tuple[torch.Tensor, int]]]
+
+
+def token_rows(*keys: str) -> Lengths:
+    """Padded (B, T) token inputs, pad id 0 → per input: the real lengths and the padded width."""
+    return lambda batch: [((batch[key] != 0).sum(1), batch[key].size(1)) for key in keys]
+
+
+PADDED: dict[str, Lengths] = {
+    "translation": token_rows("src", "tgt_in"),
+    "bert-pretrain": token_rows("token_ids"),
+    "conformer": lambda batch: [(batch["lengths"], batch["features"].size(1))],
+}
 
 
 def steps_per_second(trainer: Trainer, batches, steps: int) -> float:
@@ -37,17 +51,18 @@ def steps_per_second(trainer: Trainer, batches, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def padding(batches: list[dict[str, torch.Tensor]], keys: tuple[str, ...], seed: int = 0) -> tuple[float, float]:
+def padding(batches: list[dict[str, torch.Tensor]], lengths_of: Lengths, seed: int = 0) -> tuple[float, float]:
     """(bucketed, random) padding fractions over the given batches' padded inputs."""
-    bucketed = random_total = random_pad = real_total = 0
-    for key in keys:
-        lengths, sizes = [], []
-        for batch in batches:
-            rows = (batch[key] != 0).sum(1)
-            lengths += rows.tolist()
-            sizes.append(len(rows))
-            bucketed += batch[key].numel() - int(rows.sum())
-            real_total += batch[key].numel()
+    streams: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))  # per input: lengths, batch sizes
+    bucketed = total = 0
+    for batch in batches:
+        for i, (lengths, width) in enumerate(lengths_of(batch)):
+            streams[i][0].extend(lengths.tolist())
+            streams[i][1].append(len(lengths))
+            bucketed += width * len(lengths) - int(lengths.sum())
+            total += width * len(lengths)
+    random_pad = random_total = 0
+    for lengths, sizes in streams.values():
         random.Random(seed).shuffle(lengths)
         start = 0
         for size in sizes:
@@ -55,13 +70,13 @@ def padding(batches: list[dict[str, torch.Tensor]], keys: tuple[str, ...], seed:
             start += size
             random_total += max(group) * len(group)
             random_pad += max(group) * len(group) - sum(group)
-    return bucketed / real_total, random_pad / random_total
+    return bucketed / total, random_pad / random_total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--recipes", nargs="+", default=["translation", "vit", "bert-pretrain"])
+    parser.add_argument("--recipes", nargs="+", default=["translation", "vit", "bert-pretrain", "conformer"])
     args = parser.parse_args()
     registry.load_all()
     console = Console()

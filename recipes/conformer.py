@@ -121,18 +121,21 @@ class LogMel(nn.Module):
         return (features - features.mean(0)) / (features.std(0) + 1e-5)
 
 
-def spec_augment(features: Tensor, cfg: dict[str, Any]) -> Tensor:
-    """SpecAugment (Park et al., 2019) on one utterance (T, F): frequency masks up to ``freq_width``
-    bins, and time masks up to ``time_width`` frames but never more than ``time_ratio`` of the
-    utterance, so short utterances keep their words. Masked cells get 0, the normalised mean."""
-    spectrogram = features.T  # torchaudio masks (..., freq, time)
-    frequency = torchaudio.transforms.FrequencyMasking(cfg["freq_width"])
-    time = torchaudio.transforms.TimeMasking(cfg["time_width"], p=cfg["time_ratio"])
+def spec_augment(features: Tensor, lengths: Tensor, cfg: dict[str, Any]) -> Tensor:
+    """SpecAugment (Park et al., 2019) on a padded batch (B, T, F): frequency masks up to
+    ``freq_width`` bins, drawn per utterance, and time masks up to ``time_width`` frames but never
+    more than ``time_ratio`` of each utterance's own length, so short utterances keep their words.
+    Masked cells get 0, the normalised mean. Returns a new tensor."""
+    spectrograms = features.transpose(1, 2)[:, None]  # torchaudio masks (batch, channel, freq, time)
+    frequency = torchaudio.transforms.FrequencyMasking(cfg["freq_width"], iid_masks=True)
     for _ in range(cfg["freq_masks"]):
-        spectrogram = frequency(spectrogram)
-    for _ in range(cfg["time_masks"]):
-        spectrogram = time(spectrogram)
-    return spectrogram.T
+        spectrograms = frequency(spectrograms)
+    time = torchaudio.transforms.TimeMasking(cfg["time_width"], p=cfg["time_ratio"])
+    spectrograms = spectrograms.clone()
+    for i, length in enumerate(lengths.tolist()):  # per utterance: the cap depends on its length
+        for _ in range(cfg["time_masks"]):
+            spectrograms[i, :, :, :length] = time(spectrograms[i, :, :, :length])
+    return spectrograms[:, 0].transpose(1, 2)
 
 
 class ConformerCTC(nn.Module):
@@ -257,7 +260,8 @@ class Conformer(Recipe):
             # run replays the same masks and the model's own randomness is left untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
-                batch, lengths = pad_features([spec_augment(features[i], self.config["specaugment"]) for i in rows])
+                batch, lengths = pad_features([features[i] for i in rows])
+                batch = spec_augment(batch, lengths, self.config["specaugment"])
             labels = [self.labels[i] for i in rows]
             targets = torch.tensor([t for label in labels for t in label])
             yield {"features": batch, "lengths": lengths, "targets": targets, "target_lengths": torch.tensor([len(t) for t in labels])}

@@ -125,16 +125,19 @@ def test_conformer_block_gives_each_utterance_the_same_output_alone_or_padded():
 def test_spec_augment_masks_within_bounds_and_only_in_training(monkeypatch):
     cfg = {"freq_masks": 2, "freq_width": 10, "time_masks": 3, "time_width": 40, "time_ratio": 0.05}
     torch.manual_seed(0)
-    for length in (50, 200, 600):
-        features = torch.randn(length, 80) + 5.0  # no cell is 0 before masking
-        masked = spec_augment(features, cfg)
-        zero = masked == 0
+    lengths = torch.tensor([600, 200, 50])
+    features = (torch.randn(600, 80) + 5.0).expand(3, 600, 80).clone()  # no cell is 0 before masking
+    masked = spec_augment(features, lengths, cfg)
+    for row, length in enumerate(lengths.tolist()):
+        zero = masked[row, :length] == 0
         bins, frames = zero.all(0), zero.all(1)
         assert torch.equal(zero, bins[None, :] | frames[:, None])  # whole bins and whole frames only
         assert bins.sum() <= 2 * 10
-        assert frames.sum() <= 3 * min(40, int(0.05 * length))
-        assert torch.equal(masked[~zero], features[~zero])
-    masked_any = [spec_augment(torch.randn(300, 80) + 5.0, cfg).eq(0).any() for _ in range(20)]
+        assert frames.sum() <= 3 * min(40, int(0.05 * length))  # the cap follows each utterance's length
+        assert torch.equal(masked[row, :length][~zero], features[row, :length][~zero])
+    masked_bins = [tuple((masked[row, :50] == 0).all(0).tolist()) for row in range(3)]
+    assert len(set(masked_bins)) > 1  # each utterance draws its own masks
+    masked_any = [spec_augment(features, lengths, cfg).eq(0).any() for _ in range(20)]
     assert sum(masked_any) >= 15
 
     recipe = registry.get("recipe", "conformer")(conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4"))
