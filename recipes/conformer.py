@@ -178,7 +178,7 @@ class Conformer(Recipe):
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
-        splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"])
+        splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"], split_names=data["splits"])
         self.texts, self.features = {}, {}
         for split in SPLITS:
             self.texts[split], self.features[split] = self._decode(splits[split], split)

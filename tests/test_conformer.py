@@ -193,8 +193,7 @@ def test_tiny_conformer_learns_the_built_in_speech(conformer_run):
     recipe, model = runs.open_run(conformer_run)
     recipe.prepare(conformer_run)
     metrics = recipe.evaluate(model, "test")
-    assert metrics["cer"] < 40, metrics
-    print(metrics)
+    assert metrics["cer"] < 20, metrics  # measured 5.6 (WER 21) on unseen voices; an untrained model is near 100
 
 
 def write_test_audio(run, tmp_path) -> tuple[list, list[str]]:
@@ -266,8 +265,9 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
         (tmp_path / f"{split}.csv").write_text("audio,text\n" + "".join(f"{p},{t}\n" for p, t in rows))
     code, out, err = tfkit(capsys, "train", "conformer", "--data", str(tmp_path), "--max-steps", "2",
                            "--set", "model.layers=1", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-                           "--set", "train.batch_size=4", "--out", str(tmp_path / "run"))
+                           "--set", "train.batch_size=4", "--set", "data.vocab_size=30", "--out", str(tmp_path / "run"))
     assert code == 0, err
+    assert runs.read_tokenizer(tmp_path / "run").get_vocab_size() == 30  # a BPE vocabulary, not characters
     assert "skipped 1 unreadable recordings in the train data" in err and "broken.wav" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "utterance0.wav", "sentence": "x"}\n' * 30)
@@ -294,3 +294,15 @@ def test_conformer_resumes_exactly(tmp_path):
     resumed.fit(progress=False)
     losses = [{r["step"]: r["loss"] for r in runs.read_metrics(tmp_path / name) if "loss" in r} for name in ("straight", "stopped")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_hub_split_names_map_onto_train_validation_test(monkeypatch):
+    """librispeech_asr names its splits train.100, validation, test: data.splits maps them."""
+    import datasets
+
+    from tfkit.data import load_splits
+
+    rows = {name: datasets.Dataset.from_dict({"text": [name] * 30}) for name in ("train.100", "train.360", "validation", "test")}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config: datasets.DatasetDict(rows))
+    splits = load_splits("librispeech_asr", lambda: None, 0, hub_config="clean", split_names={"train": "train.100"})
+    assert {s: splits[s]["text"][0] for s in splits} == {"train": "train.100", "validation": "validation", "test": "test"}

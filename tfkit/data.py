@@ -37,10 +37,12 @@ def load_splits(
     held_out: float = 0.05,
     hub_config: str | None = None,
     carve: bool = True,
+    split_names: dict[str, str] | None = None,
 ) -> datasets.DatasetDict:
     """Resolve ``--data`` into train/validation/test; ``held_out`` is each carved split's fraction.
     With ``carve=False`` the splits come back as the source has them (a recipe that must split by
-    document rather than by row carves its own)."""
+    document rather than by row carves its own). ``split_names`` maps train/validation/test to the
+    source's own split names (librispeech_asr's "train.100")."""
     if spec == "builtin":
         return builtin()
     path = Path(spec).expanduser()
@@ -63,6 +65,8 @@ def load_splits(
             loaded = datasets.load_dataset(spec, hub_config)
         except Exception as e:  # the hub raises many types: offline, unknown name, missing config
             raise UsageError(f"could not load dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if split_names:
+        loaded = datasets.DatasetDict({ours: loaded[split_names.get(ours, ours)] for ours in SPLITS if split_names.get(ours, ours) in loaded})
     if not carve:
         if "train" not in loaded:
             raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
