@@ -57,6 +57,7 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
     variants = synth.variants()
     rng.shuffle(variants)
     cut = [round(0.7 * len(variants)), round(0.8 * len(variants))]
+    resample = torchaudio.transforms.Resample(synth.sample_rate, data["sample_rate"])  # its kernel is built once
     speakers = dict(zip(SPLITS, (variants[: cut[0]], variants[cut[0] : cut[1]], variants[cut[1] :])))
     out = {}
     for split in SPLITS:
@@ -65,7 +66,7 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
             text = _number_text(rng)
             speaker = f"{rng.choice(BUILTIN_VOICES)}+{rng.choice(speakers[split])}"
             samples = synth.speak(text, speaker, rate=rng.randint(130, 210), pitch=rng.randint(20, 80))
-            samples = torchaudio.functional.resample(torch.from_numpy(samples), synth.sample_rate, data["sample_rate"])
+            samples = resample(torch.from_numpy(samples))
             signal_power = samples.square().mean()
             snr = rng.uniform(*data["snr_db"])
             noise = torch.randn(len(samples), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
@@ -188,13 +189,26 @@ class Conformer(Recipe):
             # vocab_size 0 leaves BPE with no merges: a character vocabulary
             self.tokenizer = train_bpe(self.texts["train"], data["vocab_size"], SPECIALS)
         self.labels = [e.ids for e in self.tokenizer.encode_batch(self.texts["train"])]
+        self._drop_unalignable()
+
+    def _drop_unalignable(self) -> None:
+        """CTC needs at least one output frame per label: shorter training utterances are dropped."""
+        frames = ConvolutionSubsampling.output_lengths(torch.tensor([len(f) for f in self.features["train"]])).tolist()
+        keep = [i for i, (n, label) in enumerate(zip(frames, self.labels)) if len(label) <= n]
+        if len(keep) < len(frames):
+            print(f"warning: skipped {len(frames) - len(keep)} training utterances whose transcript has more "
+                  f"tokens than the utterance has 40 ms frames", file=sys.stderr)
+            if not keep:
+                raise UsageError("no training utterance is long enough for its transcript")
+        for items in (self.features["train"], self.texts["train"], self.labels):
+            items[:] = [items[i] for i in keep]
 
     def _normalise_text(self, text: str) -> str:
         text = " ".join(text.split())
         return text.lower() if self.config["data"]["lowercase"] else text
 
     def _decode(self, rows: datasets.Dataset, split: str) -> tuple[list[str], list[Tensor]]:
-        """Transcripts and log-mel features of a split; unreadable audio is skipped with a warning."""
+        """Transcripts and log-mel features of a split; unreadable or too short audio is skipped with a warning."""
         data = self.config["data"]
         require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
         if isinstance(rows.features[data["audio_column"]], datasets.Audio):
@@ -215,10 +229,14 @@ class Conformer(Recipe):
             except UsageError as e:
                 bad.append(str(e))
                 continue
+            log_mels = log_mel(samples)
+            if ConvolutionSubsampling.output_lengths(torch.tensor(len(log_mels))) < 1:
+                bad.append(f"row {number}: too short ({len(samples) / data['sample_rate']:.3f} s)")
+                continue
             texts.append(self._normalise_text(text))
-            features.append(log_mel(samples))
+            features.append(log_mels)
         if bad:
-            print(f"warning: skipped {len(bad)} unreadable recordings in the {split} data, e.g. {bad[0]}", file=sys.stderr)
+            print(f"warning: skipped {len(bad)} unusable recordings in the {split} data, e.g. {bad[0]}", file=sys.stderr)
         if not features:
             raise UsageError(f"the {split} data holds no readable recordings")
         return texts, features

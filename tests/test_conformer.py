@@ -260,15 +260,18 @@ def test_inspect_attention_on_a_recording(capsys, conformer_run, tmp_path):
 def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conformer_run, tmp_path):
     (wav, flac), texts = write_test_audio(conformer_run, tmp_path)
     (tmp_path / "broken.wav").write_bytes(b"not audio")
+    soundfile.write(tmp_path / "blip.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 1600).astype(np.float32), 16000)
     good = [("utterance0.wav", texts[0]), ("utterance1.flac", texts[1])]
-    for split, rows in (("train", good * 3 + [("broken.wav", "lost words")]), ("validation", good), ("test", good)):
+    unusable = [("broken.wav", "lost words"), ("blip.wav", "one hundred and seventy seven thousand")]
+    for split, rows in (("train", good * 3 + unusable), ("validation", good), ("test", good)):
         (tmp_path / f"{split}.csv").write_text("audio,text\n" + "".join(f"{p},{t}\n" for p, t in rows))
     code, out, err = tfkit(capsys, "train", "conformer", "--data", str(tmp_path), "--max-steps", "2",
                            "--set", "model.layers=1", "--set", "model.d_model=32", "--set", "model.d_ff=64",
                            "--set", "train.batch_size=4", "--set", "data.vocab_size=30", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert runs.read_tokenizer(tmp_path / "run").get_vocab_size() == 30  # a BPE vocabulary, not characters
-    assert "skipped 1 unreadable recordings in the train data" in err and "broken.wav" in err
+    assert "skipped 1 unusable recordings in the train data" in err and "broken.wav" in err
+    assert "skipped 1 training utterances whose transcript has more tokens" in err  # 0.1 s: 2 frames, 39 letters
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "utterance0.wav", "sentence": "x"}\n' * 30)
     code, _, err = tfkit(capsys, "train", "conformer", "--data", str(bad), "--max-steps", "1")
