@@ -726,9 +726,9 @@ def read_squad(path: Path, answers: bool = True) -> list[Question] | None:
 
 
 def carve_by_context(questions: dict[str, list[Question]], seed: int, held_out: float = 0.05) -> dict[str, list[Question]]:
-    """Validation and test questions the source lacks, held out from training a ``held_out`` share of
-    its contexts at a time (as load_splits carves rows): a question about a context trained on would
-    be half answered."""
+    """The validation and test splits a source lacks, carved from its training questions a
+    ``held_out`` share of the contexts each: unlike rows carved by load_splits, no held-out question
+    is then about a context trained on."""
     train, missing = questions["train"], [split for split in SPLITS if split not in questions]
     if not missing:
         return questions
@@ -781,12 +781,12 @@ def windows(question: list[int], context: list[int], offsets: list[tuple[int, in
         begin += room - stride
 
 
-def answer_spans(windows: list[Window], logits: list[Tensor], max_answer_length: int) -> dict[int, tuple[int, int]]:
+def answer_spans(examples: list[Window], logits: list[Tensor], max_answer_length: int) -> dict[int, tuple[int, int]]:
     """Each question's answer as characters [start, end) of its context: over all its windows, the
     span of context tokens with the highest start + end logit, end ≥ start, at most
     ``max_answer_length`` tokens. ``logits`` holds each window's (positions, 2) start and end logits."""
     best: dict[int, tuple[float, int, int]] = {}
-    for window, scores in zip(windows, logits):
+    for window, scores in zip(examples, logits):
         n = len(window.spans)
         context = scores[window.context_start : window.context_start + n]
         pairs = context[:, None, 0] + context[None, :, 1]  # [i, j]: the span from token i to token j
@@ -1082,11 +1082,12 @@ class QuestionAnswering(Task):
         data, tokenizer = self.config["data"], self.recipe.tokenizer
         cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         asked = self.recipe.token_ids([q.question for q in rows])
-        contexts = tokenizer.encode_batch([q.context for q in rows], add_special_tokens=False)
+        unique = list(dict.fromkeys(q.context for q in rows))  # SQuAD asks about five questions per context
+        contexts = {c: (e.ids, e.offsets) for c, e in zip(unique, tokenizer.encode_batch(unique, add_special_tokens=False))}
         out = []
-        for number, (question, ids, context) in enumerate(zip(rows, asked, contexts)):
+        for number, (question, ids) in enumerate(zip(rows, asked)):
             answer = (question.answers[0][1], question.answers[0][1] + len(question.answers[0][0])) if question.answers else None
-            out += windows(ids, context.ids, context.offsets, answer, data["max_length"], data["doc_stride"], number, cls, sep)
+            out += windows(ids, *contexts[question.context], answer, data["max_length"], data["doc_stride"], number, cls, sep)
         return out
 
     def batch(self, examples: list[Window]) -> Batch:
@@ -1102,7 +1103,7 @@ class QuestionAnswering(Task):
 
     def answers(self, model: nn.Module, rows: list[Question], examples: list[Window]) -> list[tuple[int, int]]:
         """Each question's answer as characters [start, end) of its context."""
-        logits = [row for chunk, out in self.recipe.outputs(model, examples) for row in out]
+        logits = [row for _, out in self.recipe.outputs(model, examples) for row in out]
         spans = answer_spans(examples, logits, self.config["data"]["max_answer_length"])
         return [spans[number] for number in range(len(rows))]
 
@@ -1122,7 +1123,7 @@ class QuestionAnswering(Task):
         row or line leaves its output line empty."""
         found = self._questions(path)
         rows = [q for q in found if q is not None]
-        spans = iter(self.answers(model, rows, self.encode(rows, "predict")) if rows else [])
+        spans = iter(self.answers(model, rows, self.encode(rows, "predict")))
         for question in found:
             if question is None:
                 out.write("\n")
@@ -1139,7 +1140,7 @@ class QuestionAnswering(Task):
             found = read_squad(path, answers=False)
             if found is None:
                 raise UsageError(f"{path}: not one JSON object in SQuAD's layout (use .jsonl for a question and context per line)")
-            return list(found)
+            return found
         data = self.config["data"]
         out: list[Question | None] = []
         for number, line in enumerate(read_lines(path), 1):
