@@ -256,3 +256,21 @@ def test_augmented_vit_resumes_exactly(tmp_path):
     resumed.fit(progress=False)
     losses = [{r["step"]: r["loss"] for r in runs.read_metrics(tmp_path / name) if "loss" in r} for name in ("straight", "stopped")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_compiled_training_steps_match_eager_ones(tmp_path):
+    """--compile runs the training step through torch.compile; losses and saved weights stay the same."""
+    from safetensors.torch import load_file
+
+    losses, weights = [], []
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        config = vit_config("train.steps=3", "train.log_every=1", "model.depth=1", f"train.compile={compiled}")
+        trainer = start_training(config, tmp_path / name, torch.device("cpu"), console=quiet())
+        trainer.fit(progress=False)
+        assert (trainer.step_model is not trainer.model) == (compiled == "true")
+        losses.append([r["loss"] for r in runs.read_metrics(tmp_path / name) if "lr" in r])  # training records
+        weights.append(load_file(str(tmp_path / name / runs.WEIGHTS)))
+    assert len(losses[1]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    assert weights[0].keys() == weights[1].keys()  # no "_orig_mod." prefixes in the checkpoint
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)

@@ -50,6 +50,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data order, splits and initialisation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory exactly."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from published weights (a Hugging Face model folder)."),
+    compile_: bool = typer.Option(False, "--compile", help="Compile the training step with torch.compile (train.compile=true)."),
 ) -> None:
     """Train a recipe and write a run directory.
 
@@ -60,7 +61,7 @@ def train(
     target = pick_device(device)
     if resume is not None:
         if config or set_ or data or seed is not None or out or init:
-            raise UsageError("--resume continues a run with its own config (only --max-steps and --device apply)")
+            raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
         resolved = runs.read_config(resume)
         if recipe is not None and recipe != resolved.get("recipe"):
             raise UsageError(f"{resume} is a {resolved.get('recipe')} run, not {recipe}")
@@ -68,6 +69,7 @@ def train(
         resolved = configs.merge(recipe_cls.default_config(), resolved)
         if max_steps is not None:
             resolved["train"]["steps"] = max_steps
+        resolved["train"]["compile"] |= compile_
         run_dir = resume
     else:
         if recipe is None:
@@ -77,6 +79,7 @@ def train(
         sets += [f"data.name={data}"] if data is not None else []
         sets += [f"train.steps={max_steps}"] if max_steps is not None else []
         sets += [f"seed={seed}"] if seed is not None else []
+        sets += ["train.compile=true"] if compile_ else []
         defaults = recipe_cls.default_config()
         if init is not None:  # the pretrained model fixes its sizes; the user's config and --set come after
             defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})

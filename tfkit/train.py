@@ -109,6 +109,9 @@ class Trainer:
         self.recipe, self.run_dir, self.device = recipe, run_dir, device
         self.cfg = recipe.config["train"]
         self.model = model.to(device)
+        # training steps run the compiled graph; evaluation and decoding, whose shapes change every
+        # call, and checkpoints (no "_orig_mod." prefixes) use the eager module, which shares its weights
+        self.step_model = torch.compile(self.model) if self.cfg["compile"] else self.model
         self.optimizer = build_optimizer(model, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.cfg))
         self.dtype = autocast_dtype(self.cfg["precision"], device)
@@ -170,7 +173,7 @@ class Trainer:
         for _ in range(accumulate):
             batch = next(stream)
             with self._autocast():
-                loss, n = self.recipe.loss(self.model, batch)
+                loss, n = self.recipe.loss(self.step_model, batch)
             if not torch.isfinite(loss):
                 raise TfkitError(
                     f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving "
