@@ -1,6 +1,6 @@
 """tfkit against peer implementations of the same models: same sizes, inputs, threads and optimiser.
 
-    python benchmarks/run.py [--quick] [--json out.json] [--threads N] [--only TEXT]
+    python benchmarks/run.py [--quick] [--json out.json] [--threads N] [--only TEXT] [--compile]
 
 Each row builds a tfkit model and its peer in this process from the same seed, warms both up, then
 alternates them call by call (swapping who goes first) so that drift and the other processes on the
@@ -93,12 +93,16 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     return sum(unique.values())
 
 
+COMPILE = False  # --compile: both sides of every training row run through torch.compile
+
+
 def training_side(name: str, model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Side:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if COMPILE else model
 
     def step() -> None:
-        loss(model).backward()
+        loss(forward).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -457,7 +461,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table to this JSON file")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--only", help="run only the rows whose name contains this text")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides of the training rows")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup, iters = (2, 5) if args.quick else (5, 20)
@@ -472,7 +479,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     caption = CAPTION.format(gflops=peak_flops / 1e9, threads=threads)
-    table = Table(title="tfkit vs peers (CPU, fp32)", caption=caption, caption_justify="left")
+    table = Table(title=f"tfkit vs peers (CPU, fp32{', training rows compiled' if COMPILE else ''})", caption=caption, caption_justify="left")
     for column in ("benchmark", "vs", "tfkit", "peer", "ratio", "MFU tfkit / peer", "peak MiB tfkit / peer"):
         table.add_column(column, justify="left" if column in ("benchmark", "vs") else "right", no_wrap=True)
     for r in results:
@@ -489,7 +496,7 @@ def main() -> None:
     if args.json:
         machine = {
             "torch": torch.__version__, "threads": threads, "cpu": cpu_name(), "cores": os.cpu_count(),
-            "matmul_gflops": peak_flops / 1e9, "warmup": warmup, "iters": iters,
+            "matmul_gflops": peak_flops / 1e9, "warmup": warmup, "iters": iters, "compile": COMPILE,
         }
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": results}, f, indent=2)
