@@ -107,6 +107,6 @@ class ConformerBlock(nn.Module):
 
         x = x + 0.5 * branch(self.ff1(self.norm_ff1(x)))
         x = x + branch(self.self_attn(self.norm_attn(x), mask=mask))
-        x = x + branch(self.conv(self.norm_conv(x), frames))
+        x = x + self.drop_path(self.conv(self.norm_conv(x), frames))  # the module ends with its own dropout
         x = x + 0.5 * branch(self.ff2(self.norm_ff2(x)))
         return self.norm_out(x)
