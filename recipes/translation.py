@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, load_splits, read_lines, require_columns, train_bpe
+from tfkit.data import SPLITS, cached, length_buckets, load_splits, read_lines, require_columns, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
@@ -179,14 +179,7 @@ class Translation(Recipe):
         """Shuffled batches of sentences of similar length: each pool of 100 batches is sorted by length."""
         sources, size = self.sources["train"], self.config["train"]["batch_size"]
         generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
-        order = torch.randperm(len(sources), generator=generator).tolist()
-        pool = 100 * size
-        batches = []
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start : start + pool], key=lambda i: len(sources[i]))
-            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            rows = batches[b]
+        for rows in length_buckets([len(s) for s in sources], size, generator, pool=100):
             target = _pad([self.targets[i] for i in rows])
             yield {"src": _pad([sources[i] for i in rows]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
 

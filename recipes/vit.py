@@ -30,7 +30,7 @@ from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.recipe import AttentionExample, Batch, Recipe, for_each_file
 from tfkit.registry import register
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -241,21 +241,7 @@ class ViT(Recipe):
         """One line per image: path, then the top-k labels with their probabilities. A folder is
         classified image by image; unreadable ones are reported and the rest still come out."""
         top_k = min(top_k or self.config["predict"]["top_k"], len(self.labels))
-        if not path.is_dir():
-            self._predict_image(model, path, out, top_k)
-            return
-        paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise UsageError(f"{path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        bad = 0
-        for image_path in paths:
-            try:
-                self._predict_image(model, image_path, out, top_k)
-            except UsageError as e:
-                bad += 1
-                print(f"error: {e}", file=sys.stderr)
-        if bad:
-            raise UsageError(f"{path}: {bad} of {len(paths)} images could not be read")
+        for_each_file(path, IMAGE_SUFFIXES, "images", lambda image_path: self._predict_image(model, image_path, out, top_k))
 
     def _predict_image(self, model: nn.Module, path: Path, out: TextIO, top_k: int) -> None:
         image = self._resize(open_image(path, channels=self.config["data"]["channels"]))

@@ -231,6 +231,9 @@ def test_predict_on_wav_and_flac_and_bad_files(capsys, conformer_run, tmp_path):
     lines = [line.split("\t") for line in out.splitlines()]
     assert [line[0] for line in lines] == [str(wav), str(flac)]
     assert all(line[1].strip() for line in lines)
+    code, out, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path))  # a folder: the same files, sorted
+    assert code == 2 and [line.split("\t")[0] for line in out.splitlines()] == [str(wav), str(flac)]
+    assert err.count("error: ") == 4 and "3 of 5 audio files could not be read" in err
     code, beam_out, _ = tfkit(capsys, "predict", str(conformer_run), str(flac), "--beam", "4")
     assert code == 0 and beam_out.split("\t")[0] == str(flac)
     code, _, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path / "missing.wav"))

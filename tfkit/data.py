@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import datasets
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tfkit.errors import UsageError
@@ -194,3 +195,15 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) 
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def length_buckets(lengths: list[int], batch_size: int, generator: torch.Generator, pool: int) -> list[list[int]]:
+    """Shuffled batches of similar-length items: each run of ``pool`` batches of a random order is
+    sorted by length and cut into batches, and the batches are shuffled, so padding is small and the
+    order still differs every epoch (``generator`` is seeded by seed and epoch)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), pool * batch_size):
+        chunk = sorted(order[start : start + pool * batch_size], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]

@@ -7,6 +7,7 @@ registry kind "recipe" and ships ``<config_file>`` beside its module as its defa
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,3 +94,23 @@ class Recipe:
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UsageError(f"recipe '{self.config['recipe']}' cannot start from pretrained weights (--init)")
+
+
+def for_each_file(path: Path, suffixes: set[str], kind: str, handle: Callable[[Path], None]) -> None:
+    """``handle`` one input file, or every file with one of ``suffixes`` under a folder. In a folder a
+    bad file is reported on stderr and the rest still go through; then the count of bad ones is raised."""
+    if not path.is_dir():
+        handle(path)
+        return
+    paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+    if not paths:
+        raise UsageError(f"{path}: the folder holds no {kind} ({', '.join(sorted(suffixes))})")
+    bad = 0
+    for file in paths:
+        try:
+            handle(file)
+        except UsageError as e:
+            bad += 1
+            print(f"error: {e}", file=sys.stderr)
+    if bad:
+        raise UsageError(f"{path}: {bad} of {len(paths)} {kind} could not be read")
