@@ -19,7 +19,7 @@ from tfkit import run as runs
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
 from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, frame_mask
-from tfkit.nn.position import sinusoids
+from tfkit.nn.position import sinusoids_at
 from tfkit.recipes import conformer as recipe_module
 from tfkit.recipes.conformer import spec_augment
 from tfkit.train import start_training
@@ -57,7 +57,7 @@ def test_relative_position_attention_matches_an_explicit_reference():
     for b, h, i in itertools.product(range(2), range(heads), range(length)):
         scores = []
         for j in range(length):
-            r = attention.pos_proj(sinusoids(0, d, torch.tensor([i - j])))[0].view(heads, d_k)[h]
+            r = attention.pos_proj(sinusoids_at(torch.tensor([i - j]), d))[0].view(heads, d_k)[h]
             content = (q[b, h, i] + attention.content_bias[h, 0]) @ k[b, h, j]
             position = (q[b, h, i] + attention.position_bias[h, 0]) @ r
             scores.append((content + position) / math.sqrt(d_k) if mask[b, 0, 0, j] else torch.tensor(-math.inf))

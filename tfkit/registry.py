@@ -6,10 +6,12 @@ component:
 - ``attention``: layers ``cls(d_model, heads, dropout)`` called as ``(x, context=None, mask=None, causal=False,
   cache=None)``; the kernel ``scaled_dot_product`` inside them is ``cls(dropout)`` called on ``(q, k, v, mask, causal)``
 - ``position``: ``cls(d_model, max_len)``, called as ``(x, offset=0)`` on the input embeddings
-- ``block``: ``cls(d_model, heads, d_ff, dropout, activation)``
+- ``block``: ``cls(d_model, heads, d_ff, dropout, activation)``, plus the block's own keyword options
+  (``conformer``: ``kernel_size``, ``attention``)
 - ``activation``: ``cls()``
 - ``embedding``: inputs to tokens, each with its own arguments (``patch``: ``cls(channels, d_model, patch)``,
-  ``token``: ``cls(vocab_size, d_model, max_positions, segments, dropout)``)
+  ``token``: ``cls(vocab_size, d_model, max_positions, segments, dropout)``, ``conv2d_subsampling``:
+  ``cls(features, d_model, channels, dropout)`` called as ``(features, lengths)``)
 - ``recipe``: ``cls(config)``, see :class:`tfkit.recipe.Recipe`
 
 Components register by explicit import (``tfkit.nn`` and ``tfkit.recipes``), never by scanning folders.

@@ -2,8 +2,9 @@
 
 One mask convention everywhere: masks are boolean, True means "may attend", and they broadcast to
 (batch, heads, query, key); a floating-point mask is instead added to the scores (relative positions).
-The fast path is PyTorch's fused ``scaled_dot_product_attention``, which never materialises the weights; the explicit path computes them and passes them through ``probe``
-(an ``nn.Identity``) so :func:`tfkit.inspect.capture_attention` can read them with a hook.
+The fast path is PyTorch's fused ``scaled_dot_product_attention``, which never materialises the
+weights; the explicit path computes them and passes them through ``probe`` (an ``nn.Identity``) so
+:func:`tfkit.inspect.capture_attention` can read them with a hook.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfkit.errors import UsageError
-from tfkit.nn.position import sinusoids
+from tfkit.nn.position import sinusoids_at
 from tfkit.registry import register
 
 
@@ -163,11 +164,11 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
         batch, length, _ = x.shape
         q, k, v = self._heads(self.in_proj(x), 3)
         distances = torch.arange(length - 1, -length, -1, device=x.device)  # i - j from T-1 down to 1-T
-        relative = self.pos_proj(sinusoids(0, self.d_model, distances).to(x.dtype))  # (2T-1, D)
+        relative = self.pos_proj(sinusoids_at(distances, self.d_model).to(x.dtype))  # (2T-1, D)
         relative = relative.view(-1, self.heads, self.d_model // self.heads).transpose(0, 1)  # (H, 2T-1, d_k)
         by_distance = (q + self.position_bias) @ relative.transpose(-2, -1)  # (B, H, T, 2T-1)
         # column T-1-(i-j) of row i holds distance i-j
-        index = (length - 1 - torch.arange(length, device=x.device)[:, None] + torch.arange(length, device=x.device))
+        index = length - 1 - torch.arange(length, device=x.device)[:, None] + torch.arange(length, device=x.device)
         position_scores = by_distance.gather(-1, index.expand(batch, self.heads, length, length)) * q.size(-1) ** -0.5
         if mask is not None:
             position_scores = position_scores.masked_fill(~mask, float("-inf"))

@@ -12,14 +12,18 @@ from tfkit.errors import UsageError
 from tfkit.registry import register
 
 
-def sinusoids(length: int, d_model: int, positions: Tensor | None = None) -> Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); (length, d_model)
-    for pos = 0..length-1, or for the given ``positions`` (relative ones may be negative)."""
-    if positions is None:
-        positions = torch.arange(length)
+def sinusoids(length: int, d_model: int) -> Tensor:
+    """The encodings of positions 0..length-1, (length, d_model)."""
+    return sinusoids_at(torch.arange(length), d_model)
+
+
+def sinusoids_at(positions: Tensor, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) for each of
+    ``positions`` (relative ones may be negative), on their device; (len(positions), d_model)."""
     position = positions.float()[:, None]
-    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(len(position), d_model)
+    exponents = torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device)
+    frequency = torch.exp(exponents * (-math.log(10000.0) / d_model))
+    table = position.new_zeros(len(positions), d_model)
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
     return table
