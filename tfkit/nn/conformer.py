@@ -23,8 +23,10 @@ def frame_mask(lengths: Tensor, total: int) -> Tensor:
 
 @register("embedding", "conv2d_subsampling")
 class ConvolutionSubsampling(nn.Module):
-    """Two 3×3 stride-2 convolutions with ReLU over (time, frequency), 4× fewer frames, then a linear
-    projection of channels × remaining frequencies to d_model (ESPnet's Conv2dSubsampling)."""
+    """Convolution subsampling: 4× fewer frames through two 3×3 stride-2 Conv2d with ReLU.
+
+    The convolutions run over (time, frequency); channels × remaining frequencies are then projected
+    to d_model (ESPnet's Conv2dSubsampling)."""
 
     def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
         super().__init__()
@@ -79,8 +81,9 @@ class ConvolutionModule(nn.Module):
 
 @register("block", "conformer")
 class ConformerBlock(nn.Module):
-    """½ feed-forward → self-attention → convolution module → ½ feed-forward → LayerNorm, each
-    sublayer pre-normed with its own residual (the macaron Conformer block)."""
+    """The macaron Conformer block: ½ FFN → self-attention → convolution module → ½ FFN → LayerNorm.
+
+    Each sublayer is pre-normed with its own residual; the feed-forward residuals are halved."""
 
     role = "encoder"
     norm_first = False  # the block ends with its own LayerNorm
