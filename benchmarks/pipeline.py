@@ -90,6 +90,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(recipe, recipe.build_model(), Path(tmp), torch.device("cpu"), Console(quiet=True))
             loader_rate = steps_per_second(trainer, trainer._stream(), args.steps)
+            trainer.epoch = trainer.batch_in_epoch = 0  # the same batches again, built beforehand
             prebuilt = list(itertools.islice(trainer._stream(), args.steps + 1))
             memory_rate = steps_per_second(trainer, prebuilt, args.steps)
         pads = ("", "")
