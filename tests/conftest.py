@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from rich.console import Console
 
 from tfkit import config as configs
 from tfkit import registry
-from tfkit.train import start_training
+from tfkit import run as runs
+from tfkit.train import Interrupted, start_training
 
 registry.load_all()
 
@@ -64,3 +66,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, private_caches: None) 
     trainer = start_training(tiny_config(), tmp_path_factory.mktemp("runs") / "tiny", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)
     return trainer.run_dir
+
+
+def straight_and_resumed_losses(config: dict, root: Path, stop_at: int = 3) -> tuple[dict, dict]:
+    """Train ``config`` straight through, and again stopped by SIGTERM after ``stop_at`` steps and
+    resumed; returns each run's {step: training loss}."""
+    straight = start_training(config, root / "straight", torch.device("cpu"), console=quiet())
+    straight.fit(progress=False)
+    stopped = start_training(config, root / "stopped", torch.device("cpu"), console=quiet())
+    with pytest.raises(Interrupted):
+        stopped.fit(on_step=lambda step: step == stop_at and os.kill(os.getpid(), signal.SIGTERM), progress=False)
+    resumed = start_training(config, root / "stopped", torch.device("cpu"), resume=True, console=quiet())
+    resumed.fit(progress=False)
+    return tuple({r["step"]: r["loss"] for r in runs.read_metrics(root / name) if "lr" in r} for name in ("straight", "stopped"))

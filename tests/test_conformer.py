@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import quiet
+from conftest import quiet, straight_and_resumed_losses
 
 from tfkit import config as configs
 from tfkit import registry
@@ -284,22 +284,10 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
 
 def test_conformer_resumes_exactly(tmp_path):
     """SpecAugment draws random numbers and batch norm keeps running statistics: both must resume."""
-    import os
-    import signal
-
-    from tfkit.train import Interrupted
-
     config = conformer_config("train.steps=6", "train.log_every=1", "train.batch_size=8", "model.layers=1",
                               "model.d_model=32", "model.d_ff=64", "model.drop_path=0.1")
-    straight = start_training(config, tmp_path / "straight", torch.device("cpu"), console=quiet())
-    straight.fit(progress=False)
-    stopped = start_training(config, tmp_path / "stopped", torch.device("cpu"), console=quiet())
-    with pytest.raises(Interrupted):
-        stopped.fit(on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM), progress=False)
-    resumed = start_training(config, tmp_path / "stopped", torch.device("cpu"), resume=True, console=quiet())
-    resumed.fit(progress=False)
-    losses = [{r["step"]: r["loss"] for r in runs.read_metrics(tmp_path / name) if "loss" in r} for name in ("straight", "stopped")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
+    straight, resumed = straight_and_resumed_losses(config, tmp_path)
+    assert straight == resumed and len(straight) == 6
 
 
 def test_hub_split_names_map_onto_train_validation_test(monkeypatch):

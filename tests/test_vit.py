@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import quiet
+from conftest import quiet, straight_and_resumed_losses
 from PIL import Image
 
 from tfkit import config as configs
@@ -240,22 +240,10 @@ def test_init_from_a_folder_that_is_not_a_vit(capsys, tmp_path):
 
 def test_augmented_vit_resumes_exactly(tmp_path):
     """RandAugment, MixUp and CutMix draw random numbers too: a resumed run must replay them."""
-    import os
-    import signal
-
-    from tfkit.train import Interrupted
-
     config = vit_config("train.steps=6", "train.log_every=1", "train.batch_size=16", "augment.crop_scale=[0.5, 1.0]",
                         "augment.randaugment=true", "augment.mixup=0.4", "augment.cutmix=0.4", "model.drop_path=0.2")
-    straight = start_training(config, tmp_path / "straight", torch.device("cpu"), console=quiet())
-    straight.fit(progress=False)
-    stopped = start_training(config, tmp_path / "stopped", torch.device("cpu"), console=quiet())
-    with pytest.raises(Interrupted):
-        stopped.fit(on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM), progress=False)
-    resumed = start_training(config, tmp_path / "stopped", torch.device("cpu"), resume=True, console=quiet())
-    resumed.fit(progress=False)
-    losses = [{r["step"]: r["loss"] for r in runs.read_metrics(tmp_path / name) if "loss" in r} for name in ("straight", "stopped")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
+    straight, resumed = straight_and_resumed_losses(config, tmp_path)
+    assert straight == resumed and len(straight) == 6
 
 
 def test_compiled_training_steps_match_eager_ones(tmp_path):
