@@ -40,7 +40,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import TokenEmbedding
-from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe
 from tfkit.registry import register
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -411,10 +411,24 @@ class BertPretrain(BertRecipe):
         # new pairs and new masks every epoch (dynamic masking), fixed by seed and epoch
         yield from self._batches(self.documents["train"], self.config["seed"] * 1_000_003 + epoch)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+    def shard(self, batch: Batch, rank: int, world: int) -> Batch:
+        """Rows as usual; the masked positions (flat over B·T) and their labels follow their rows."""
+        rows, length = len(batch["token_ids"]), batch["token_ids"].size(1)
+        bounds = torch.arange(rows).tensor_split(world)[rank]
+        first, end = (int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else (0, 0)
+        keep = (batch["positions"] >= first * length) & (batch["positions"] < end * length)
+        return {
+            **super().shard({k: batch[k] for k in ("token_ids", "segment_ids", "nsp_labels")}, rank, world),
+            "positions": batch["positions"][keep] - first * length,
+            "mlm_labels": batch["mlm_labels"][keep],
+        }
+
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
+        """The mean MLM loss over masked tokens plus the mean NSP loss over pairs."""
         mlm_logits, nsp_logits = model(batch["token_ids"], batch["segment_ids"], batch["positions"])
-        loss = F.cross_entropy(mlm_logits.float(), batch["mlm_labels"]) + F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
-        return loss, int((batch["token_ids"] != PAD).sum())
+        mlm = F.cross_entropy(mlm_logits.float(), batch["mlm_labels"], reduction="sum")
+        nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], reduction="sum")
+        return Loss([(mlm, len(mlm_logits)), (nsp, len(nsp_logits))], int((batch["token_ids"] != PAD).sum()))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
@@ -852,8 +866,10 @@ class Task:
     def __init__(self, recipe: BertFinetune):
         self.recipe, self.config = recipe, recipe.config
 
-    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(), ignore_index=IGNORE)
+    def loss(self, logits: Tensor, batch: Batch) -> list[tuple[Tensor, float]]:
+        """Cross-entropy summed over the labelled positions, and their count (see :class:`Loss`)."""
+        labels = batch["labels"].flatten()
+        return [(F.cross_entropy(logits.flatten(0, -2), labels, ignore_index=IGNORE, reduction="sum"), int((labels != IGNORE).sum()))]
 
 
 class Classify(Task):
@@ -1098,8 +1114,10 @@ class QuestionAnswering(Task):
             "end": torch.tensor([w.end for w in examples]),
         }
 
-    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        return (F.cross_entropy(logits[..., 0], batch["start"]) + F.cross_entropy(logits[..., 1], batch["end"])) / 2
+    def loss(self, logits: Tensor, batch: Batch) -> list[tuple[Tensor, float]]:
+        """The mean of the start and end cross-entropies."""
+        total = F.cross_entropy(logits[..., 0], batch["start"], reduction="sum") + F.cross_entropy(logits[..., 1], batch["end"], reduction="sum")
+        return [(total, 2 * len(logits))]
 
     def answers(self, model: nn.Module, rows: list[Question], examples: list[Window]) -> list[tuple[int, int]]:
         """Each question's answer as characters [start, end) of its context."""
@@ -1211,9 +1229,9 @@ class BertFinetune(BertRecipe):
         for start in range(0, len(order), size):
             yield self.task.batch([examples[i] for i in order[start : start + size].tolist()])
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["token_ids"], batch["segment_ids"])
-        return self.task.loss(logits.float(), batch), int((batch["token_ids"] != PAD).sum())
+        return Loss(self.task.loss(logits.float(), batch), int((batch["token_ids"] != PAD).sum()))
 
     @torch.no_grad()
     def outputs(self, model: nn.Module, examples: list) -> Iterator[tuple[list, Tensor]]:

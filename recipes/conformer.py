@@ -24,6 +24,7 @@ import torchaudio
 from num2words import num2words
 from tokenizers import Tokenizer
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from tfkit import run as runs
 from tfkit.data import SPLITS, cached, length_buckets, load_splits, require_columns, train_bpe
@@ -32,7 +33,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
-from tfkit.recipe import AttentionExample, Batch, Recipe, for_each_file
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, for_each_file
 from tfkit.registry import register
 
 SPECIALS = ["<blank>", "<unk>"]
@@ -271,16 +272,16 @@ class Conformer(Recipe):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
                 batch, lengths = pad_features([features[i] for i in rows])
                 batch = spec_augment(batch, lengths, self.config["specaugment"])
-            labels = [self.labels[i] for i in rows]
-            targets = torch.tensor([t for label in labels for t in label])
+            labels = [torch.tensor(self.labels[i]) for i in rows]
+            targets = pad_sequence(labels, batch_first=True, padding_value=BLANK)  # (B, S): one row per utterance
             yield {"features": batch, "lengths": lengths, "targets": targets, "target_lengths": torch.tensor([len(t) for t in labels])}
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-        """CTC loss per target token (summed over the batch, divided by its tokens)."""
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
+        """CTC loss per target token (summed over the batch, divided by its tokens); counts frames."""
         log_probs, lengths = model(batch["features"], batch["lengths"])
-        loss = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
-                          blank=BLANK, reduction="sum", zero_infinity=True)
-        return loss / batch["target_lengths"].sum(), int(batch["lengths"].sum())
+        total = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
+                           blank=BLANK, reduction="sum", zero_infinity=True)
+        return Loss([(total, int(batch["target_lengths"].sum()))], int(batch["lengths"].sum()))
 
     # -- using the model --------------------------------------------------------------------------
     @torch.no_grad()

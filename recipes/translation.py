@@ -28,7 +28,7 @@ from tfkit.data import SPLITS, cached, length_buckets, load_splits, read_lines, 
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
-from tfkit.recipe import AttentionExample, Batch, Recipe
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -183,15 +183,17 @@ class Translation(Recipe):
             target = _pad([self.targets[i] for i in rows])
             yield {"src": _pad([sources[i] for i in rows]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["src"], batch["tgt_in"])
-        loss = F.cross_entropy(
+        total = F.cross_entropy(
             logits.flatten(0, 1).float(),
             batch["tgt_out"].flatten(),
             ignore_index=PAD,
             label_smoothing=self.config["train"]["label_smoothing"],
+            reduction="sum",
         )
-        return loss, int((batch["tgt_out"] != PAD).sum())
+        tokens = int((batch["tgt_out"] != PAD).sum())
+        return Loss([(total, tokens)], tokens)
 
     # -- using the model --------------------------------------------------------------------------
     def translate(self, model: nn.Module, sources: list[list[int]], beam: int | None = None) -> list[str]:

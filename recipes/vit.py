@@ -30,7 +30,7 @@ from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipe import AttentionExample, Batch, Recipe, for_each_file
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, for_each_file
 from tfkit.registry import register
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -212,10 +212,10 @@ class ViT(Recipe):
                     batch, labels = mix(batch, labels)
             yield {"images": batch, "labels": labels}
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["images"])
-        loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config["train"]["label_smoothing"])
-        return loss, batch["images"].size(0)
+        total = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config["train"]["label_smoothing"], reduction="sum")
+        return Loss([(total, len(logits))], len(logits))
 
     # -- using the model --------------------------------------------------------------------------
     @torch.no_grad()

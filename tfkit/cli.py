@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -56,9 +57,11 @@ def train(
 
     Example: tfkit train translation --set train.steps=500 --out runs/demo
     """
+    from tfkit import distributed
     from tfkit.train import pick_device, start_training
 
     target = pick_device(device)
+    ranks = distributed.from_environment()
     if resume is not None:
         if config or set_ or data or seed is not None or out or init:
             raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
@@ -88,12 +91,16 @@ def train(
             raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
         run_dir = out
 
-    trainer = start_training(resolved, run_dir, target, resume=resume is not None, console=stderr)
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    stderr.print(f"run directory {trainer.run_dir}  ({parameters:,} parameters, {target})")
-    metrics = trainer.fit()
-    stderr.print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    print(trainer.run_dir)
+    with distributed.process_group(ranks, target, resolved["train"]["timeout"]) as target:
+        console = stderr if ranks.main else Console(stderr=True, quiet=True)
+        trainer = start_training(resolved, run_dir, target, resume=resume is not None, console=console, ranks=ranks)
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        processes = f", {ranks.world} processes, {resolved['train']['strategy']}" if ranks.active else ""
+        console.print(f"run directory {trainer.run_dir}  ({parameters:,} parameters, {target}{processes})")
+        metrics = trainer.fit()
+        console.print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if ranks.main:
+        print(trainer.run_dir)
 
 
 def _options(method: Any, **given: Any) -> dict[str, Any]:
@@ -244,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     except TfkitError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not e.every_rank:  # under torchrun, one line for what every rank hit alike
+            print(f"error: {'' if rank == '0' else f'rank {rank}: '}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -252,5 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an environment failure: one line unless --debug
         if debug:
             raise
+        if "RANK" in os.environ:
+            from tfkit import distributed
+
+            if distributed.lost_rank(e):
+                print(f"error: rank {os.environ['RANK']}: {distributed.LostRank(e)}", file=sys.stderr)
+                sys.exit(1)
         print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -187,13 +187,29 @@ def train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokeniz
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
-    """BERT's uncased WordPiece: lower-cased, accents stripped, punctuation split off, ## continuations."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """BERT's uncased WordPiece: lower-cased, accents stripped, punctuation split off, ## continuations.
+
+    The same text gives the same tokenizer in every process. The trainer numbers the ## pieces in
+    hash-map order, which changes from process to process, and breaks ties between equally frequent
+    merges by those numbers (huggingface/tokenizers#1794): so every ## piece of a character is
+    reserved up front in a fixed order, and the learned pieces are numbered in sorted order."""
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    characters: set[str] = set()
+    for text in texts:
+        characters.update(text)
+    letters = sorted(set(normalizer.normalize_str("".join(sorted(characters)))) - {" "})
+    reserved = [*specials, *(f"##{c}" for c in letters)]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=reserved, show_progress=False)
+    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    learner.train_from_iterator(texts, trainer=trainer)
+
+    learned = sorted(set(learner.get_vocab()) - set(specials))
+    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate([*specials, *learned])}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_special_tokens(specials)
     return tokenizer
 
 

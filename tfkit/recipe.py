@@ -23,6 +23,24 @@ Batch = dict[str, Tensor]
 
 
 @dataclass
+class Loss:
+    """A batch's loss as sums over its examples and the count each sum is averaged over:
+    value = Σ sum / count.
+
+    The sums and counts stay apart because processes that each hold part of a global batch must
+    divide by the counts of the whole batch to take the step that one process would take.
+    """
+
+    terms: list[tuple[Tensor, float]]  # (differentiable sum, how many items it covers)
+    items: int  # what the progress bar counts (tokens, images, frames)
+
+    def value(self, counts: list[float] | None = None) -> Tensor:
+        """The mean loss; ``counts`` (one per term) replace the batch's own, e.g. by global ones."""
+        counts = [float(c) for _, c in self.terms] if counts is None else counts
+        return sum(total / max(count, 1.0) for (total, _), count in zip(self.terms, counts))
+
+
+@dataclass
 class AttentionExample:
     """One input ready for inspection: ``run`` feeds it through the model.
 
@@ -71,8 +89,13 @@ class Recipe:
         """The training batches of one epoch, in an order that depends only on the seed and epoch."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-        """Mean loss over the batch and the number of items (tokens, images, frames) it covers."""
+    def shard(self, batch: Batch, rank: int, world: int) -> Batch:
+        """Process ``rank``'s part of a global batch when ``world`` processes train together. Every
+        tensor is split along its first dimension; a recipe with other layouts overrides this. (The
+        first tensor of a batch always has one row per example: the trainer counts examples by it.)"""
+        return {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str, **options: Any) -> dict[str, float]:

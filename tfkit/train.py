@@ -6,6 +6,9 @@ periodic evaluation, metrics, atomic checkpoints, exact resume, and a clean stop
 Exact resume rests on one rule: data order and data randomness come from generators seeded by
 (seed, epoch) inside the recipe, and the model's own randomness (dropout) from the global RNG, whose
 state is checkpointed. Replaying the same batches with the same RNG state gives the same losses.
+
+Under torchrun (tfkit.distributed) every rank draws the same global batches and trains on its slice;
+losses are divided by the global counts, so N ranks take the step one process would take.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_model
-from torch import nn
+from torch import Tensor, nn
 
-from tfkit import registry
+from tfkit import distributed, registry
 from tfkit import run as runs
+from tfkit.distributed import Ranks
 from tfkit.errors import TfkitError, UsageError
 from tfkit.recipe import Recipe
 
@@ -33,12 +37,18 @@ from tfkit.recipe import Recipe
 class Interrupted(TfkitError):
     """Training stopped by a signal after saving a checkpoint."""
 
+    every_rank = True
+
     def __init__(self, signum: int, run_dir: Path, step: int):
         super().__init__(
             f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved "
             f"(continue with: tfkit train --resume {run_dir})"
         )
         self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(TfkitError):
+    every_rank = True  # the loss is reduced over ranks before the check
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,53 +115,103 @@ def lr_factor(cfg: dict[str, Any]) -> Callable[[int], float]:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device, console: Console | None = None):
-        self.recipe, self.run_dir, self.device = recipe, run_dir, device
+    def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device,
+                 console: Console | None = None, ranks: Ranks = Ranks()):
+        self.recipe, self.run_dir, self.device, self.ranks = recipe, run_dir, device, ranks
         self.cfg = recipe.config["train"]
+        if ranks.active and self.cfg["batch_size"] < ranks.world:
+            raise UsageError(f"train.batch_size {self.cfg['batch_size']} is the global batch: it must be at least the {ranks.world} processes")
         self.model = model.to(device)
+        blocks = tuple(registry.get("block", name) for name in registry.names("block"))
+        self.wrapped = distributed.wrap(self.model, ranks, self.cfg["strategy"], device, blocks)
+        self.sharded = ranks.active and self.cfg["strategy"] == "fsdp"
+        self._copy: nn.Module | None = None  # the unsharded copy rank 0 gathers FSDP's weights into
         # training steps run the compiled graph; evaluation and decoding, whose shapes change every
         # call, and checkpoints (no "_orig_mod." prefixes) use the eager module, which shares its weights
-        self.step_model = torch.compile(self.model) if self.cfg["compile"] else self.model
-        self.optimizer = build_optimizer(model, self.cfg)
+        self.step_model = torch.compile(self.wrapped) if self.cfg["compile"] else self.wrapped
+        self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.cfg))
         self.dtype = autocast_dtype(self.cfg["precision"], device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.console = console or Console(stderr=True)
+        self.console = console if ranks.main and console is not None else Console(stderr=True, quiet=not ranks.main)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
         self._signal: int | None = None
 
     # -- state ------------------------------------------------------------------------------------
+    def _rng(self) -> dict[str, Tensor]:
+        rng = {"rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        """The training state besides the weights; every rank's RNG (ranks draw different dropout
+        masks), the rest is the same on all ranks. All ranks call it, as FSDP gathers the optimiser."""
+        rngs = distributed.all_gather(self._rng(), self.ranks)
+        return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "window": dict(self.window),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
+            **rngs[0],
+            **({"rank_rngs": rngs} if self.ranks.active else {}),
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def resume(self) -> None:
+        """Restore the state saved with the weights ``start_training`` loaded into the model."""
         state = runs.load_state(self.run_dir)
-        load_model(self.model, str(self.run_dir / runs.WEIGHTS), device=str(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.window = dict(state["window"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        runs.truncate_metrics(self.run_dir, self.step)
+        rank_rngs = state.get("rank_rngs", [])
+        if len(rank_rngs) != self.ranks.world and (self.ranks.active or rank_rngs):
+            self.console.print(f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not")
+        rng = rank_rngs[self.ranks.rank] if self.ranks.rank < len(rank_rngs) else state
+        torch.set_rng_state(rng["rng"])
+        if "cuda_rng" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+        if self.ranks.main:
+            runs.truncate_metrics(self.run_dir, self.step)
 
     def save(self) -> None:
-        runs.save_checkpoint(self.run_dir, self.model, self.state_dict())
+        model, state = self._whole_model(), self.state_dict()
+        if self.ranks.main:
+            runs.save_checkpoint(self.run_dir, model, state)
+        distributed.barrier(self.ranks)  # nobody reads the run directory before it is whole
+
+    def _whole_model(self) -> nn.Module | None:
+        """The unsharded model on rank 0, for checkpoints and evaluation (None on the other ranks).
+        Under FSDP every rank must call it: it gathers the weights into a copy of the model."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ranks.main:
+            return None
+        if self._copy is None:
+            with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the training RNG as it is
+                self._copy = self.recipe.build_model().to(self.device)
+        self._copy.load_state_dict(weights)
+        return self._copy
 
     # -- the loop ---------------------------------------------------------------------------------
     def _stream(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -160,6 +220,13 @@ class Trainer:
             start = self.batch_in_epoch
             for batch in itertools.islice(self.recipe.train_batches(self.epoch), start, None):
                 self.batch_in_epoch += 1
+                if self.ranks.active:
+                    # a rank with no rows would run a different graph, which DDP cannot reduce
+                    examples = len(next(iter(batch.values())))
+                    if examples < self.ranks.world:
+                        self.console.print(f"[yellow]warning:[/yellow] skipped a training batch of {examples} example(s), fewer than the {self.ranks.world} processes")
+                        continue
+                    batch = self.recipe.shard(batch, self.ranks.rank, self.ranks.world)
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if self.batch_in_epoch == 0:
                 raise UsageError("the training split yields no batches (is the training data empty?)")
@@ -167,21 +234,31 @@ class Trainer:
             self.batch_in_epoch = 0
 
     def _train_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """One optimiser step; returns the mean loss and the items over all ranks."""
         self.model.train()
-        accumulate = self.cfg["accumulate"]
-        total_loss, items = 0.0, 0
-        for _ in range(accumulate):
+        accumulate, world = self.cfg["accumulate"], self.ranks.world
+        # [loss, items, signal]: one all-reduce per step tells every rank all three
+        totals = torch.zeros(3, dtype=torch.float64)
+        for micro in range(accumulate):
             batch = next(stream)
-            with self._autocast():
-                loss, n = self.recipe.loss(self.step_model, batch)
-            if not torch.isfinite(loss):
-                raise TfkitError(
-                    f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving "
-                    f"(lower train.lr, raise train.warmup, or set train.clip_grad_norm)"
-                )
-            self.scaler.scale(loss / accumulate).backward()
-            total_loss += loss.item() / accumulate
-            items += n
+            with distributed.gradient_sync(self.wrapped, enabled=micro == accumulate - 1):
+                with self._autocast():
+                    loss = self.recipe.loss(self.step_model, batch)
+                # divide by the global batch's counts; DDP averages gradients over ranks, hence × world
+                counts = distributed.all_reduce(torch.tensor([float(c) for _, c in loss.terms], dtype=torch.float64), self.ranks)
+                value = loss.value(counts.tolist())
+                self.scaler.scale(value * (world / accumulate)).backward()
+            totals[0] += value.item() / accumulate
+            totals[1] += loss.items
+        totals[2] = self._signal or 0
+        distributed.all_reduce(totals, self.ranks)
+        if not math.isfinite(totals[0]):
+            raise NonFiniteLoss(
+                f"the loss became {totals[0].item()} at step {self.step + 1}; stopped without saving "
+                f"(lower train.lr, raise train.warmup, or set train.clip_grad_norm)"
+            )
+        if totals[2]:  # some rank got SIGINT/SIGTERM: all save and stop after this step
+            self._signal = self._signal or signal.SIGTERM
         self.scaler.unscale_(self.optimizer)
         if self.cfg["clip_grad_norm"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad_norm"])
@@ -190,7 +267,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return total_loss, items
+        return totals[0].item(), int(totals[1])
 
     def _autocast(self):
         if self.dtype is None:
@@ -198,8 +275,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Metrics on ``split``, computed by rank 0 (the other ranks return {} and wait for it)."""
+        model = self._whole_model()
+        if model is None:
+            return {}
         with self._autocast():
-            metrics = self.recipe.evaluate(self.model, split)
+            metrics = self.recipe.evaluate(model, split)
         self.model.train()
         runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics})
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -219,6 +300,7 @@ class Trainer:
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
         ]
+        progress = progress and self.ranks.main
         with self._signals(), Progress(*columns, console=self.console, disable=not progress) as bar:
             task = bar.add_task(self.recipe.config["recipe"], total=total, completed=self.step, info="")
             tick = time.perf_counter()
@@ -235,7 +317,8 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "items_per_s": self.window["items"] / max(elapsed, 1e-9),
                     }
-                    runs.append_metrics(self.run_dir, record)
+                    if self.ranks.main:
+                        runs.append_metrics(self.run_dir, record)
                     info = f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['items_per_s']:,.0f} {self.recipe.unit}/s"
                     bar.update(task, info=info)
                     if progress and not self.console.is_terminal:  # logs and CI: a line instead of a bar
@@ -268,6 +351,10 @@ class Trainer:
             previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: leave signals alone
             previous = {}
+        for s in previous:
+            # restart interrupted system calls: a signal arriving inside a gloo collective must not
+            # break the socket read of the step that is about to be saved
+            signal.siginterrupt(s, False)
         try:
             yield
         finally:
@@ -281,22 +368,31 @@ def start_training(
     device: torch.device,
     resume: bool = False,
     console: Console | None = None,
+    ranks: Ranks = Ranks(),
 ) -> Trainer:
     """A trainer for a resolved config: new run directory (``run_dir`` or runs/RECIPE/TIME), or with
     ``resume`` the existing ``run_dir`` restored to its last checkpoint."""
     console = console or Console(stderr=True)
     recipe = registry.get("recipe", config["recipe"])(config)
-    console.print(f"preparing data for [bold]{config['recipe']}[/bold]...")
-    recipe.prepare(run_dir if resume else None)
-    if not resume:
-        run_dir = runs.new_run_dir(config["recipe"], run_dir)
-        recipe.save(run_dir)
-    runs.save_config(run_dir, config)
+    # rank 0 prepares the data (filling the cache) and fits the tokenizer; the other ranks then load
+    # that tokenizer from the run directory, as a resumed run does, so all ranks encode alike
+    if ranks.main:
+        console.print(f"preparing data for [bold]{config['recipe']}[/bold]...")
+        recipe.prepare(run_dir if resume else None)
+        if not resume:
+            run_dir = runs.new_run_dir(config["recipe"], run_dir)
+            recipe.save(run_dir)
+        runs.save_config(run_dir, config)
+    run_dir = distributed.broadcast(run_dir, ranks)
+    if not ranks.main:
+        recipe.prepare(run_dir)
     torch.manual_seed(config["seed"])
     model = recipe.build_model()
-    if config.get("init") and not resume:
+    if resume:  # before DDP or FSDP wrap the model
+        load_model(model, str(run_dir / runs.WEIGHTS))
+    elif config.get("init"):
         recipe.load_pretrained(model, Path(config["init"]))
-    trainer = Trainer(recipe, model, run_dir, device, console)
+    trainer = Trainer(recipe, model, run_dir, device, console, ranks)
     if resume:
         trainer.resume()
     return trainer

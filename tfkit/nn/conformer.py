@@ -8,10 +8,11 @@ statistics from real frames only, so an utterance's output does not depend on wh
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit import registry
+from tfkit import distributed, registry
 from tfkit.nn.blocks import DropPath, FeedForward
 from tfkit.registry import register
 
@@ -47,14 +48,36 @@ class ConvolutionSubsampling(nn.Module):
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """Batch norm over (B, T, C) whose batch statistics come from the real frames only."""
+    """Batch norm over (B, T, C) whose batch statistics come from the real frames only.
+
+    In training under torchrun the statistics are those of the real frames on all ranks together
+    (as SyncBatchNorm's, which runs on GPUs only), so N ranks normalise as one process would."""
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
             return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        frames = x[mask]  # (frames, C)
+        synced = self.training and dist.is_initialized() and dist.get_world_size() > 1
         out = x.new_zeros(x.shape)
-        out[mask] = super().forward(x[mask])  # (frames, C): statistics over real frames
+        out[mask] = self._synced(frames) if synced else super().forward(frames)
         return out
+
+    def _synced(self, frames: Tensor) -> Tensor:
+        channels = frames.size(1)
+        count = frames.new_tensor([len(frames)], dtype=torch.float32)
+        # one all-reduce of [Σx, Σx², n]; its backward all-reduces the gradients of the sums
+        stats = distributed.sum_over_ranks(torch.cat([frames.float().sum(0), frames.float().square().sum(0), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels : 2 * channels] / n - mean.square()).clamp_min(0.0)  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), momentum)
+        normalised = ((frames.float() - mean) * torch.rsqrt(var + self.eps)).to(frames.dtype)
+        return normalised * self.weight + self.bias if self.affine else normalised
 
 
 class ConvolutionModule(nn.Module):
