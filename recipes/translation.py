@@ -8,6 +8,8 @@ and German words: German puts units before tens ("siebenundvierzig"), so the mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import sys
@@ -131,28 +133,50 @@ class Translation(Recipe):
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
         splits = load_splits(data["name"], lambda: numbers_corpus(data, seed), seed, hub_config=data["hub_config"])
-        self.pairs = {split: self._pairs(splits[split], split) for split in SPLITS}
+        for split, rows in splits.items():
+            if "translation" not in rows.column_names:  # the wmt layout holds both languages in one column
+                require_columns(rows, split, [data["source_column"], data["target_column"]], "data.source_column and data.target_column")
+        # validation and test are read whole; the training split stays an Arrow table (memory-mapped
+        # when it comes from files or the cache) and is encoded into another, so a corpus of any
+        # size costs memory only for its lengths
+        self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
+        train = splits["train"]
         if run_dir is not None:
             self.load(run_dir)
         else:
-            texts = [text for pair in self.pairs["train"] for text in pair]
+            texts = (text for start in range(0, len(train), 10_000)
+                     for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
-        self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in SPLITS}
-        self.targets = [[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in self.pairs["train"]])]
+        self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
+        self.train = train.map(self._encode, batched=True, with_indices=True, remove_columns=train.column_names,
+                               new_fingerprint=self._fingerprint(train))
+        self.train_lengths: list[int] = self.train["length"]
 
-    def _pairs(self, rows: datasets.Dataset, split: str) -> list[tuple[str, str]]:
+    def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
+        """The (source, target) texts of rows given as {column: values}; they are rows first, first + 1, ..."""
         data = self.config["data"]
-        if "translation" in rows.column_names:  # the wmt layout: {"de": ..., "en": ...}
+        if "translation" in rows:
             langs = data["source_lang"], data["target_lang"]
             pairs = [tuple(row.get(lang) for lang in langs) for row in rows["translation"]]
         else:
-            columns = data["source_column"], data["target_column"]
-            require_columns(rows, split, list(columns), "data.source_column and data.target_column")
-            pairs = list(zip(rows[columns[0]], rows[columns[1]]))
+            pairs = list(zip(rows[data["source_column"]], rows[data["target_column"]]))
         for i, pair in enumerate(pairs):
             if not all(isinstance(text, str) and text.strip() for text in pair):
-                raise UsageError(f"the {split} data's row {i + 1} lacks a source or target text: {pair!r}")
+                raise UsageError(f"the {split} data's row {first + i + 1} lacks a source or target text: {pair!r}")
         return pairs
+
+    def _encode(self, rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+        pairs = self._pairs(rows, "train", indices[0])
+        sources = self._source_ids([src for src, _ in pairs])
+        targets = [[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in pairs])]
+        return {"source": sources, "target": targets, "length": [len(ids) for ids in sources]}
+
+    def _fingerprint(self, train: datasets.Dataset) -> str:
+        """Names the encoded training split in datasets' cache: the same text, tokenizer and settings
+        (a resumed run, the other ranks) reuse it instead of encoding again."""
+        data = self.config["data"]
+        settings = [data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")]
+        return hashlib.sha1(json.dumps([train._fingerprint, self.tokenizer.to_str(), settings]).encode()).hexdigest()
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         limit = self.config["data"]["max_tokens"]
@@ -177,11 +201,11 @@ class Translation(Recipe):
     # -- training ---------------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of sentences of similar length: each pool of 100 batches is sorted by length."""
-        sources, size = self.sources["train"], self.config["train"]["batch_size"]
         generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
-        for rows in length_buckets([len(s) for s in sources], size, generator, pool=100):
-            target = _pad([self.targets[i] for i in rows])
-            yield {"src": _pad([sources[i] for i in rows]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
+        for rows in length_buckets(self.train_lengths, self.config["train"]["batch_size"], generator, pool=100):
+            chunk = self.train[rows]
+            target = _pad(chunk["target"])
+            yield {"src": _pad(chunk["source"]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["src"], batch["tgt_in"])

@@ -12,6 +12,7 @@ from conftest import quiet, tiny_config
 
 from tfkit import run as runs
 from tfkit.errors import TfkitError, UsageError
+from tfkit.recipe import Loss
 from tfkit.train import Interrupted, lr_factor, start_training
 
 CPU = torch.device("cpu")
@@ -81,9 +82,11 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     trainer = start_training(tiny_config("train.steps=3", "data.train_size=200"), tmp_path / "run", CPU, console=quiet())
-    monkeypatch.setattr(trainer.recipe, "loss", lambda model, batch: (torch.tensor(float("nan")), 1))
+    nan = Loss([(torch.tensor(float("nan"), requires_grad=True), 1)], 1)
+    monkeypatch.setattr(trainer.recipe, "loss", lambda model, batch: nan)
     with pytest.raises(TfkitError, match="loss became nan at step 1"):
         trainer.fit(progress=False)
+    assert not (tmp_path / "run" / runs.WEIGHTS).exists()  # nothing saved
 
 
 def test_resume_refuses_weights_and_state_from_different_steps(trained_run, tmp_path):
@@ -96,3 +99,28 @@ def test_resume_refuses_weights_and_state_from_different_steps(trained_run, tmp_
     torch.save(state, run / runs.STATE)
     with pytest.raises(UsageError, match="is from step 400 but state.pt from step 399"):
         runs.load_state(run)
+
+
+def test_a_file_corpus_trains_from_a_memory_mapped_encoded_split(tmp_path):
+    """The training split is encoded into an Arrow file once and read from it batch by batch, so a
+    large corpus is not held in memory; a resumed run (and every other rank) reuses the encoding."""
+    from tfkit import registry
+    from tfkit.recipes.translation import BOS
+
+    corpus = tmp_path / "pairs.tsv"
+    corpus.write_text("source\ttarget\n" + "".join(f"eins {i}\tone {i}\n" for i in range(300)), encoding="utf-8")
+    config = tiny_config(f"data.name={corpus}", "train.batch_size=16")
+    recipe = registry.get("recipe", "translation")(config)
+    recipe.prepare()
+    assert recipe.train.cache_files, "the encoded training split lives in a file, not in memory"
+    assert len(recipe.train) == len(recipe.train_lengths) > 250  # less what validation and test took
+    batch = next(recipe.train_batches(0))
+    assert batch["src"].shape[0] == 16 and (batch["tgt_in"][:, 0] == BOS).all()
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe.save(run_dir)
+    again = registry.get("recipe", "translation")(config)
+    again.prepare(run_dir)
+    assert again.train.cache_files == recipe.train.cache_files
+    assert all((a == b).all() for a, b in zip(next(again.train_batches(0)).values(), batch.values()))

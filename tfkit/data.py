@@ -175,7 +175,7 @@ def read_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
-def train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
     """A byte-pair-encoding tokenizer over whitespace-marked pieces (SentencePiece's ▁), so decoding
     restores the text exactly."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
