@@ -9,7 +9,9 @@ number phrases spoken by eSpeak NG in many voice variants, with test speakers un
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import random
 import sys
 from pathlib import Path
@@ -181,66 +183,97 @@ class Conformer(Recipe):
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
         splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"], split_names=data["splits"])
+        for split, rows in splits.items():
+            require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
+        # validation and test features are held in memory; the training split's go into an Arrow
+        # table (in datasets' cache when the audio comes from files), read batch by batch, so a
+        # corpus of any size costs memory only for its transcripts and lengths
+        self.train = self._featurise(splits["train"], "train")
         self.texts, self.features = {}, {}
-        for split in SPLITS:
-            self.texts[split], self.features[split] = self._decode(splits[split], split)
+        for split in ("validation", "test"):
+            held = self._featurise(splits[split], split)
+            self.texts[split] = held["text"]
+            self.features[split] = [self._frames(f) for f in held.with_format("numpy")["features"]]
+        self.train_rows = [i for i, frames in enumerate(self.train["frames"]) if frames > 0]
+        texts = self.train.select(self.train_rows)["text"]
         if run_dir is not None:
             self.load(run_dir)
         else:
             # vocab_size 0 leaves BPE with no merges: a character vocabulary
-            self.tokenizer = train_bpe(self.texts["train"], data["vocab_size"], SPECIALS)
-        self.labels = [e.ids for e in self.tokenizer.encode_batch(self.texts["train"])]
+            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+        self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
         self._drop_unalignable()
 
     def _drop_unalignable(self) -> None:
         """CTC needs at least one output frame per label: shorter training utterances are dropped."""
-        frames = ConvolutionSubsampling.output_lengths(torch.tensor([len(f) for f in self.features["train"]])).tolist()
-        keep = [i for i, (n, label) in enumerate(zip(frames, self.labels)) if len(label) <= n]
-        if len(keep) < len(frames):
-            print(f"warning: skipped {len(frames) - len(keep)} training utterances whose transcript has more "
+        frames = self.train.select(self.train_rows)["frames"]
+        outputs = ConvolutionSubsampling.output_lengths(torch.tensor(frames)).tolist()
+        keep = [i for i, (n, label) in enumerate(zip(outputs, self.labels)) if len(label) <= n]
+        if len(keep) < len(outputs):
+            print(f"warning: skipped {len(outputs) - len(keep)} training utterances whose transcript has more "
                   f"tokens than the utterance has 40 ms frames", file=sys.stderr)
             if not keep:
                 raise UsageError("no training utterance is long enough for its transcript")
-        for items in (self.features["train"], self.texts["train"], self.labels):
-            items[:] = [items[i] for i in keep]
+        self.train_rows, self.labels = [self.train_rows[i] for i in keep], [self.labels[i] for i in keep]
+        self.train_frames = [frames[i] for i in keep]
 
     def _normalise_text(self, text: str) -> str:
         text = " ".join(text.split())
         return text.lower() if self.config["data"]["lowercase"] else text
 
-    def _decode(self, rows: datasets.Dataset, split: str) -> tuple[list[str], list[Tensor]]:
-        """Transcripts and log-mel features of a split; unreadable or too short audio is skipped with a warning."""
+    def _featurise(self, rows: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Rows of transcript, log-mel features (flattened) and frame count; unreadable or too short
+        audio is reported in one warning and left with 0 frames."""
         data = self.config["data"]
-        require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
         if isinstance(rows.features[data["audio_column"]], datasets.Audio):
             rows = rows.cast_column(data["audio_column"], datasets.Audio(decode=False))
         spec = Path(data["name"]).expanduser()
         base = spec if spec.is_dir() else spec.parent  # paths in a manifest are relative to it
         log_mel = self._log_mel()
-        texts, features, bad = [], [], []
-        for number, row in enumerate(rows, 1):
-            cell, text = row[data["audio_column"]], row[data["text_column"]]
-            if not isinstance(text, str) or not text.strip():
-                raise UsageError(f"the {split} data's row {number} has no transcript in column '{data['text_column']}'")
-            try:
-                if isinstance(cell, str):
-                    samples = read_audio(base / cell, None, data["sample_rate"])
-                else:
-                    samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
-            except UsageError as e:
-                bad.append(str(e))
-                continue
-            log_mels = log_mel(samples)
-            if ConvolutionSubsampling.output_lengths(torch.tensor(len(log_mels))) < 1:
-                bad.append(f"row {number}: too short ({len(samples) / data['sample_rate']:.3f} s)")
-                continue
-            texts.append(self._normalise_text(text))
-            features.append(log_mels)
-        if bad:
-            print(f"warning: skipped {len(bad)} unusable recordings in the {split} data, e.g. {bad[0]}", file=sys.stderr)
-        if not features:
+
+        def featurise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            out: dict[str, list] = {"text": [], "features": [], "frames": [], "problem": []}
+            for number, cell, text in zip(indices, batch[data["audio_column"]], batch[data["text_column"]]):
+                if not isinstance(text, str) or not text.strip():
+                    raise UsageError(f"the {split} data's row {number + 1} has no transcript in column '{data['text_column']}'")
+                features, problem = torch.zeros(0, 0), ""
+                try:
+                    if isinstance(cell, str):
+                        samples = read_audio(base / cell, None, data["sample_rate"])
+                    else:
+                        samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
+                    features = log_mel(samples)
+                    if ConvolutionSubsampling.output_lengths(torch.tensor(len(features))) < 1:
+                        features, problem = torch.zeros(0, 0), f"row {number + 1}: too short ({len(samples) / data['sample_rate']:.3f} s)"
+                except UsageError as e:
+                    problem = str(e)
+                out["text"].append(self._normalise_text(text))
+                out["features"].append(features.flatten().numpy())
+                out["frames"].append(len(features))
+                out["problem"].append(problem)
+            return out
+
+        settings = [data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")] + [self.config["features"]]
+        fingerprint = hashlib.sha1(json.dumps([rows._fingerprint, split, settings], sort_keys=True).encode()).hexdigest()
+        columns = datasets.Features({"text": datasets.Value("string"), "features": datasets.Sequence(datasets.Value("float32")),
+                                     "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
+        done = rows.map(featurise, batched=True, batch_size=100, with_indices=True, remove_columns=rows.column_names,
+                        features=columns, new_fingerprint=fingerprint)
+        problems = [p for p in done["problem"] if p]
+        if problems:
+            print(f"warning: skipped {len(problems)} unusable recordings in the {split} data, e.g. {problems[0]}", file=sys.stderr)
+        if len(problems) == len(done):
             raise UsageError(f"the {split} data holds no readable recordings")
-        return texts, features
+        return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
+
+    def _frames(self, flat: np.ndarray) -> Tensor:
+        """A stored (flattened) feature row as (T, n_mels)."""
+        return torch.from_numpy(np.array(flat, dtype=np.float32)).view(-1, self.config["features"]["n_mels"])
+
+    def _train_features(self, rows: list[int]) -> list[Tensor]:
+        """Features of training utterances (positions in ``train_rows``), read from the Arrow table."""
+        table = self.train.with_format("numpy", columns=["features"])
+        return [self._frames(f) for f in table[[self.train_rows[i] for i in rows]]["features"]]
 
     def _log_mel(self) -> LogMel:
         f = self.config["features"]
@@ -262,15 +295,16 @@ class Conformer(Recipe):
 
     # -- training ---------------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Iterator[Batch]:
-        features, seed = self.features["train"], self.config["seed"]
+        seed = self.config["seed"]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         # each pool of 50 batches is sorted by length: a few percent padding instead of ~60%
-        for b, rows in enumerate(length_buckets([len(f) for f in features], self.config["train"]["batch_size"], generator, pool=50)):
+        for b, rows in enumerate(length_buckets(self.train_frames, self.config["train"]["batch_size"], generator, pool=50)):
+            features = self._train_features(rows)
             # torchaudio's masks draw from the global RNG: fork it, seeded by the batch, so a resumed
             # run replays the same masks and the model's own randomness is left untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
-                batch, lengths = pad_features([features[i] for i in rows])
+                batch, lengths = pad_features(features)
                 batch = spec_augment(batch, lengths, self.config["specaugment"])
             labels = [torch.tensor(self.labels[i]) for i in rows]
             targets = pad_sequence(labels, batch_first=True, padding_value=BLANK)  # (B, S): one row per utterance

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
+
+# generated corpora and datasets' own cache go to a temporary folder, never the user's; set before
+# datasets is imported, which reads HF_DATASETS_CACHE once
+CACHE = Path(tempfile.mkdtemp(prefix="tfkit-tests-"))
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+os.environ.update(TFKIT_CACHE=str(CACHE / "tfkit"), HF_DATASETS_CACHE=str(CACHE / "hf"), HF_HUB_OFFLINE="1")
 
 import pytest
 import torch
@@ -42,15 +51,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Generated corpora and datasets' own cache go to a temporary folder, never the user's."""
-    root = tmp_path_factory.mktemp("cache")
-    os.environ["TFKIT_CACHE"] = str(root / "tfkit")
-    os.environ["HF_DATASETS_CACHE"] = str(root / "hf")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-
-
 def tiny_config(*sets: str) -> dict:
     defaults = registry.get("recipe", "translation").default_config()
     return configs.resolve(defaults, None, [*TINY, *sets])
@@ -61,7 +61,7 @@ def quiet() -> Console:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, private_caches: None) -> Path:
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny German→English model trained on the built-in corpus; shared by the tests that read a run."""
     trainer = start_training(tiny_config(), tmp_path_factory.mktemp("runs") / "tiny", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)

@@ -142,10 +142,11 @@ def test_spec_augment_masks_within_bounds_and_only_in_training(monkeypatch):
 
     recipe = registry.get("recipe", "conformer")(conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4"))
     recipe.prepare()
-    stored = [f.clone() for f in recipe.features["train"]]
+    everything = list(range(len(recipe.train_rows)))
+    stored = recipe._train_features(everything)
     batch = next(iter(recipe.train_batches(0)))
     assert (batch["features"] == 0).all(1).any()  # some bins are masked in training
-    assert all(torch.equal(a, b) for a, b in zip(stored, recipe.features["train"]))  # in a copy
+    assert all(torch.equal(a, b) for a, b in zip(stored, recipe._train_features(everything)))  # in a copy
 
     def refuse(*args):
         raise AssertionError("SpecAugment during evaluation")
@@ -275,6 +276,11 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
     assert runs.read_tokenizer(tmp_path / "run").get_vocab_size() == 30  # a BPE vocabulary, not characters
     assert "skipped 1 unusable recordings in the train data" in err and "broken.wav" in err
     assert "skipped 1 training utterances whose transcript has more tokens" in err  # 0.1 s: 2 frames, 39 letters
+    # the training features live in an Arrow file in datasets' cache, read batch by batch, not in memory
+    recipe = registry.get("recipe", "conformer")(runs.read_config(tmp_path / "run"))
+    recipe.prepare(tmp_path / "run")
+    assert recipe.train.cache_files and len(recipe.train_rows) == 8 - 2  # less the unusable and the unalignable
+    assert next(recipe.train_batches(0))["features"].shape[-1] == 80
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "utterance0.wav", "sentence": "x"}\n' * 30)
     code, _, err = tfkit(capsys, "train", "conformer", "--data", str(bad), "--max-steps", "1")
