@@ -8,6 +8,7 @@ AdamW with warmup-cosine, label smoothing, torchvision v2 augmentation. The buil
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -108,23 +109,31 @@ class ViT(Recipe):
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
         splits = load_splits(data["name"], lambda: digits(seed), seed, hub_config=data["hub_config"])
+        for split, rows in splits.items():
+            self._require_columns(rows, split)
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self._require_columns(splits["train"], "train")
             self.labels = label_names(splits["train"], data["label_column"])
+        # validation and test images are held in memory; the training split's go into an Arrow table
+        # (in datasets' cache when the images come from files), read batch by batch, so a corpus of
+        # any size costs memory only for its labels
+        self.train = self._decode(splits["train"], "train")
+        self.train_rows = [i for i, target in enumerate(self.train["target"]) if target >= 0]
         self.images, self.targets = {}, {}
-        for split in splits:
-            self.images[split], self.targets[split] = self._decode(splits[split], split)
+        for split in ("validation", "test"):
+            held = self._decode(splits[split], split).filter(lambda target: target >= 0, input_columns="target")
+            self.images[split] = self._pixels(held.with_format("numpy")["pixels"])
+            self.targets[split] = torch.tensor(held["target"])
 
     def _require_columns(self, rows: datasets.Dataset, split: str) -> None:
         data = self.config["data"]
         require_columns(rows, split, [data["image_column"], data["label_column"]], "data.image_column and data.label_column")
 
-    def _decode(self, rows: datasets.Dataset, split: str) -> tuple[Tensor, Tensor]:
-        """All images of a split as one uint8 tensor at the configured size; unreadable ones are skipped."""
+    def _decode(self, rows: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Rows of pixels at the configured size (uint8, flattened) and class index; an unreadable
+        image is reported in one warning and left with target -1."""
         data = self.config["data"]
-        self._require_columns(rows, split)
         image_column, label_column = data["image_column"], data["label_column"]
         feature = rows.features[label_column]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
@@ -132,27 +141,44 @@ class ViT(Recipe):
             rows = rows.cast_column(image_column, datasets.Image(decode=False))
         base = Path(data["name"]).parent  # paths in a .csv/.jsonl are relative to that file
         index = {name: i for i, name in enumerate(self.labels)}
-        images, targets, bad = [], [], []
-        for row in rows:
-            cell, label = row[image_column], row[label_column]
-            label = names[label] if names is not None else str(label)
-            if label not in index:
-                raise UsageError(f"the {split} data has label '{label}', which the training data does not have")
-            try:
-                if isinstance(cell, str):
-                    image = open_image(base / cell, channels=data["channels"])
-                else:
-                    image = open_image(cell.get("path"), data=cell.get("bytes"), channels=data["channels"])
-            except UsageError as e:
-                bad.append(str(e))
-                continue
-            images.append(self._resize(image))
-            targets.append(index[label])
-        if bad:
-            print(f"warning: skipped {len(bad)} unreadable images in the {split} data, e.g. {bad[0]}", file=sys.stderr)
-        if not images:
+
+        def decode(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"pixels": [], "target": [], "problem": []}
+            for cell, label in zip(batch[image_column], batch[label_column]):
+                label = names[label] if names is not None else str(label)
+                if label not in index:
+                    raise UsageError(f"the {split} data has label '{label}', which the training data does not have")
+                pixels, target, problem = np.zeros(0, np.uint8), index[label], ""
+                try:
+                    if isinstance(cell, str):
+                        image = open_image(base / cell, channels=data["channels"])
+                    else:
+                        image = open_image(cell.get("path"), data=cell.get("bytes"), channels=data["channels"])
+                    pixels = self._resize(image).flatten().numpy()
+                except UsageError as e:
+                    target, problem = -1, str(e)
+                out["pixels"].append(pixels)
+                out["target"].append(target)
+                out["problem"].append(problem)
+            return out
+
+        settings = [data[k] for k in ("name", "image_column", "label_column", "channels", "image_size")] + [self.labels]
+        fingerprint = hashlib.sha1(json.dumps([rows._fingerprint, split, settings]).encode()).hexdigest()
+        columns = datasets.Features({"pixels": datasets.Sequence(datasets.Value("uint8")), "target": datasets.Value("int64"),
+                                     "problem": datasets.Value("string")})
+        done = rows.map(decode, batched=True, batch_size=256, remove_columns=rows.column_names, features=columns,
+                        new_fingerprint=fingerprint)
+        problems = [p for p in done["problem"] if p]
+        if problems:
+            print(f"warning: skipped {len(problems)} unreadable images in the {split} data, e.g. {problems[0]}", file=sys.stderr)
+        if len(problems) == len(done):
             raise UsageError(f"the {split} data holds no readable images")
-        return torch.stack(images), torch.tensor(targets)
+        return done
+
+    def _pixels(self, rows: list[np.ndarray]) -> Tensor:
+        """Stored (flattened) pixel rows as one (N, C, H, W) uint8 tensor."""
+        size, channels = self.config["data"]["image_size"], self.config["data"]["channels"]
+        return torch.from_numpy(np.stack(rows).astype(np.uint8)).view(-1, channels, size, size)  # datasets gives int64
 
     def _resize(self, image: Image.Image) -> Tensor:
         size = self.config["data"]["image_size"]
@@ -195,18 +221,18 @@ class ViT(Recipe):
         return v2.Compose(per_image), mix
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
-        images, targets = self.images["train"], self.targets["train"]
         size, seed = self.config["train"]["batch_size"], self.config["seed"]
         per_image, mix = self._augmentation()
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        table = self.train.with_format("numpy")
+        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for b, start in enumerate(range(0, len(order), size)):
-            rows = order[start : start + size]
+            chunk = table[[self.train_rows[i] for i in order[start : start + size].tolist()]]
+            images, labels = self._pixels(list(chunk["pixels"])), torch.tensor(chunk["target"])
             # torchvision draws from the global RNG: fork it, seeded by the batch, so a resumed run
             # replays the same augmentations and the model's own randomness is left untouched
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
-                batch = torch.stack([per_image(image) for image in images[rows]])
-                labels = targets[rows]
+                batch = torch.stack([per_image(image) for image in images])
                 batch = self._normalise(batch)
                 if mix is not None:
                     batch, labels = mix(batch, labels)

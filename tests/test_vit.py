@@ -190,6 +190,11 @@ def test_user_image_folder_and_csv_train_end_to_end(capsys, vit_run, tmp_path):
     columns = ["--set", "data.image_column=file", "--set", "data.label_column=digit"]
     code, out, err = tfkit(capsys, "train", "vit", "--data", str(listing), "--out", str(tmp_path / "run2"), *small, *columns)
     assert code == 0, err
+    # the training images live in an Arrow file in datasets' cache, read batch by batch, not in memory
+    recipe = registry.get("recipe", "vit")(runs.read_config(tmp_path / "run2"))
+    recipe.prepare(tmp_path / "run2")
+    assert recipe.train.cache_files and len(recipe.train_rows) > 0
+    assert next(recipe.train_batches(0))["images"].shape[1:] == (recipe.config["data"]["channels"], 16, 16)
     code, _, err = tfkit(capsys, "train", "vit", "--data", str(listing), "--out", str(tmp_path / "run3"), *small)
     assert code == 2
     one_error_line(err, "has no column 'image'")
