@@ -9,9 +9,7 @@ number phrases spoken by eSpeak NG in many voice variants, with test speakers un
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import random
 import sys
 from pathlib import Path
@@ -29,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, length_buckets, load_splits, require_columns, train_bpe
+from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, report_unusable, require_columns, train_bpe
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
@@ -194,19 +192,19 @@ class Conformer(Recipe):
             held = self._featurise(splits[split], split)
             self.texts[split] = held["text"]
             self.features[split] = [self._frames(f) for f in held.with_format("numpy")["features"]]
-        self.train_rows = [i for i, frames in enumerate(self.train["frames"]) if frames > 0]
-        texts = self.train.select(self.train_rows)["text"]
+        frames, texts = self.train["frames"], self.train["text"]
+        self.train_rows = [i for i, n in enumerate(frames) if n > 0]
+        texts = [texts[i] for i in self.train_rows]
         if run_dir is not None:
             self.load(run_dir)
         else:
             # vocab_size 0 leaves BPE with no merges: a character vocabulary
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
         self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        self._drop_unalignable()
+        self._drop_unalignable([frames[i] for i in self.train_rows])
 
-    def _drop_unalignable(self) -> None:
+    def _drop_unalignable(self, frames: list[int]) -> None:
         """CTC needs at least one output frame per label: shorter training utterances are dropped."""
-        frames = self.train.select(self.train_rows)["frames"]
         outputs = ConvolutionSubsampling.output_lengths(torch.tensor(frames)).tolist()
         keep = [i for i, (n, label) in enumerate(zip(outputs, self.labels)) if len(label) <= n]
         if len(keep) < len(outputs):
@@ -253,17 +251,11 @@ class Conformer(Recipe):
                 out["problem"].append(problem)
             return out
 
-        settings = [data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")] + [self.config["features"]]
-        fingerprint = hashlib.sha1(json.dumps([rows._fingerprint, split, settings], sort_keys=True).encode()).hexdigest()
+        settings = [split, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), self.config["features"]]
         columns = datasets.Features({"text": datasets.Value("string"), "features": datasets.Sequence(datasets.Value("float32")),
                                      "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
-        done = rows.map(featurise, batched=True, batch_size=100, with_indices=True, remove_columns=rows.column_names,
-                        features=columns, new_fingerprint=fingerprint)
-        problems = [p for p in done["problem"] if p]
-        if problems:
-            print(f"warning: skipped {len(problems)} unusable recordings in the {split} data, e.g. {problems[0]}", file=sys.stderr)
-        if len(problems) == len(done):
-            raise UsageError(f"the {split} data holds no readable recordings")
+        done = encode_once(rows, featurise, settings, columns)
+        report_unusable(done, split, "unusable recordings")
         return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
 
     def _frames(self, flat: np.ndarray) -> Tensor:

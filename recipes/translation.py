@@ -8,8 +8,6 @@ and German words: German puts units before tens ("siebenundvierzig"), so the mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import sys
@@ -26,7 +24,7 @@ from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, length_buckets, load_splits, read_lines, require_columns, train_bpe
+from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, read_lines, require_columns, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
@@ -148,8 +146,8 @@ class Translation(Recipe):
                      for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
-        self.train = train.map(self._encode, batched=True, with_indices=True, remove_columns=train.column_names,
-                               new_fingerprint=self._fingerprint(train))
+        settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
+        self.train = encode_once(train, self._encode, settings)
         self.train_lengths: list[int] = self.train["length"]
 
     def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
@@ -170,13 +168,6 @@ class Translation(Recipe):
         sources = self._source_ids([src for src, _ in pairs])
         targets = [[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in pairs])]
         return {"source": sources, "target": targets, "length": [len(ids) for ids in sources]}
-
-    def _fingerprint(self, train: datasets.Dataset) -> str:
-        """Names the encoded training split in datasets' cache: the same text, tokenizer and settings
-        (a resumed run, the other ranks) reuse it instead of encoding again."""
-        data = self.config["data"]
-        settings = [data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")]
-        return hashlib.sha1(json.dumps([train._fingerprint, self.tokenizer.to_str(), settings]).encode()).hexdigest()
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         limit = self.config["data"]["max_tokens"]

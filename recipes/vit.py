@@ -8,7 +8,6 @@ AdamW with warmup-cosine, label smoothing, torchvision v2 augmentation. The buil
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import sys
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from tfkit import run as runs
-from tfkit.data import label_names, load_splits, require_columns
+from tfkit.data import encode_once, label_names, load_splits, report_unusable, require_columns
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
@@ -142,7 +141,7 @@ class ViT(Recipe):
         base = Path(data["name"]).parent  # paths in a .csv/.jsonl are relative to that file
         index = {name: i for i, name in enumerate(self.labels)}
 
-        def decode(batch: dict[str, list]) -> dict[str, list]:
+        def decode(batch: dict[str, list], _: list[int]) -> dict[str, list]:
             out: dict[str, list] = {"pixels": [], "target": [], "problem": []}
             for cell, label in zip(batch[image_column], batch[label_column]):
                 label = names[label] if names is not None else str(label)
@@ -162,17 +161,11 @@ class ViT(Recipe):
                 out["problem"].append(problem)
             return out
 
-        settings = [data[k] for k in ("name", "image_column", "label_column", "channels", "image_size")] + [self.labels]
-        fingerprint = hashlib.sha1(json.dumps([rows._fingerprint, split, settings]).encode()).hexdigest()
+        settings = [split, *(data[k] for k in ("name", "image_column", "label_column", "channels", "image_size")), self.labels]
         columns = datasets.Features({"pixels": datasets.Sequence(datasets.Value("uint8")), "target": datasets.Value("int64"),
                                      "problem": datasets.Value("string")})
-        done = rows.map(decode, batched=True, batch_size=256, remove_columns=rows.column_names, features=columns,
-                        new_fingerprint=fingerprint)
-        problems = [p for p in done["problem"] if p]
-        if problems:
-            print(f"warning: skipped {len(problems)} unreadable images in the {split} data, e.g. {problems[0]}", file=sys.stderr)
-        if len(problems) == len(done):
-            raise UsageError(f"the {split} data holds no readable images")
+        done = encode_once(rows, decode, settings, columns)
+        report_unusable(done, split, "unreadable images")
         return done
 
     def _pixels(self, rows: list[np.ndarray]) -> Tensor:

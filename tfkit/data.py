@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -125,6 +126,27 @@ def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -
             parts = out["train"].train_test_split(test_size=size, seed=seed)
             out["train"], out[split] = parts["train"], parts["test"]
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
+
+
+def encode_once(rows: datasets.Dataset, encode: Callable, settings: object, features: datasets.Features | None = None) -> datasets.Dataset:
+    """``rows`` mapped by ``encode(batch, indices) -> columns`` into a new Arrow table: written to
+    datasets' cache when ``rows`` come from files (memory-mapped, read back a batch at a time), and
+    named by the rows and ``settings`` (what else the encoding depends on, as JSON), so a resumed run
+    or another rank reuses it instead of encoding again. (datasets would name it by hashing
+    ``encode``, which fails for closures over tokenizers and feature extractors.)"""
+    name = hashlib.sha1(json.dumps([rows._fingerprint, settings], sort_keys=True).encode()).hexdigest()
+    return rows.map(encode, batched=True, batch_size=100, with_indices=True, remove_columns=rows.column_names,
+                    features=features, new_fingerprint=name)
+
+
+def report_unusable(encoded: datasets.Dataset, split: str, what: str) -> None:
+    """One warning for the rows whose ``problem`` column says why they cannot be used; an error if
+    no row can be."""
+    problems = [p for p in encoded["problem"] if p]
+    if problems:
+        print(f"warning: skipped {len(problems)} {what} in the {split} data, e.g. {problems[0]}", file=sys.stderr)
+    if len(problems) == len(encoded):
+        raise UsageError(f"none of the {len(encoded)} rows of the {split} data can be used (e.g. {problems[0]})")
 
 
 def require_columns(rows: datasets.Dataset, split: str, columns: list[str], keys: str) -> None:

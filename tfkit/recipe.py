@@ -96,6 +96,7 @@ class Recipe:
         return {k: v.tensor_split(world)[rank] for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
+        """The batch's loss as sums and the counts they are averaged over (see :class:`Loss`)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str, **options: Any) -> dict[str, float]:
