@@ -25,7 +25,7 @@ from test_vit import TINY_VIT
 STEPS = 4
 # tiny data, no dropout (ranks draw their own masks), a loss logged at every step
 TINY_RUNS = {
-    "translation": [*TINY, "data.train_size=300", "model.dropout=0.0", "train.batch_size=16"],
+    "translation": [*TINY, "data.train_size=300", "model.dropout=0.0", "train.batch_size=16", "train.accumulate=2"],  # with accumulation
     "bert-pretrain": [*TINY_PRETRAIN, "train.batch_size=16"],
     "bert-finetune": [*TINY_FINETUNE, "model.dropout=0.0", "train.batch_size=16"],
     "vit": [*TINY_VIT, "train.batch_size=32"],
@@ -121,7 +121,7 @@ def test_an_interrupted_two_process_run_resumes_exactly(strategy, tmp_path):
 
 def test_a_batch_with_fewer_examples_than_processes_is_skipped(tmp_path):
     # 289 sentences in batches of 16: one epoch's 19 batches include one of a single sentence
-    done = train_two("translation", tmp_path / "two", "data.train_size=289", "train.steps=20")
+    done = train_two("translation", tmp_path / "two", "data.train_size=289", "train.steps=20", "train.accumulate=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("skipped a training batch of 1 example(s), fewer than the 2 processes") == 1
     assert sorted(losses(tmp_path / "two")) == list(range(1, 21))

@@ -39,3 +39,13 @@ def test_no_partial_files_are_left_behind(trained_run):
 def test_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(UsageError, match="has no config.yaml"):
         runs.open_run(tmp_path)
+
+
+def test_a_metrics_record_cut_short_is_skipped_and_dropped_on_resume(tmp_path):
+    """A crash (or a reader racing the writer) can meet a last line without its newline."""
+    runs.append_metrics(tmp_path, {"step": 1, "loss": 2.0})
+    with open(tmp_path / runs.METRICS, "a", encoding="utf-8") as f:
+        f.write('{"step": 2, "lo')
+    assert runs.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    runs.truncate_metrics(tmp_path, 5)
+    assert (tmp_path / runs.METRICS).read_text(encoding="utf-8") == '{"step": 1, "loss": 2.0}\n'

@@ -131,7 +131,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # text after the last newline is a record still being written (or cut short by a crash): skip it
+    complete = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
