@@ -86,10 +86,10 @@ def process_group(ranks: Ranks, device: torch.device, timeout_s: float) -> Itera
         dist.destroy_process_group()
 
 
-def all_reduce(tensor: Tensor, ranks: Ranks, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
-    """Sum (or ``op``) over ranks, in place."""
+def all_reduce(tensor: Tensor, ranks: Ranks) -> Tensor:
+    """Σ over ranks, in place."""
     if ranks.active:
-        dist.all_reduce(tensor, op=op)
+        dist.all_reduce(tensor)
     return tensor
 
 
