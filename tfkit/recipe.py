@@ -34,9 +34,8 @@ class Loss:
     terms: list[tuple[Tensor, float]]  # (differentiable sum, how many items it covers)
     items: int  # what the progress bar counts (tokens, images, frames)
 
-    def value(self, counts: list[float] | None = None) -> Tensor:
-        """The mean loss; ``counts`` (one per term) replace the batch's own, e.g. by global ones."""
-        counts = [float(c) for _, c in self.terms] if counts is None else counts
+    def value(self, counts: list[float]) -> Tensor:
+        """The mean loss over ``counts`` (one per term): the batch's own, or the global batch's."""
         return sum(total / max(count, 1.0) for (total, _), count in zip(self.terms, counts))
 
 
