@@ -40,7 +40,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import TokenEmbedding
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.registry import register
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -431,19 +431,25 @@ class BertPretrain(BertRecipe):
         return Loss([(mlm, len(mlm_logits)), (nsp, len(nsp_logits))], int((batch["token_ids"] != PAD).sum()))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, tuple[float, int, int, int, int]]:
+        """Per held-out batch: MLM loss summed, MLM right and total, NSP right and total."""
         model.eval()
         device = next(model.parameters()).device
-        mlm_correct = mlm_total = nsp_correct = nsp_total = 0
-        mlm_loss = 0.0
-        for batch in self.held_out[split]:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        batches, out = self.held_out[split], {}
+        for number in range(rank, len(batches), world):
+            batch = {k: v.to(device) for k, v in batches[number].items()}
             mlm_logits, nsp_logits = model(batch["token_ids"], batch["segment_ids"], batch["positions"])
-            mlm_loss += F.cross_entropy(mlm_logits.float(), batch["mlm_labels"], reduction="sum").item()
-            mlm_correct += (mlm_logits.argmax(-1) == batch["mlm_labels"]).sum().item()
-            mlm_total += len(batch["mlm_labels"])
-            nsp_correct += (nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().item()
-            nsp_total += len(batch["nsp_labels"])
+            out[number] = (
+                F.cross_entropy(mlm_logits.float(), batch["mlm_labels"], reduction="sum").item(),
+                int((mlm_logits.argmax(-1) == batch["mlm_labels"]).sum()),
+                len(batch["mlm_labels"]),
+                int((nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()),
+                len(batch["nsp_labels"]),
+            )
+        return out
+
+    def score(self, split: str, outputs: list[tuple[float, int, int, int, int]]) -> dict[str, float]:
+        mlm_loss, mlm_correct, mlm_total, nsp_correct, nsp_total = (sum(column) for column in zip(*outputs)) if outputs else (0,) * 5
         return {
             "mlm_accuracy": 100.0 * mlm_correct / max(1, mlm_total),
             "mlm_loss": mlm_loss / max(1, mlm_total),
@@ -795,20 +801,26 @@ def windows(question: list[int], context: list[int], offsets: list[tuple[int, in
         begin += room - stride
 
 
-def answer_spans(examples: list[Window], logits: list[Tensor], max_answer_length: int) -> dict[int, tuple[int, int]]:
-    """Each question's answer as characters [start, end) of its context: over all its windows, the
-    span of context tokens with the highest start + end logit, end ≥ start, at most
-    ``max_answer_length`` tokens. ``logits`` holds each window's (positions, 2) start and end logits."""
+def window_answer(window: Window, scores: Tensor, max_answer_length: int) -> tuple[float, int, int]:
+    """A window's best answer: the span of context tokens with the highest start + end logit, end ≥
+    start, at most ``max_answer_length`` tokens, as (score, first character, end character).
+    ``scores`` holds the window's (positions, 2) start and end logits."""
+    n = len(window.spans)
+    context = scores[window.context_start : window.context_start + n]
+    pairs = context[:, None, 0] + context[None, :, 1]  # [i, j]: the span from token i to token j
+    legal = torch.ones(n, n, dtype=torch.bool).triu().tril(max_answer_length - 1)
+    score, flat = pairs.masked_fill(~legal, float("-inf")).flatten().max(0)
+    i, j = divmod(int(flat), n)
+    return score.item(), window.spans[i][0], window.spans[j][1]
+
+
+def best_answers(windows: list[Window], candidates: list[tuple[float, int, int]]) -> dict[int, tuple[int, int]]:
+    """Each question's answer as characters [start, end) of its context: the best of its windows'
+    answers (``candidates``, one per window, from :func:`window_answer`)."""
     best: dict[int, tuple[float, int, int]] = {}
-    for window, scores in zip(examples, logits):
-        n = len(window.spans)
-        context = scores[window.context_start : window.context_start + n]
-        pairs = context[:, None, 0] + context[None, :, 1]  # [i, j]: the span from token i to token j
-        legal = torch.ones(n, n, dtype=torch.bool).triu().tril(max_answer_length - 1)
-        score, flat = pairs.masked_fill(~legal, float("-inf")).flatten().max(0)
-        i, j = divmod(int(flat), n)
-        if window.question not in best or score.item() > best[window.question][0]:
-            best[window.question] = (score.item(), window.spans[i][0], window.spans[j][1])
+    for window, candidate in zip(windows, candidates):
+        if window.question not in best or candidate[0] > best[window.question][0]:
+            best[window.question] = candidate
     return {question: (start, end) for question, (_, start, end) in best.items()}
 
 
@@ -859,7 +871,7 @@ def macro_f1(predicted: Tensor, target: Tensor, classes: int) -> float:
 class Task:
     """What one fine-tuning task brings to BertFinetune: ``read`` (rows of every split and the names of
     the head's outputs), ``texts`` (to train WordPiece on), ``encode``, ``batch``, ``loss``,
-    ``evaluate`` and ``predict_file``."""
+    ``eval_outputs``, ``score`` and ``predict_file``."""
 
     per_token = False
 
@@ -922,10 +934,16 @@ class Classify(Task):
     def probabilities(self, model: nn.Module, examples: list[tuple[list[int], list[int], int]]) -> Tensor:
         return torch.cat([logits.softmax(-1) for _, logits in self.recipe.outputs(model, examples)])
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        examples = self.recipe.examples[split]
-        predicted = self.probabilities(model, examples).argmax(-1)
-        target = torch.tensor([label for _, _, label in examples])
+    def eval_outputs(self, model: nn.Module, split: str, rank: int, world: int) -> dict[int, int]:
+        """The predicted label of each example."""
+        out = {}
+        for places, logits in self.recipe.outputs(model, self.recipe.examples[split], rank, world):
+            out.update(zip(places, logits.argmax(-1).tolist()))
+        return out
+
+    def score(self, split: str, outputs: list[int]) -> dict[str, float]:
+        predicted = torch.tensor(outputs)
+        target = torch.tensor([label for _, _, label in self.recipe.examples[split]])
         return {
             "accuracy": 100.0 * (predicted == target).float().mean().item(),
             "macro_f1": macro_f1(predicted, target, len(self.recipe.labels)),
@@ -1018,17 +1036,20 @@ class Tag(Task):
             "labels": pad([labels for _, _, labels in examples], IGNORE),
         }
 
-    def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]]) -> list[list[str]]:
-        """The tag of each word, read at its first sub-token (the positions whose label is not IGNORE)."""
-        out = []
-        for chunk, logits in self.recipe.outputs(model, examples):
-            for row, (_, _, labels) in zip(logits.argmax(-1).tolist(), chunk):
-                out.append([self.recipe.labels[row[i]] for i, label in enumerate(labels) if label != IGNORE])
+    def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]], rank: int = 0, world: int = 1) -> dict[int, list[str]]:
+        """The tag of each word, read at its first sub-token (the positions whose label is not IGNORE),
+        keyed by the example's place."""
+        out = {}
+        for places, logits in self.recipe.outputs(model, examples, rank, world):
+            for place, row in zip(places, logits.argmax(-1).tolist()):
+                out[place] = [self.recipe.labels[row[i]] for i, label in enumerate(examples[place][2]) if label != IGNORE]
         return out
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def eval_outputs(self, model: nn.Module, split: str, rank: int, world: int) -> dict[int, list[str]]:
+        return self.predicted_tags(model, self.recipe.examples[split], rank, world)
+
+    def score(self, split: str, predicted: list[list[str]]) -> dict[str, float]:
         examples = self.recipe.examples[split]
-        predicted = self.predicted_tags(model, examples)
         gold = [[self.recipe.labels[label] for label in labels if label != IGNORE] for _, _, labels in examples]
         true_spans = [entities(tags) for tags in gold]
         found_spans = [entities(tags) for tags in predicted]
@@ -1053,7 +1074,7 @@ class Tag(Task):
                 continue
             ids, firsts = self._encode_words(words)
             labels = [IGNORE if w == IGNORE else 0 for w in firsts]
-            (tags,) = self.predicted_tags(model, [(ids, [0] * len(ids), labels)])
+            tags = self.predicted_tags(model, [(ids, [0] * len(ids), labels)])[0]
             tags += ["O"] * (len(words) - len(tags))
             out.write(" ".join(f"{word}/{tag}" for word, tag in zip(words, tags)) + "\n")
 
@@ -1119,16 +1140,28 @@ class QuestionAnswering(Task):
         total = F.cross_entropy(logits[..., 0], batch["start"], reduction="sum") + F.cross_entropy(logits[..., 1], batch["end"], reduction="sum")
         return [(total, 2 * len(logits))]
 
-    def answers(self, model: nn.Module, rows: list[Question], examples: list[Window]) -> list[tuple[int, int]]:
+    def window_answers(self, model: nn.Module, windows: list[Window], rank: int = 0, world: int = 1) -> dict[int, tuple[float, int, int]]:
+        """Each window's best answer (:func:`window_answer`), keyed by the window's place."""
+        out = {}
+        for places, logits in self.recipe.outputs(model, windows, rank, world):
+            out.update((place, window_answer(windows[place], scores, self.config["data"]["max_answer_length"])) for place, scores in zip(places, logits))
+        return out
+
+    def answers(self, model: nn.Module, rows: list[Question], windows: list[Window]) -> list[tuple[int, int]]:
         """Each question's answer as characters [start, end) of its context."""
-        logits = [row for _, out in self.recipe.outputs(model, examples) for row in out]
-        spans = answer_spans(examples, logits, self.config["data"]["max_answer_length"])
+        candidates = self.window_answers(model, windows)
+        spans = best_answers(windows, [candidates[i] for i in range(len(windows))])
         return [spans[number] for number in range(len(rows))]
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def eval_outputs(self, model: nn.Module, split: str, rank: int, world: int) -> dict[int, tuple[float, int, int]]:
+        return self.window_answers(model, self.recipe.examples[split], rank, world)
+
+    def score(self, split: str, candidates: list[tuple[float, int, int]]) -> dict[str, float]:
         rows = self.recipe.rows[split]
+        spans = best_answers(self.recipe.examples[split], candidates)
         exact = f1 = 0.0
-        for question, (start, end) in zip(rows, self.answers(model, rows, self.recipe.examples[split])):
+        for number, question in enumerate(rows):
+            start, end = spans[number]
             predicted = question.context[start:end]
             exact += max(float(normalize_answer(predicted) == normalize_answer(text)) for text, _ in question.answers)
             f1 += max(answer_f1(predicted, text) for text, _ in question.answers)
@@ -1234,18 +1267,20 @@ class BertFinetune(BertRecipe):
         return Loss(self.task.loss(logits.float(), batch), int((batch["token_ids"] != PAD).sum()))
 
     @torch.no_grad()
-    def outputs(self, model: nn.Module, examples: list) -> Iterator[tuple[list, Tensor]]:
-        """(examples, their logits on the CPU), predict.batch_size examples at a time."""
+    def outputs(self, model: nn.Module, examples: list, rank: int = 0, world: int = 1) -> Iterator[tuple[range, Tensor]]:
+        """(places of a batch of examples, their logits on the CPU), predict.batch_size examples at a
+        time; process ``rank`` of ``world`` gets its share of the batches (:func:`batch_ranges`)."""
         model.eval()
         device = next(model.parameters()).device
-        size = self.config["predict"]["batch_size"]
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            batch = self.task.batch(chunk)
-            yield chunk, model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().cpu()
+        for places in batch_ranges(len(examples), self.config["predict"]["batch_size"], rank, world):
+            batch = self.task.batch(examples[places.start : places.stop])
+            yield places, model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().cpu()
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        return self.task.evaluate(model, split)
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, Any]:
+        return self.task.eval_outputs(model, split, rank, world)
+
+    def score(self, split: str, outputs: list[Any]) -> dict[str, float]:
+        return self.task.score(split, outputs)
 
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
         self.task.predict_file(model, path, out, top_k)

@@ -33,7 +33,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, for_each_file
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
 SPECIALS = ["<blank>", "<unk>"]
@@ -311,28 +311,31 @@ class Conformer(Recipe):
 
     # -- using the model --------------------------------------------------------------------------
     @torch.no_grad()
-    def transcribe(self, model: nn.Module, features: list[Tensor], beam: int | None = None) -> list[str]:
-        """Transcripts in input order; length-sorted batches, greedy (beam 1) or prefix beam search."""
+    def transcribe(self, model: nn.Module, features: list[Tensor], beam: int | None = None, rank: int = 0, world: int = 1) -> dict[int, str]:
+        """Transcripts keyed by the features' places; length-sorted batches (of them, process ``rank``
+        of ``world`` decodes its share: :func:`batch_ranges`), greedy (beam 1) or prefix beam search."""
         decode = self.config["decode"]
         beam = beam or decode["beam"]
         device = next(model.parameters()).device
         model.eval()
         order = sorted(range(len(features)), key=lambda i: len(features[i]))
-        out = [""] * len(features)
-        for start in range(0, len(order), decode["batch_size"]):
-            rows = order[start : start + decode["batch_size"]]
+        out: dict[int, str] = {}
+        for places in batch_ranges(len(order), decode["batch_size"], rank, world):
+            rows = order[places.start : places.stop]
             batch, lengths = pad_features([features[i] for i in rows])
             log_probs, out_lengths = model(batch.to(device), lengths.to(device))
             if beam == 1:
                 ids = ctc_greedy(log_probs, out_lengths, BLANK)
             else:
                 ids = [ctc_prefix_beam_search(lp[:n], beam, BLANK) for lp, n in zip(log_probs, out_lengths.tolist())]
-            for i, text in zip(rows, self.tokenizer.decode_batch(ids)):
-                out[i] = text
+            out.update(zip(rows, self.tokenizer.decode_batch(ids)))
         return out
 
-    def evaluate(self, model: nn.Module, split: str, beam: int | None = None) -> dict[str, float]:
-        hyps, refs = self.transcribe(model, self.features[split], beam), self.texts[split]
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None) -> dict[int, str]:
+        return self.transcribe(model, self.features[split], beam, rank, world)
+
+    def score(self, split: str, hyps: list[str]) -> dict[str, float]:
+        refs = self.texts[split]
         return {
             "cer": error_rate([list(h) for h in hyps], [list(r) for r in refs]),
             "wer": error_rate([h.split() for h in hyps], [r.split() for r in refs]),
@@ -347,8 +350,7 @@ class Conformer(Recipe):
         features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
         if ConvolutionSubsampling.output_lengths(torch.tensor(len(features))) < 1:
             raise UsageError(f"{path}: the recording is too short to transcribe ({len(features)} frames)")
-        (text,) = self.transcribe(model, [features], beam)
-        return text
+        return self.transcribe(model, [features], beam)[0]
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         path = Path(text)
@@ -360,7 +362,7 @@ class Conformer(Recipe):
             raise UsageError(f"{path}: the recording is too short to inspect ({len(features)} frames)")
         seconds = 4 * self.config["features"]["hop_ms"] / 1000  # one encoder frame after 4× subsampling
         times = [f"{t * seconds:.2f}s" for t in range(frames)]
-        (transcript,) = self.transcribe(model, [features])
+        transcript = self.transcribe(model, [features])[0]
 
         def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
             draw_spectrogram(features.T.numpy(), self.config["features"]["hop_ms"] / 1000, f"{path.name}: {transcript}", out_dir / "spectrogram.png")

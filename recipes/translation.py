@@ -28,7 +28,7 @@ from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits,
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -211,28 +211,30 @@ class Translation(Recipe):
         return Loss([(total, tokens)], tokens)
 
     # -- using the model --------------------------------------------------------------------------
-    def translate(self, model: nn.Module, sources: list[list[int]], beam: int | None = None) -> list[str]:
-        """Translate token-id sources in length-sorted batches; returns detokenised text in order."""
+    def translate(self, model: nn.Module, sources: list[list[int]], beam: int | None = None, rank: int = 0, world: int = 1) -> dict[int, str]:
+        """Detokenised translations of token-id sources, keyed by their place, decoded in length-sorted
+        batches (of them, process ``rank`` of ``world`` decodes its share: :func:`batch_ranges`)."""
         decode = self.config["decode"]
         beam = beam or decode["beam"]
         device = next(model.parameters()).device
         model.eval()
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        out: list[str] = [""] * len(sources)
-        for start in range(0, len(order), decode["batch_size"]):
-            rows = order[start : start + decode["batch_size"]]
+        out: dict[int, str] = {}
+        for places in batch_ranges(len(order), decode["batch_size"], rank, world):
+            rows = order[places.start : places.stop]
             src = _pad([sources[i] for i in rows]).to(device)
             max_len = min(MAX_POSITIONS, int(decode["max_len_a"] * src.size(1) + decode["max_len_b"]))
             if beam == 1:
                 hyps = greedy_search(model, src, BOS, EOS, max_len)
             else:
                 hyps = beam_search(model, src, BOS, EOS, max_len, beam, decode["length_penalty"])
-            for i, text in zip(rows, self.tokenizer.decode_batch(hyps)):
-                out[i] = text
+            out.update(zip(rows, self.tokenizer.decode_batch(hyps)))
         return out
 
-    def evaluate(self, model: nn.Module, split: str, beam: int | None = None) -> dict[str, float]:
-        hyps = self.translate(model, self.sources[split], beam)
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None) -> dict[int, str]:
+        return self.translate(model, self.sources[split], beam, rank, world)
+
+    def score(self, split: str, hyps: list[str]) -> dict[str, float]:
         refs = [tgt for _, tgt in self.pairs[split]]
         return {
             "exact_match": 100.0 * sum(h == r for h, r in zip(hyps, refs)) / len(refs),
@@ -246,7 +248,8 @@ class Translation(Recipe):
         for i, line in enumerate(lines):
             if not line.strip():
                 print(f"warning: {path}:{i + 1}: empty line, its translation is left empty", file=sys.stderr)
-        translations = dict(zip(filled, self.translate(model, self._source_ids([lines[i] for i in filled]), beam)))
+        translated = self.translate(model, self._source_ids([lines[i] for i in filled]), beam)
+        translations = {line: translated[place] for place, line in enumerate(filled)}
         for i in range(len(lines)):
             out.write(translations.get(i, "") + "\n")
 

@@ -30,7 +30,7 @@ from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, for_each_file
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -239,21 +239,28 @@ class ViT(Recipe):
     # -- using the model --------------------------------------------------------------------------
     @torch.no_grad()
     def probabilities(self, model: nn.Module, images: Tensor) -> Tensor:
+        """(B, C, H, W) uint8 images → (B, classes) on the CPU."""
         model.eval()
         device = next(model.parameters()).device
-        size = self.config["predict"]["batch_size"]
-        chunks = [model(self._normalise(images[i : i + size].to(device))).float().softmax(-1).cpu() for i in range(0, len(images), size)]
-        return torch.cat(chunks)
+        return model(self._normalise(images.to(device))).float().softmax(-1).cpu()
 
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
-        probs, targets = self.probabilities(model, self.images[split]), self.targets[split]
-        metrics = {
-            "accuracy": 100.0 * (probs.argmax(-1) == targets).float().mean().item(),
-            "loss": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
-        }
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, tuple[bool, float, bool]]:
+        """Per image: whether the top label is right, the log-probability of the right label, and
+        whether the right label is among the top 5."""
+        images, targets, out = self.images[split], self.targets[split], {}
+        for places in batch_ranges(len(images), self.config["predict"]["batch_size"], rank, world):
+            probs, target = self.probabilities(model, images[places.start : places.stop]), targets[places.start : places.stop]
+            ranked = probs.topk(min(5, len(self.labels)), dim=-1).indices
+            log_probs = probs.gather(1, target[:, None]).squeeze(1).clamp_min(1e-12).log()
+            hits = ranked == target[:, None]
+            out.update(zip(places, zip(hits[:, 0].tolist(), log_probs.tolist(), hits.any(-1).tolist())))
+        return out
+
+    def score(self, split: str, outputs: list[tuple[bool, float, bool]]) -> dict[str, float]:
+        n = len(outputs)
+        metrics = {"accuracy": 100.0 * sum(top for top, _, _ in outputs) / n, "loss": -sum(lp for _, lp, _ in outputs) / n}
         if len(self.labels) > 5:
-            top5 = probs.topk(5, dim=-1).indices
-            metrics["top5_accuracy"] = 100.0 * (top5 == targets[:, None]).any(-1).float().mean().item()
+            metrics["top5_accuracy"] = 100.0 * sum(top5 for _, _, top5 in outputs) / n
         return metrics
 
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:

@@ -18,8 +18,8 @@ from tfkit import run as runs
 from tfkit.data import train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.recipes.bert import (
-    CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, answer_spans,
-    bert_weights_from_hf, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, windows,
+    CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, best_answers,
+    bert_weights_from_hf, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, window_answer, windows,
 )
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
@@ -408,7 +408,7 @@ def test_windows_overlap_by_the_stride_and_map_the_answer_back():
         windows(list(range(100, 150)), encoding.ids, encoding.offsets, None, 40, 20)
 
 
-def test_answer_spans_pick_the_best_legal_span_across_windows():
+def test_answers_are_the_best_legal_span_across_windows():
     def window(question, spans):  # [CLS] one question token [SEP] context tokens [SEP]
         return Window([CLS, 7, SEP, *range(10, 10 + len(spans)), SEP], [0] * 3 + [1] * (len(spans) + 1), 0, 0, question, 3, spans)
 
@@ -420,8 +420,12 @@ def test_answer_spans_pick_the_best_legal_span_across_windows():
     logits[1][3, 0] = logits[1][6, 1] = 6.0  # four tokens: longer than max_answer_length 3
     logits[2][3, 0], logits[2][4, 1] = 3.0, 2.5  # the best legal span: the third window's first two tokens
     logits[3][4, 0] = logits[3][4, 1] = 1.0  # another question's one-token answer
-    assert answer_spans(found, logits, 3) == {0: (4, 12), 1: (4, 9)}
-    assert answer_spans(found, logits, 4)[0] == (0, 20)  # four tokens are allowed now, and score 12
+
+    def answers(max_answer_length):
+        return best_answers(found, [window_answer(w, scores, max_answer_length) for w, scores in zip(found, logits)])
+
+    assert answers(3) == {0: (4, 12), 1: (4, 9)}
+    assert answers(4)[0] == (0, 20)  # four tokens are allowed now, and score 12
 
 
 def test_squad_normalisation_exact_match_and_f1():

@@ -92,7 +92,8 @@ def held_out(run, count: int) -> tuple[list[str], list[str]]:
     recipe, model = runs.open_run(run)
     recipe.prepare(run)
     sources = [src for src, _ in recipe.pairs["test"][:count]]
-    return sources, recipe.translate(model, recipe.sources["test"][:count], beam=1)
+    translations = recipe.translate(model, recipe.sources["test"][:count], beam=1)
+    return sources, [translations[i] for i in range(count)]
 
 
 def test_predict_reports_bad_files_and_translates_the_rest(capsys, trained_run, tmp_path):

@@ -82,6 +82,37 @@ def test_two_processes_take_the_steps_of_one(recipe, strategy, tmp_path):
     assert runs.weights_step(tmp_path / "two") == STEPS
     weights = runs.open_run(tmp_path / "two")[1].state_dict()
     assert weights.keys() == runs.open_run(tmp_path / "one")[1].state_dict().keys()
+    # the final evaluation, whose batches the ranks shared, scores as one process's
+    (metrics,) = [r for r in runs.read_metrics(tmp_path / "two") if r.pop("split", None) == "validation"]
+    (expected,) = [r for r in runs.read_metrics(tmp_path / "one") if r.pop("split", None) == "validation"]
+    assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+SMALL_EVAL_BATCHES = {
+    "translation": ["decode.batch_size=16"],
+    "bert-pretrain": ["train.batch_size=8"],
+    "bert-finetune": ["predict.batch_size=8"],
+    "vit": ["predict.batch_size=16"],
+    "conformer": ["decode.batch_size=2"],
+}
+QA = ["task=qa", "data.max_length=64", "data.doc_stride=16"]
+
+
+@pytest.mark.parametrize("recipe, more", [(r, []) for r in TINY_RUNS] + [("bert-finetune", ["task=tag"]), ("bert-finetune", QA)],
+                         ids=[*TINY_RUNS, "bert-finetune-tag", "bert-finetune-qa"])
+def test_processes_evaluate_shares_that_merge_into_one_evaluation(recipe, more):
+    config = configs.resolve(registry.get("recipe", recipe).default_config(), None, [*TINY_RUNS[recipe], *SMALL_EVAL_BATCHES[recipe], *more])
+    task = registry.get("recipe", recipe)(config)
+    task.prepare()
+    torch.manual_seed(0)
+    model = task.build_model()
+    whole = task.eval_outputs(model, "validation")
+    shares = [task.eval_outputs(model, "validation", rank, 3) for rank in range(3)]
+    assert all(shares), [len(s) for s in shares]  # every process has work: the split spans 3+ batches
+    assert sum(map(len, shares)) == len(whole)  # no item evaluated twice
+    merged = {place: output for share in shares for place, output in share.items()}
+    assert merged == whole
+    assert task.score("validation", [merged[place] for place in sorted(merged)]) == task.evaluate(model, "validation")
 
 
 def launch_until(command: list[str], run_dir: Path, steps: int) -> subprocess.Popen:

@@ -166,7 +166,7 @@ def evaluate(
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device))
     recipe.prepare(run_dir)
-    metrics = recipe.evaluate(model, split, **_options(recipe.evaluate, beam=beam))
+    metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam))
     if as_json:
         print(json.dumps(metrics))
         return

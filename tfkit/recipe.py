@@ -99,6 +99,19 @@ class Recipe:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str, **options: Any) -> dict[str, float]:
+        """Metrics on ``split`` computed in this process."""
+        outputs = self.eval_outputs(model, split, **options)
+        return self.score(split, [outputs[i] for i in sorted(outputs)])
+
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1, **options: Any) -> dict[int, Any]:
+        """What :meth:`score` needs of each item of ``split`` (a hypothesis, a correct flag), keyed by
+        the item's place in the split. Process ``rank`` of ``world`` evaluates the batches
+        :func:`batch_ranges` gives it, the same batches one process makes, so the outputs of all
+        processes merged are one process's outputs."""
+        raise NotImplementedError
+
+    def score(self, split: str, outputs: list[Any]) -> dict[str, float]:
+        """The metrics of ``split`` from the outputs of all its items, in order."""
         raise NotImplementedError
 
     # -- using a trained run ----------------------------------------------------------------------
@@ -117,6 +130,13 @@ class Recipe:
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UsageError(f"recipe '{self.config['recipe']}' cannot start from pretrained weights (--init)")
+
+
+def batch_ranges(count: int, size: int, rank: int = 0, world: int = 1) -> Iterator[range]:
+    """The places of the batches of ``size`` over ``count`` items that process ``rank`` of ``world``
+    evaluates: every ``world``-th batch, starting at its own rank."""
+    for start in range(rank * size, count, world * size):
+        yield range(start, min(start + size, count))
 
 
 def for_each_file(path: Path, suffixes: set[str], kind: str, handle: Callable[[Path], None]) -> None:

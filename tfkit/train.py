@@ -125,7 +125,7 @@ class Trainer:
         blocks = tuple(registry.get("block", name) for name in registry.names("block"))
         self.wrapped = distributed.wrap(self.model, ranks, self.cfg["strategy"], device, blocks)
         self.sharded = ranks.active and self.cfg["strategy"] == "fsdp"
-        self._copy: nn.Module | None = None  # the unsharded copy rank 0 gathers FSDP's weights into
+        self._copy: nn.Module | None = None  # the unsharded copy each rank gathers FSDP's weights into
         # training steps run the compiled graph; evaluation and decoding, whose shapes change every
         # call, and checkpoints (no "_orig_mod." prefixes) use the eager module, which shares its weights
         self.step_model = torch.compile(self.wrapped) if self.cfg["compile"] else self.wrapped
@@ -197,16 +197,14 @@ class Trainer:
             runs.save_checkpoint(self.run_dir, model, state)
         distributed.barrier(self.ranks)  # nobody reads the run directory before it is whole
 
-    def _whole_model(self) -> nn.Module | None:
-        """The unsharded model on rank 0, for checkpoints and evaluation (None on the other ranks).
-        Under FSDP every rank must call it: it gathers the weights into a copy of the model."""
+    def _whole_model(self) -> nn.Module:
+        """The unsharded model, for evaluation and checkpoints. Under FSDP every rank must call it:
+        it gathers the weights into a copy of the model on every rank."""
         if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.ranks.main:
-            return None
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         if self._copy is None:
             with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the training RNG as it is
                 self._copy = self.recipe.build_model().to(self.device)
@@ -275,13 +273,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def evaluate(self, split: str = "validation") -> dict[str, float]:
-        """Metrics on ``split``, computed by rank 0 (the other ranks return {} and wait for it)."""
+        """Metrics on ``split``: every rank evaluates its share of the batches, and rank 0 scores the
+        outputs of all (the other ranks return {})."""
         model = self._whole_model()
-        if model is None:
-            return {}
         with self._autocast():
-            metrics = self.recipe.evaluate(model, split)
+            outputs = self.recipe.eval_outputs(model, split, self.ranks.rank, self.ranks.world)
         self.model.train()
+        merged = {place: output for part in distributed.all_gather(outputs, self.ranks) for place, output in part.items()}
+        if not self.ranks.main:
+            return {}
+        metrics = self.recipe.score(split, [merged[place] for place in sorted(merged)])
         runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics})
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.console.print(f"step {self.step} {split}: {shown}")
