@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, TextIO
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -35,7 +38,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor, nn
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, label_names, load_splits, read_lines, require_columns, train_wordpiece
+from tfkit.data import SPLITS, cached, encode_once, label_names, length_buckets, load_splits, read_lines, require_columns, train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
@@ -46,6 +49,7 @@ from tfkit.registry import register
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
+TOKEN_COLUMNS = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")})
 SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data"}
 CLASSIFY_PACKAGES = ["asyncio", "email", "tkinter", "unittest", "xml"]  # the built-in classify labels
 
@@ -136,20 +140,56 @@ def classify_corpus(seed: int) -> datasets.DatasetDict:
     return cached("stdlib-classify", {"seed": seed, "python": sys.version.split()[0]}, build)
 
 
-def documents_of(rows: datasets.Dataset, column: str, split: str) -> list[list[str]]:
-    """Blank rows separate documents; without any blank row, each row is a document of sentences."""
+def sentence_rows(rows: datasets.Dataset, column: str, split: str) -> datasets.Dataset:
+    """The sentences of a split as rows of ``text`` and ``first`` (the first sentence of a document),
+    in an Arrow table (memory-mapped when ``rows`` come from files). Blank rows separate documents;
+    without any blank row, each row is a document of sentences."""
     require_columns(rows, split, [column], "data.text_column")
-    texts = [t if isinstance(t, str) else "" for t in rows[column]]
-    if any(not t.strip() for t in texts):
-        documents, current = [], []
-        for text in texts:
-            if text.strip():
-                current.append(text.strip())
-            elif current:
-                documents.append(current)
-                current = []
-        return documents + ([current] if current else [])
-    return [sentences(t) or [t] for t in texts]
+    texts = rows.with_format("arrow")[column]
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        raise UsageError(f"the {split} data's column '{column}' holds {texts.type}, not text (set data.text_column)")
+    blank_rows = pc.any(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True)).as_py()
+
+    def split_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"text": [], "first": []}
+        after_blank = indices[0] == 0 or not (rows[indices[0] - 1][column] or "").strip()
+        for text in batch[column]:
+            text = (text or "").strip()
+            if blank_rows:
+                if text:
+                    out["text"].append(text)
+                    out["first"].append(after_blank)
+                after_blank = not text
+            else:
+                found = sentences(text) or [text]
+                out["text"] += found
+                out["first"] += [True] + [False] * (len(found) - 1)
+        return out
+
+    columns = datasets.Features({"text": datasets.Value("string"), "first": datasets.Value("bool")})
+    return encode_once(rows, split_rows, {"column": column, "blank_rows": blank_rows}, columns)
+
+
+class TableText:
+    """The sentences of some documents of a :func:`sentence_rows` table, read a block at a time on
+    every iteration (training WordPiece reads them twice)."""
+
+    def __init__(self, table: datasets.Dataset, documents: np.ndarray):
+        edges = np.zeros(len(table) + 1, dtype=np.int64)
+        np.add.at(edges, documents[:, 0], 1)
+        np.add.at(edges, documents[:, 1], -1)
+        self.table, self.chosen = table, np.cumsum(edges)[:-1] > 0
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.table), 10_000):
+            texts = self.table[start : start + 10_000]["text"]
+            yield from (text for text, chosen in zip(texts, self.chosen[start : start + 10_000]) if chosen)
+
+
+def document_bounds(table: datasets.Dataset) -> np.ndarray:
+    """(documents, 2): the [start, end) sentence rows of each document of a :func:`sentence_rows` table."""
+    starts = np.flatnonzero(table.data.column("first").to_numpy(zero_copy_only=False))
+    return np.stack([starts, np.append(starts[1:], len(table))], axis=1)
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -237,19 +277,23 @@ def mask_tokens(
     return masked.view_as(token_ids), positions, labels
 
 
-def nsp_pairs(documents: list[list[list[int]]], rng: random.Random) -> list[tuple[list[int], list[int], int]]:
-    """For each sentence with a successor: (A, B, label) with B the true next sentence half the time,
-    otherwise a random sentence of another document."""
-    pairs = []
-    for d, document in enumerate(documents):
-        for i in range(len(document) - 1):
-            if rng.random() < 0.5 or len(documents) < 2:
-                pairs.append((document[i], document[i + 1], IS_NEXT))
-            else:
-                other = rng.randrange(len(documents) - 1)
-                other += other >= d  # any document but this one
-                pairs.append((document[i], rng.choice(documents[other]), NOT_NEXT))
-    return pairs
+def nsp_pairs(documents: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each sentence with a successor in its document: sentence numbers A and B and the label, with
+    B the true next sentence half the time, otherwise a random sentence of another document.
+    ``documents`` holds each document's [start, end) sentence numbers."""
+    starts, sizes = documents[:, 0], documents[:, 1] - documents[:, 0]
+    per_document = np.maximum(sizes - 1, 0)
+    document = np.repeat(np.arange(len(documents)), per_document)
+    first_pair = np.cumsum(per_document) - per_document
+    a = starts[document] + np.arange(len(document)) - first_pair[document]
+    b, label = a + 1, np.full(len(a), IS_NEXT)
+    if len(documents) >= 2:
+        swapped = rng.random(len(a)) >= 0.5
+        other = rng.integers(0, len(documents) - 1, int(swapped.sum()))
+        other += other >= document[swapped]  # any document but this one
+        b[swapped] = starts[other] + rng.integers(0, sizes[other])
+        label[swapped] = NOT_NEXT
+    return a, b, label
 
 
 def pair_ids(
@@ -344,72 +388,81 @@ class BertPretrain(BertRecipe):
     config_file = "bert-pretrain.yaml"
 
     def prepare(self, run_dir: Path | None = None) -> None:
+        """Sentences and their token ids live in Arrow tables (memory-mapped when read from files);
+        memory holds sentence lengths, document bounds and the held-out batches."""
         data, seed = self.config["data"], self.config["seed"]
         splits = load_splits(data["name"], lambda: pretraining_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
-        text_documents = {split: documents_of(rows, data["text_column"], split) for split, rows in splits.items()}
-        self._carve(text_documents, seed)
+        texts = {split: sentence_rows(rows, data["text_column"], split) for split, rows in splits.items()}
+        self.documents = {split: document_bounds(table) for split, table in texts.items()}
+        for split in self._carve(seed):
+            texts[split] = texts["train"]
         if run_dir is not None:
             self.load(run_dir)
         else:
-            train_text = (s for doc in text_documents["train"] for s in doc)
-            self.tokenizer = train_wordpiece(train_text, data["vocab_size"], SPECIALS)
-        self.documents = {}
-        for split, docs in text_documents.items():
-            flat = self.token_ids([s for doc in docs for s in doc])
-            it = iter(flat)
-            self.documents[split] = [[next(it) for _ in doc] for doc in docs]
+            self.tokenizer = train_wordpiece(TableText(texts["train"], self.documents["train"]), data["vocab_size"], SPECIALS)
+        self.ids, self.lengths = {}, {}
+        encoded: dict[int, datasets.Dataset] = {}  # carved splits share the training table
+        for split, table in texts.items():
+            if id(table) not in encoded:
+                encoded[id(table)] = encode_once(table, self._encode, {"tokenizer": self.tokenizer.to_str()}, TOKEN_COLUMNS)
+            self.ids[split] = encoded[id(table)]
+            self.lengths[split] = self.ids[split].data.column("length").to_numpy()
         # held-out pairs and masks are drawn once, so every evaluation scores the same questions
-        self.held_out = {split: self._batches(self.documents[split], seed + 7919, shuffle=False) for split in ("validation", "test")}
+        self.held_out = {split: list(self._batches(split, seed + 7919, shuffle=False)) for split in ("validation", "test")}
 
-    def _carve(self, documents: dict[str, list[list[str]]], seed: int) -> None:
-        train = documents["train"]
-        if sum(len(d) >= 2 for d in train) < 3:
+    def _encode(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        ids = self.token_ids(batch["text"])
+        return {"ids": ids, "length": [len(row) for row in ids]}
+
+    def _carve(self, seed: int) -> list[str]:
+        """Documents of the training split held out as the validation and test splits the source
+        lacks; returns the names of the splits carved."""
+        train = self.documents["train"]
+        if ((train[:, 1] - train[:, 0]) >= 2).sum() < 3:
             raise UsageError("the training text needs documents of two or more sentences (blank lines between documents)")
-        missing = [s for s in ("validation", "test") if s not in documents]
+        missing = [s for s in ("validation", "test") if s not in self.documents]
         if missing:
-            order = list(range(len(train)))
-            random.Random(seed).shuffle(order)
+            order = np.random.default_rng(seed).permutation(len(train))
             size = max(1, round(self.config["data"]["held_out"] * len(train)))
             for i, split in enumerate(missing):
-                documents[split] = [train[j] for j in order[i * size : (i + 1) * size]]
-            documents["train"] = [train[j] for j in order[len(missing) * size :]]
+                self.documents[split] = train[np.sort(order[i * size : (i + 1) * size])]
+            self.documents["train"] = train[np.sort(order[len(missing) * size :])]
+        return missing
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]
         return BertForPretraining(build_bert(self.tokenizer.get_vocab_size(), m), m["norm_eps"])
 
-    def _batches(self, documents: list[list[list[int]]], seed: int, shuffle: bool = True) -> list[Batch]:
+    def _batches(self, split: str, seed: int, shuffle: bool = True) -> Iterator[Batch]:
+        """Sentence-pair batches of ``split`` with their masks, drawn from ``seed``; with ``shuffle``,
+        pairs of similar length share a batch (less padding) and batches come in random order."""
         cfg = self.config
-        rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
-        pairs = nsp_pairs(documents, rng)
-        size, vocab = cfg["train"]["batch_size"], self.tokenizer.get_vocab_size()
-        chunks = [pairs[start : start + size] for start in range(0, len(pairs), size)]
-        if shuffle:  # pairs of similar length share a batch (less padding), batches come in random order
-            rng.shuffle(pairs)
-            pool = 50 * size
-            chunks = []
-            for start in range(0, len(pairs), pool):
-                by_length = sorted(pairs[start : start + pool], key=lambda p: len(p[0]) + len(p[1]))
-                chunks += [by_length[i : i + size] for i in range(0, len(by_length), size)]
-            rng.shuffle(chunks)
-        batches = []
+        a, b, labels = nsp_pairs(self.documents[split], np.random.default_rng(seed))
+        size, vocab, max_length = cfg["train"]["batch_size"], self.tokenizer.get_vocab_size(), cfg["data"]["max_length"]
+        if shuffle:
+            lengths = self.lengths[split]
+            chunks = length_buckets(lengths[a] + lengths[b], size, generator, pool=50)
+        else:
+            chunks = [range(start, min(start + size, len(a))) for start in range(0, len(a), size)]
+        table = self.ids[split]
         for chunk in chunks:
-            encoded = [pair_ids(a, b, cfg["data"]["max_length"]) for a, b, _ in chunk]
+            pairs = list(chunk)
+            rows = table[[*a[pairs].tolist(), *b[pairs].tolist()]]["ids"]
+            encoded = [pair_ids(first, second, max_length) for first, second in zip(rows[: len(pairs)], rows[len(pairs) :])]
             token_ids = pad([ids for ids, _ in encoded])
-            masked, positions, labels = mask_tokens(token_ids, vocab, generator, cfg["data"]["mask_prob"])
-            batches.append({
+            masked, positions, mlm_labels = mask_tokens(token_ids, vocab, generator, cfg["data"]["mask_prob"])
+            yield {
                 "token_ids": masked,
                 "segment_ids": pad([seg for _, seg in encoded], 0),
                 "positions": positions,
-                "mlm_labels": labels,
-                "nsp_labels": torch.tensor([label for _, _, label in chunk]),
-            })
-        return batches
+                "mlm_labels": mlm_labels,
+                "nsp_labels": torch.from_numpy(labels[pairs]),
+            }
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         # new pairs and new masks every epoch (dynamic masking), fixed by seed and epoch
-        yield from self._batches(self.documents["train"], self.config["seed"] * 1_000_003 + epoch)
+        yield from self._batches("train", self.config["seed"] * 1_000_003 + epoch)
 
     def shard(self, batch: Batch, rank: int, world: int) -> Batch:
         """Rows as usual; the masked positions (flat over B·T) and their labels follow their rows."""

@@ -4,9 +4,9 @@ fine-tuning tasks (classify, classify-pair, tag, qa)."""
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -19,7 +19,8 @@ from tfkit.data import train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.recipes.bert import (
     CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, best_answers,
-    bert_weights_from_hf, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, window_answer, windows,
+    bert_weights_from_hf, document_bounds, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, sentence_rows,
+    window_answer, windows,
 )
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
@@ -71,17 +72,34 @@ def test_masking_statistics():
 
 
 def test_nsp_pairs_are_half_true_successors_and_half_from_other_documents():
-    documents = [[[d * 100 + s] for s in range(6)] for d in range(40)]
-    pairs = nsp_pairs(documents, random.Random(0))
-    assert len(pairs) == 40 * 5
-    for a, b, label in pairs:
-        doc, sentence = divmod(a[0], 100)
-        if label == IS_NEXT:
-            assert b == [doc * 100 + sentence + 1]
-        else:
-            assert label == NOT_NEXT and b[0] // 100 != doc
-    share = sum(label == IS_NEXT for _, _, label in pairs) / len(pairs)
-    assert 0.4 < share < 0.6
+    sizes = [d % 5 + 1 for d in range(60)]  # documents of 1 to 5 sentences
+    starts = np.cumsum([0, *sizes[:-1]])
+    documents = np.stack([starts, starts + sizes], axis=1)
+    document_of = np.repeat(np.arange(60), sizes)
+    a, b, labels = nsp_pairs(documents, np.random.default_rng(0))
+    last_sentences = set((starts + sizes - 1).tolist())
+    assert sorted(a.tolist()) == [s for s in range(sum(sizes)) if s not in last_sentences]  # each sentence with a successor, once
+    next_ = labels == IS_NEXT
+    assert (b[next_] == a[next_] + 1).all()
+    assert set(labels[~next_].tolist()) == {NOT_NEXT} and (document_of[b[~next_]] != document_of[a[~next_]]).all()
+    assert (0 <= b).all() and (b < sum(sizes)).all()
+    assert 0.4 < next_.mean() < 0.6
+
+
+def test_sentence_rows_find_documents_in_both_layouts():
+    # documents of 4 lines with a blank line after each: row 99 is blank, so the 21st document starts
+    # the second of encode_once's batches of 100 rows; a leading and a doubled blank change nothing
+    lines = ["", *(line for d in range(30) for line in [f"Story {d} line {s}." for s in range(4)] + [""]), ""]
+    table = sentence_rows(datasets.Dataset.from_dict({"text": lines}), "text", "train")
+    assert table["text"][:2] == ["Story 0 line 0.", "Story 0 line 1."]
+    assert document_bounds(table).tolist() == [[4 * d, 4 * d + 4] for d in range(30)]
+    # without blank rows each row is a document, split into sentences
+    rows = datasets.Dataset.from_dict({"text": ["The first one is here. The second one is there.", "Only this sentence stands alone."]})
+    table = sentence_rows(rows, "text", "train")
+    assert table["text"] == ["The first one is here.", "The second one is there.", "Only this sentence stands alone."]
+    assert document_bounds(table).tolist() == [[0, 2], [2, 3]]
+    with pytest.raises(UsageError, match="holds int64, not text"):
+        sentence_rows(datasets.Dataset.from_dict({"text": [1, 2]}), "text", "train")
 
 
 def test_pair_layout_and_truncation():
@@ -150,6 +168,14 @@ def test_pretraining_on_a_user_text_file(capsys, tmp_path):
             "--set", "model.d_ff=64", "--set", "model.layers=1", "--set", "train.batch_size=8"]
     code, out, err = tfkit(capsys, "train", "bert-pretrain", "--out", str(tmp_path / "run"), *args)
     assert code == 0, err
+    # the sentences and their token ids live in Arrow files in datasets' cache, read batch by batch
+    recipe = registry.get("recipe", "bert-pretrain")(runs.read_config(tmp_path / "run"))
+    recipe.prepare(tmp_path / "run")
+    assert recipe.ids["train"].cache_files and recipe.ids["validation"] is recipe.ids["train"]
+    held_out = [len(recipe.documents[split]) for split in ("validation", "test")]
+    assert held_out == [2, 2] and len(recipe.documents["train"]) == 30 - 4  # carved by documents, 5% each
+    batch = next(recipe.train_batches(0))
+    assert batch["token_ids"].shape[0] == 8 and (batch["token_ids"][:, 0] == CLS).all()
     one_line = tmp_path / "flat.txt"
     one_line.write_text("just one line\n")
     code, _, err = tfkit(capsys, "train", "bert-pretrain", "--data", str(one_line), "--max-steps", "1")

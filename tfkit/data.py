@@ -214,8 +214,11 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) 
     The same text gives the same tokenizer in every process. The trainer numbers the ## pieces in
     hash-map order, which changes from process to process, and breaks ties between equally frequent
     merges by those numbers (huggingface/tokenizers#1794): so every ## piece of a character is
-    reserved up front in a fixed order, and the learned pieces are numbered in sorted order."""
-    texts = list(texts)
+    reserved up front in a fixed order, and the learned pieces are numbered in sorted order.
+
+    ``texts`` is read twice: pass a list or an iterable that starts afresh (an iterator is listed)."""
+    if iter(texts) is texts:
+        texts = list(texts)
     normalizer = normalizers.BertNormalizer(lowercase=True)
     characters: set[str] = set()
     for text in texts:
