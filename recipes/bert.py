@@ -42,6 +42,7 @@ from tfkit.data import SPLITS, cached, encode_once, label_names, length_buckets,
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
+from tfkit.nn.dropout import Dropout
 from tfkit.nn.embeddings import TokenEmbedding
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.registry import register
@@ -900,7 +901,7 @@ class BertWithHead(nn.Module):
         super().__init__()
         self.bert = bert
         self.per_token = per_token
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(bert.pooler.in_features, outputs)
         init_bert_weights(self, norm_eps)
 

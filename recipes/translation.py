@@ -28,6 +28,8 @@ from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits,
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
+from tfkit.nn.dropout import Dropout
+from tfkit.nn.losses import linear_cross_entropy
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.registry import register
 
@@ -86,7 +88,7 @@ class Seq2SeqTransformer(nn.Module):
         self.d_model = d_model
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
         self.position = registry.get("position", position)(d_model, MAX_POSITIONS)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         sizes = dict(d_model=d_model, heads=heads, d_ff=d_ff, dropout=dropout, activation=activation)
         self.encoder = Encoder(encoder["block"], encoder["layers"], **sizes)
         self.decoder = Decoder(decoder["block"], decoder["layers"], **sizes)
@@ -109,9 +111,15 @@ class Seq2SeqTransformer(nn.Module):
         hidden = self.decoder(self._embed(tgt, offset), memory, memory_mask, cache)
         return F.linear(hidden, self.embed.weight)  # (B, T, V)
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, targets: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+        """Logits (B, T, V) for decoder inputs ``tgt``; given ``targets`` (B, T) instead the
+        label-smoothed cross-entropy summed over the targets that are not padding, without keeping
+        the logits (:func:`tfkit.nn.losses.linear_cross_entropy`)."""
         memory, mask = self.encode(src)
-        return self.decode(tgt, memory, mask)
+        if targets is None:
+            return self.decode(tgt, memory, mask)
+        hidden = self.decoder(self._embed(tgt), memory, mask)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), PAD, label_smoothing)
 
 
 def _pad(rows: list[list[int]]) -> Tensor:
@@ -199,14 +207,7 @@ class Translation(Recipe):
             yield {"src": _pad(chunk["source"]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
-        logits = model(batch["src"], batch["tgt_in"])
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            batch["tgt_out"].flatten(),
-            ignore_index=PAD,
-            label_smoothing=self.config["train"]["label_smoothing"],
-            reduction="sum",
-        )
+        total = model(batch["src"], batch["tgt_in"], batch["tgt_out"], self.config["train"]["label_smoothing"])
         tokens = int((batch["tgt_out"] != PAD).sum())
         return Loss([(total, tokens)], tokens)
 

@@ -28,6 +28,7 @@ from tfkit.data import encode_once, label_names, load_splits, report_unusable, r
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
+from tfkit.nn.dropout import Dropout
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
@@ -76,7 +77,7 @@ class VisionTransformer(nn.Module):
         self.patches = PatchEmbedding(channels, d_model, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.position = nn.Parameter(torch.empty(1 + self.grid[0] * self.grid[1], d_model))  # [CLS] + patches
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = Encoder(block, depth, d_model, heads, d_ff, dropout, activation, drop_path)
         self.head = nn.Linear(d_model, classes)
         for module in self.modules():

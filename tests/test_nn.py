@@ -11,7 +11,9 @@ from torch import nn
 
 from tfkit import registry
 from tfkit.errors import UsageError
+from tfkit.nn import losses
 from tfkit.nn.attention import KVCache, MultiHeadAttention, ScaledDotProductAttention, causal_mask
+from tfkit.nn.dropout import Dropout, dropout
 from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.nn.position import LearnedPosition, SinusoidalPosition
 
@@ -240,3 +242,55 @@ def test_unknown_component_lists_the_valid_names():
         registry.get("block", "postln")
     with pytest.raises(UsageError, match="unknown component kind|valid"):
         registry.get("nonsense", "x")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(monkeypatch, smoothing):
+    monkeypatch.setattr(losses, "CHUNK", 64)  # several chunks and a short last one
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(150, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(1, 40, (150,))
+    targets[::7] = 0  # ignored
+    expected = F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=0, label_smoothing=smoothing, reduction="sum")
+    expected_grads = torch.autograd.grad(3 * expected, (hidden, weight))
+    total = losses.linear_cross_entropy(hidden, weight, targets, 0, smoothing)
+    grads = torch.autograd.grad(3 * total, (hidden, weight))
+    torch.testing.assert_close(total, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(losses.linear_cross_entropy(hidden, weight, targets, 0, smoothing), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax and sums
+        low = losses.linear_cross_entropy(hidden, weight, targets, 0, smoothing)
+    assert low.dtype == torch.float32 and abs(low.item() - expected.item()) < 0.02 * expected.item()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_at_rate_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000, requires_grad=True) + 1
+    out = Dropout(p)(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.002
+    scale = out[kept] / x[kept]
+    torch.testing.assert_close(scale, torch.full_like(scale, scale[0].item()))  # one scale for all kept
+    assert abs(scale[0].item() * (1 - p) - 1) < 1e-4  # 1 / (1 - p), up to p's rounding to 1/65536
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, kept * scale[0])  # backward drops the same elements
+    assert Dropout(p)(torch.ones(3, 7)).shape == (3, 7)  # 64-bit draws fill four elements each: 21 is not a multiple
+    torch.manual_seed(1)
+    first = Dropout(p)(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, Dropout(p)(x))  # the global generator: a checkpoint's RNG state replays it
+    assert torch.equal(Dropout(p).eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+
+
+def test_attention_dropout_on_the_cpu_takes_the_explicit_path():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    attend = ScaledDotProductAttention(dropout=0.3).train()
+    torch.manual_seed(1)
+    out = attend(q, k, v)
+    torch.manual_seed(1)
+    weights = (q @ k.transpose(-2, -1) * 8**-0.5).softmax(-1)
+    torch.testing.assert_close(out, dropout(weights, 0.3) @ v)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfkit.errors import UsageError
+from tfkit.nn.dropout import dropout as fast_dropout
 from tfkit.nn.position import sinusoids_at
 from tfkit.registry import register
 
@@ -36,7 +37,8 @@ class ScaledDotProductAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         dropout = self.dropout if self.training else 0.0
         tq, tk = q.size(-2), k.size(-2)
-        if not self.explicit:
+        # with dropout on the CPU PyTorch runs its unfused path anyway, with slower masks than ours
+        if not self.explicit and not (dropout and q.device.type == "cpu"):
             if causal and (mask is not None or tq != tk):
                 mask = causal_mask(tq, tk, q.device) if mask is None else mask & causal_mask(tq, tk, q.device)
                 causal = False
@@ -47,7 +49,7 @@ class ScaledDotProductAttention(nn.Module):
         if mask is not None:
             scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
         weights = self.probe(scores.softmax(dim=-1))
-        return F.dropout(weights, dropout) @ v
+        return fast_dropout(weights, dropout) @ v
 
 
 class KVCache:

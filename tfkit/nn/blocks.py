@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.nn.attention import KVCache, MultiHeadAttention
+from tfkit.nn.dropout import Dropout
 from tfkit.registry import register
 
 register("activation", "relu")(nn.ReLU)
@@ -25,7 +26,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.act = registry.get("activation", activation)()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,7 +62,7 @@ class EncoderBlock(nn.Module):
         self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -101,7 +102,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,

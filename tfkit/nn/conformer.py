@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tfkit import distributed, registry
 from tfkit.nn.blocks import DropPath, FeedForward
+from tfkit.nn.dropout import Dropout
 from tfkit.registry import register
 
 
@@ -33,7 +34,7 @@ class ConvolutionSubsampling(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
         self.proj = nn.Linear(channels * (((features - 1) // 2 - 1) // 2), d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ class ConvolutionModule(nn.Module):
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
         self.norm = MaskedBatchNorm1d(d_model)
         self.pointwise_out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = F.glu(self.pointwise_in(x), dim=-1)
@@ -121,7 +122,7 @@ class ConformerBlock(nn.Module):
         self.norm_conv, self.conv = nn.LayerNorm(d_model), ConvolutionModule(d_model, kernel_size, dropout)
         self.norm_ff2, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout, activation)
         self.norm_out = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

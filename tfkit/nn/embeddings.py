@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tfkit.nn.dropout import Dropout
 from tfkit.nn.position import LearnedPosition
 from tfkit.registry import register
 
@@ -32,7 +33,7 @@ class TokenEmbedding(nn.Module):
         self.segments = nn.Embedding(segments, d_model)
         self.position = LearnedPosition(d_model, max_positions)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
         """(B, T) token and segment ids → (B, T, D)."""
