@@ -27,7 +27,9 @@ same formula, so their MFU differ exactly as their speeds do; tfkit's relative-p
 which the peer lacks, is not counted. BERT's MLM transform and output layer
 count only the positions chosen for prediction (15%), the useful work, for both sides: tfkit computes
 them there only, transformers' BertForPreTraining at every position and ignores the rest (-100 labels),
-so the peer's extra work shows as lower MFU rather than more FLOPs.
+so the peer's extra work shows as lower MFU rather than more FLOPs. Likewise tfkit's ViT runs its
+last block for [CLS] alone (the only position its head reads) and timm's for every patch; both are
+credited with the full last block.
 """
 
 from __future__ import annotations

@@ -88,13 +88,17 @@ class VisionTransformer(nn.Module):
                 module.eps = norm_eps
         nn.init.trunc_normal_(self.position, std=0.02)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) → class logits (B, classes); any H and W divisible by the patch size."""
+    def forward(self, images: Tensor, every_position: bool = False) -> Tensor:
+        """(B, C, H, W) → class logits (B, classes); any H and W divisible by the patch size.
+
+        Only [CLS] feeds the head, so the last block computes its output at [CLS] alone, the same
+        logits without most of the last block's work; ``every_position`` runs it in full (to inspect the
+        last block's attention from every patch)."""
         tokens = self.patches(images)
         grid = (images.size(-2) // self.patch, images.size(-1) // self.patch)
         position = torch.cat([self.position[:1], resize_grid(self.position[1:], self.grid, grid)])
         x = torch.cat([self.cls.expand(tokens.size(0), -1, -1), tokens], dim=1) + position
-        return self.head(self.encoder(self.dropout(x))[:, 0])
+        return self.head(self.encoder(self.dropout(x), outputs=None if every_position else 1)[:, 0])
 
 
 @register("recipe", "vit")
@@ -295,7 +299,7 @@ class ViT(Recipe):
             draw_overlays(picture, [("rollout", rollout[0, 1:].reshape(rows, cols))], "attention rollout, [CLS] → patches", out_dir / "rollout.png")
 
         return AttentionExample(
-            run=lambda: model(self._normalise(image[None].to(device))),
+            run=lambda: model(self._normalise(image[None].to(device)), every_position=True),
             tokens={"tokens": tokens},
             axes=lambda name: ("tokens", "tokens"),
             draw=draw,

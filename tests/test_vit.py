@@ -69,6 +69,20 @@ def test_vit_runs_at_another_image_size():
         VisionTransformer(9, 1, 10, 2, 32, 2, 4, 64, 0.0, 0.0, "gelu", "pre_ln", 1e-6)
 
 
+@pytest.mark.parametrize("block", ["pre_ln", "post_ln"])
+def test_cls_only_last_block_gives_the_full_models_logits_and_gradients(block):
+    torch.manual_seed(0)
+    model = VisionTransformer(8, 3, 10, 2, 32, 2, 4, 64, 0.0, 0.0, "gelu", block, 1e-6)
+    images = torch.randn(3, 3, 8, 8)
+    short = model(images)
+    short_grads = torch.autograd.grad(short.square().sum(), list(model.parameters()))
+    full = model(images, every_position=True)
+    full_grads = torch.autograd.grad(full.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(short, full)
+    for a, b in zip(short_grads, full_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_drop_path_drops_whole_samples_and_keeps_the_mean():
     torch.manual_seed(0)
     drop = DropPath(0.25)

@@ -65,14 +65,20 @@ class EncoderBlock(nn.Module):
         self.dropout = Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, outputs: int | None = None) -> Tensor:
+        """(B, T, D) → (B, T, D); with ``outputs`` only the first ``outputs`` positions come out, their
+        queries attending to every position, and the others cost nothing past the key and value projections."""
+
         def branch(sublayer_output: Tensor) -> Tensor:
             return self.drop_path(self.dropout(sublayer_output))
 
+        def attend(h: Tensor) -> Tensor:  # attention from the first ``outputs`` positions is cross-attention to all
+            return self.self_attn(h, mask=mask) if outputs is None else self.self_attn(h[:, :outputs], h, mask=mask)
+
         if self.norm_first:
-            x = x + branch(self.self_attn(self.norm1(x), mask=mask))
+            x = x[:, :outputs] + branch(attend(self.norm1(x)))
             return x + branch(self.feed_forward(self.norm2(x)))
-        x = self.norm1(x + branch(self.self_attn(x, mask=mask)))
+        x = self.norm1(x[:, :outputs] + branch(attend(x)))
         return self.norm2(x + branch(self.feed_forward(x)))
 
 
@@ -160,9 +166,12 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rate, **block_options) for rate in rates)
         self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        for layer in self.layers:
+    def forward(self, x: Tensor, mask: Tensor | None = None, outputs: int | None = None) -> Tensor:
+        """(B, T, D) → (B, T, D), or with ``outputs`` only the first ``outputs`` positions (a classifier
+        reading [CLS] alone): the last block then computes just those (:class:`EncoderBlock`)."""
+        for layer in self.layers[:-1]:
             x = layer(x, mask)
+        x = self.layers[-1](x, mask) if outputs is None else self.layers[-1](x, mask, outputs)
         return self.norm(x)
 
 
