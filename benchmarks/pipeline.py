@@ -2,10 +2,10 @@
 
     python benchmarks/pipeline.py [--steps N] [--recipes translation vit bert-pretrain conformer]
 
-For each recipe (default config, built-in data, CPU): the same training steps are timed twice, once
-drawing batches from the recipe's own loader (``Trainer._stream``, as ``tfkit train`` does) and once
-from the same batches built beforehand in memory; the ratio is loader steps/s over in-memory steps/s
-(1.00 = the loader costs nothing). For sequence recipes it also reports the padding fraction of one
+For each recipe (default config, built-in data, CPU): the same training steps are timed drawing
+batches from the recipe's own loader (``Trainer._stream``, as ``tfkit train`` does) and from the
+same batches built beforehand in memory, in alternating rounds; the ratio is the median loader
+steps/s over the median in-memory steps/s (1.00 = the loader costs nothing). For sequence recipes it also reports the padding fraction of one
 epoch's batches as the recipe builds them (length-bucketed) and of the same sequences grouped at random.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -76,6 +77,7 @@ def padding(batches: list[dict[str, torch.Tensor]], lengths_of: Lengths, seed: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each, alternating")
     parser.add_argument("--recipes", nargs="+", default=["translation", "vit", "bert-pretrain", "conformer"])
     args = parser.parse_args()
     registry.load_all()
@@ -89,10 +91,14 @@ def main() -> None:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(recipe, recipe.build_model(), Path(tmp), torch.device("cpu"), Console(quiet=True))
-            loader_rate = steps_per_second(trainer, trainer._stream(), args.steps)
-            trainer.epoch = trainer.batch_in_epoch = 0  # the same batches again, built beforehand
             prebuilt = list(itertools.islice(trainer._stream(), args.steps + 1))
-            memory_rate = steps_per_second(trainer, prebuilt, args.steps)
+            # rounds alternate which goes first, so warming up and drift favour neither; medians
+            rates: tuple[list[float], list[float]] = ([], [])
+            for round_ in range(args.rounds):
+                for loader in (True, False) if round_ % 2 == 0 else (False, True):
+                    trainer.epoch = trainer.batch_in_epoch = 0  # the same batches each time
+                    rates[loader].append(steps_per_second(trainer, trainer._stream() if loader else prebuilt, args.steps))
+            memory_rate, loader_rate = (statistics.median(r) for r in rates)
         pads = ("", "")
         if name in PADDED:
             epoch = list(recipe.train_batches(0))

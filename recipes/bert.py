@@ -646,11 +646,11 @@ def pair_corpus(seed: int) -> datasets.DatasetDict:
     out = {}
     for split, rows in classify_corpus(seed).items():
         by_label: dict[int, list[str]] = {}
-        for text, label in zip(rows["text"], rows["label"]):
+        for text, label in zip(rows["text"][:], rows["label"][:]):
             by_label.setdefault(label, []).append(text)
         texts, pairs, labels = [], [], []
         repeats = 4 if split == "train" else 1  # several edits and partners per training sentence
-        for text, label in [row for row in zip(rows["text"], rows["label"]) for _ in range(repeats)]:
+        for text, label in [row for row in zip(rows["text"][:], rows["label"][:]) for _ in range(repeats)]:
             if rng.random() < 0.5:
                 words = text.split()
                 del words[rng.randrange(len(words))]
@@ -957,9 +957,9 @@ class Classify(Task):
         require_columns(rows, split, [*text_columns, label_column], "data.text_column, data.text_pair_column and data.label_column")
         feature = rows.features[label_column]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-        texts = [rows[c] for c in text_columns]
+        texts = [rows[c][:] for c in text_columns]  # lists: a Column reads Arrow item by item
         out = []
-        for i, label in enumerate(rows[label_column]):
+        for i, label in enumerate(rows[label_column][:]):
             fields = [column[i] for column in texts]
             if not all(isinstance(t, str) and t.strip() for t in fields) or label is None:
                 raise UsageError(f"the {split} data's row {i + 1} lacks a text or a label: {[*fields, label]!r}")
@@ -1050,7 +1050,7 @@ class Tag(Task):
         feature = rows.features[columns[1]]
         names = getattr(getattr(feature, "feature", None), "names", None)  # a Sequence of ClassLabel (conll2003)
         out = []
-        for i, (words, tags) in enumerate(zip(rows[columns[0]], rows[columns[1]])):
+        for i, (words, tags) in enumerate(zip(rows[columns[0]][:], rows[columns[1]][:])):
             if not words or len(words) != len(tags):
                 raise UsageError(f"the {split} data's sentence {i + 1} has {len(words or [])} words but {len(tags or [])} tags")
             out.append((list(words), [names[t] for t in tags] if names else [str(t) for t in tags]))
@@ -1156,9 +1156,9 @@ class QuestionAnswering(Task):
         data = self.config["data"]
         columns = [data["question_column"], data["context_column"], data["answers_column"]]
         require_columns(rows, split, columns, "data.question_column, data.context_column and data.answers_column")
-        ids = rows["id"] if "id" in rows.column_names else [str(i + 1) for i in range(len(rows))]
+        ids = rows["id"][:] if "id" in rows.column_names else [str(i + 1) for i in range(len(rows))]
         out = []
-        for i, (qid, question, context, answers) in enumerate(zip(ids, *(rows[c] for c in columns))):
+        for i, (qid, question, context, answers) in enumerate(zip(ids, *(rows[c][:] for c in columns))):
             if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
                 raise UsageError(f"the {split} data's row {i + 1} has answers {answers!r}, not {{'text': [...], 'answer_start': [...]}}")
             given = list(zip(answers["text"], answers["answer_start"]))

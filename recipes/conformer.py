@@ -190,9 +190,9 @@ class Conformer(Recipe):
         self.texts, self.features = {}, {}
         for split in ("validation", "test"):
             held = self._featurise(splits[split], split)
-            self.texts[split] = held["text"]
-            self.features[split] = [self._frames(f) for f in held.with_format("numpy")["features"]]
-        frames, texts = self.train["frames"], self.train["text"]
+            self.texts[split] = held["text"][:]
+            self.features[split] = [self._frames(f) for f in held.with_format("numpy")["features"][:]]
+        frames, texts = self.train["frames"][:], self.train["text"][:]  # lists: a Column reads Arrow item by item
         self.train_rows = [i for i, n in enumerate(frames) if n > 0]
         texts = [texts[i] for i in self.train_rows]
         if run_dir is not None:

@@ -156,7 +156,7 @@ class Translation(Recipe):
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
         self.train = encode_once(train, self._encode, settings)
-        self.train_lengths: list[int] = self.train["length"]
+        self.train_lengths: list[int] = self.train["length"][:]  # a list: a Column reads Arrow item by item
 
     def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
         """The (source, target) texts of rows given as {column: values}; they are rows first, first + 1, ..."""

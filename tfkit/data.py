@@ -161,7 +161,7 @@ def label_names(rows: datasets.Dataset, column: str) -> list[str]:
     feature = rows.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    return sorted({str(label) for label in rows[column]})
+    return sorted({str(label) for label in rows[column][:]})
 
 
 def read_conll(path: Path) -> datasets.Dataset:
