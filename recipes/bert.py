@@ -29,7 +29,6 @@ from typing import Any, Iterator, NamedTuple, TextIO
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
@@ -146,10 +145,13 @@ def sentence_rows(rows: datasets.Dataset, column: str, split: str) -> datasets.D
     in an Arrow table (memory-mapped when ``rows`` come from files). Blank rows separate documents;
     without any blank row, each row is a document of sentences."""
     require_columns(rows, split, [column], "data.text_column")
-    texts = rows.with_format("arrow")[column]
-    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-        raise UsageError(f"the {split} data's column '{column}' holds {texts.type}, not text (set data.text_column)")
-    blank_rows = pc.any(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(texts), ""), True)).as_py()
+    kind = getattr(rows.features[column], "dtype", type(rows.features[column]).__name__)
+    if kind not in ("string", "large_string"):
+        raise UsageError(f"the {split} data's column '{column}' holds {kind}, not text (set data.text_column)")
+    blank_rows = any(  # read in blocks: a corpus need not fit in memory
+        pc.any(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(block[column]), ""), True)).as_py()
+        for block in rows.with_format("arrow").iter(batch_size=100_000)
+    )
 
     def split_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"text": [], "first": []}

@@ -125,15 +125,18 @@ def launch_until(command: list[str], run_dir: Path, steps: int) -> subprocess.Po
     return launcher
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_an_interrupted_two_process_run_resumes_exactly(strategy, tmp_path):
+@pytest.mark.parametrize("strategy, signalled", [("ddp", "torchrun"), ("fsdp", "torchrun"), ("ddp", "rank 1")])
+def test_an_interrupted_two_process_run_resumes_exactly(strategy, signalled, tmp_path):
     steps = 30
     more = [f"train.steps={steps}"]
     single = one_process("translation", tmp_path / "one", *more)
     command = torchrun("train", "translation", "--out", str(tmp_path / "two"), "--device", "cpu",
                        *sum((["--set", s] for s in sets("translation", *more, f"train.strategy={strategy}")), []))
     launcher = launch_until(command, tmp_path / "two", steps=3)
-    launcher.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    if signalled == "torchrun":
+        launcher.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks, not at the same instant
+    else:  # one rank alone: the other learns of it in the step's all-reduce, and both stop at that step
+        os.kill(children(launcher.pid)[1], signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
     assert (tmp_path / "two" / runs.WEIGHTS).exists(), err[-3000:]
     stopped_at = runs.weights_step(tmp_path / "two")

@@ -125,7 +125,7 @@ class Trainer:
         blocks = tuple(registry.get("block", name) for name in registry.names("block"))
         self.wrapped = distributed.wrap(self.model, ranks, self.cfg["strategy"], device, blocks)
         self.sharded = ranks.active and self.cfg["strategy"] == "fsdp"
-        self._copy: nn.Module | None = None  # the unsharded copy each rank gathers FSDP's weights into
+        self._copy: nn.Module | None = None  # the unsharded copy FSDP's weights are gathered into
         # training steps run the compiled graph; evaluation and decoding, whose shapes change every
         # call, and checkpoints (no "_orig_mod." prefixes) use the eager module, which shares its weights
         self.step_model = torch.compile(self.wrapped) if self.cfg["compile"] else self.wrapped
@@ -136,7 +136,8 @@ class Trainer:
         self.console = console if ranks.main and console is not None else Console(stderr=True, quiet=not ranks.main)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
-        self._signal: int | None = None
+        self._signal: int | None = None  # set by the handler, at any moment
+        self._stop: int | None = None  # the signal all ranks stop for, agreed at the end of a step
 
     # -- state ------------------------------------------------------------------------------------
     def _rng(self) -> dict[str, Tensor]:
@@ -192,19 +193,22 @@ class Trainer:
             runs.truncate_metrics(self.run_dir, self.step)
 
     def save(self) -> None:
-        model, state = self._whole_model(), self.state_dict()
+        model, state = self._whole_model(every_rank=False), self.state_dict()
         if self.ranks.main:
             runs.save_checkpoint(self.run_dir, model, state)
         distributed.barrier(self.ranks)  # nobody reads the run directory before it is whole
 
-    def _whole_model(self) -> nn.Module:
-        """The unsharded model, for evaluation and checkpoints. Under FSDP every rank must call it:
-        it gathers the weights into a copy of the model on every rank."""
+    def _whole_model(self, every_rank: bool) -> nn.Module | None:
+        """The unsharded model: on every rank to evaluate, or on rank 0 alone (None on the others) to
+        save. Under FSDP every rank must call it: it gathers the weights into a copy of the model."""
         if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        # for a checkpoint only rank 0 receives the weights, in CPU memory
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
+        if not (every_rank or self.ranks.main):
+            return None
         if self._copy is None:
             with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the training RNG as it is
                 self._copy = self.recipe.build_model().to(self.device)
@@ -256,7 +260,7 @@ class Trainer:
                 f"(lower train.lr, raise train.warmup, or set train.clip_grad_norm)"
             )
         if totals[2]:  # some rank got SIGINT/SIGTERM: all save and stop after this step
-            self._signal = self._signal or signal.SIGTERM
+            self._stop = self._signal or signal.SIGTERM
         self.scaler.unscale_(self.optimizer)
         if self.cfg["clip_grad_norm"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad_norm"])
@@ -275,7 +279,7 @@ class Trainer:
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Metrics on ``split``: every rank evaluates its share of the batches, and rank 0 scores the
         outputs of all (the other ranks return {})."""
-        model = self._whole_model()
+        model = self._whole_model(every_rank=True)
         with self._autocast():
             outputs = self.recipe.eval_outputs(model, split, self.ranks.rank, self.ranks.world)
         self.model.train()
@@ -333,9 +337,12 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self.step)
-                if self._signal is not None:
+                # under torchrun only the flag agreed in the step's all-reduce counts: a signal landing
+                # after it would make its rank alone stop while the others start the next collectives
+                stop = self._stop if self.ranks.active else self._signal
+                if stop is not None:
                     self.save()
-                    raise Interrupted(self._signal, self.run_dir, self.step)
+                    raise Interrupted(stop, self.run_dir, self.step)
         self.save()
         if last_eval != self.step:
             metrics = self.evaluate()
