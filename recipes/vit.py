@@ -69,10 +69,9 @@ def open_image(path: Path | str | None = None, data: bytes | None = None, channe
 
 def random_resized_crops(images: Tensor, crop: v2.RandomResizedCrop) -> Tensor:
     """``crop`` applied to each of (N, C, H, W) uint8 images: its boxes are drawn image by image, then
-    all are resampled by one ``roi_align`` (bilinear) instead of a resize per image, which costs
-    several times more in Python. The one difference: a box's edge pixels blend with their
-    neighbours outside the box, as in TensorFlow's crop_and_resize, where a resize of the cut-out
-    box repeats its own edge."""
+    all are resampled by one bilinear ``roi_align`` instead of a resize per image, which costs several
+    times more in Python. Unlike resizing the cut-out box, which repeats the box's edge beyond it,
+    samples near the edge blend in the pixels just outside the box (TensorFlow's crop_and_resize)."""
     boxes = []
     for n, image in enumerate(images):
         box = crop.make_params([image])
@@ -106,9 +105,9 @@ class VisionTransformer(nn.Module):
     def forward(self, images: Tensor, every_position: bool = False) -> Tensor:
         """(B, C, H, W) → class logits (B, classes); any H and W divisible by the patch size.
 
-        Only [CLS] feeds the head, so the last block computes its output at [CLS] alone, the same
-        logits without most of the last block's work; ``every_position`` runs it in full (to inspect the
-        last block's attention from every patch)."""
+        Only [CLS] feeds the head, so the last block computes its output at [CLS] alone: the same
+        logits, and most of that block's work saved. ``every_position`` runs it in full, to inspect
+        the last block's attention from every patch."""
         tokens = self.patches(images)
         grid = (images.size(-2) // self.patch, images.size(-1) // self.patch)
         position = torch.cat([self.position[:1], resize_grid(self.position[1:], self.grid, grid)])

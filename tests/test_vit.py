@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import quiet, straight_and_resumed_losses
 from PIL import Image
+from torchvision.transforms import v2
 
 from tfkit import config as configs
 from tfkit import registry
@@ -18,7 +19,7 @@ from tfkit.inspect import attention_rollout
 from tfkit.nn.blocks import DropPath
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipes.vit import VisionTransformer
+from tfkit.recipes.vit import VisionTransformer, random_resized_crops
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -81,6 +82,21 @@ def test_cls_only_last_block_gives_the_full_models_logits_and_gradients(block):
     torch.testing.assert_close(short, full)
     for a, b in zip(short_grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_random_resized_crops_of_a_batch():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(random_resized_crops(images, v2.RandomResizedCrop(8, scale=(1.0, 1.0))), images)  # whole image
+    crops = random_resized_crops(images, v2.RandomResizedCrop(8, scale=(0.2, 0.5)))
+    assert crops.shape == images.shape and crops.dtype == torch.uint8
+    # a constant image stays constant whatever the box: only the pixels inside and around it matter
+    flat = torch.full((4, 1, 8, 8), 77, dtype=torch.uint8)
+    assert (random_resized_crops(flat, v2.RandomResizedCrop(8, scale=(0.2, 0.5))) == 77).all()
+    # each image gets its own box: a quarter-size box of a left-right ramp starts at different columns
+    ramp = torch.arange(8, dtype=torch.uint8).mul(30).expand(16, 1, 8, 8).contiguous()
+    firsts = random_resized_crops(ramp, v2.RandomResizedCrop(8, scale=(0.25, 0.25), ratio=(1.0, 1.0)))[:, 0, 0, 0]
+    assert len(set(firsts.tolist())) > 1
 
 
 def test_drop_path_drops_whole_samples_and_keeps_the_mean():
