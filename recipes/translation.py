@@ -17,7 +17,6 @@ from typing import Any, Iterator, TextIO
 import datasets
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from num2words import num2words
 from tokenizers import Tokenizer
 from torch import Tensor, nn
@@ -29,6 +28,7 @@ from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.nn.dropout import Dropout
+from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.registry import register
@@ -109,7 +109,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache: list | None = None, offset: int = 0) -> Tensor:
         hidden = self.decoder(self._embed(tgt, offset), memory, memory_mask, cache)
-        return F.linear(hidden, self.embed.weight)  # (B, T, V)
+        return linear(hidden, self.embed.weight)  # (B, T, V)
 
     def forward(self, src: Tensor, tgt: Tensor, targets: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
         """Logits (B, T, V) for decoder inputs ``tgt``; given ``targets`` (B, T) instead the

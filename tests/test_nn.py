@@ -13,6 +13,7 @@ from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.nn import losses
 from tfkit.nn.attention import KVCache, MultiHeadAttention, ScaledDotProductAttention, causal_mask
+from tfkit.nn import linear as packing
 from tfkit.nn.dropout import Dropout, dropout
 from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.nn.position import LearnedPosition, SinusoidalPosition
@@ -92,6 +93,32 @@ def test_kv_cache_grows_and_reorders():
     torch.testing.assert_close(v, -keys)
     cache.reorder(torch.tensor([1, 1]))
     torch.testing.assert_close(cache.keys_values()[0], keys[[1, 1]])
+
+
+def test_kv_cache_reorders_repeatedly_and_keeps_appending():
+    cache, keys = KVCache(), torch.randn(3, H, 20, 8)
+    expected_k, expected_v = keys[:, :, :0], -keys[:, :, :0]
+    for t, order in enumerate([[0, 1, 2], [2, 0, 1], [1, 1, 0], [0, 2, 2]] * 5):  # growth between reorders
+        cache.append(keys[:, :, t : t + 1], -keys[:, :, t : t + 1])
+        expected_k = torch.cat([expected_k, keys[:, :, t : t + 1]], 2)[order]
+        expected_v = torch.cat([expected_v, -keys[:, :, t : t + 1]], 2)[order]
+        cache.reorder(torch.tensor(order))
+        k, v = cache.keys_values()
+        torch.testing.assert_close(k, expected_k)
+        torch.testing.assert_close(v, expected_v)
+
+
+def test_cross_attention_groups_rows_that_share_a_context():
+    """Beam search's hypotheses (consecutive rows) attend to their sentence's one copy of the memory."""
+    torch.manual_seed(0)
+    attention, groups = MultiHeadAttention(D, H).eval(), 4
+    x, memory, mask = torch.randn(B * groups, 2, D), torch.randn(B, 8, D), padding_mask([8, 3, 6], 8)
+    repeated = attention(x, memory.repeat_interleave(groups, 0), mask=mask.repeat_interleave(groups, 0))
+    torch.testing.assert_close(attention(x, memory, mask=mask), repeated, atol=1e-6, rtol=1e-5)
+    cache = KVCache()
+    steps = [attention(x[:, t : t + 1], memory, mask=mask, cache=cache) for t in range(2)]
+    assert cache.keys_values()[0].size(0) == B  # cached once per sentence
+    torch.testing.assert_close(torch.cat(steps, 1), repeated, atol=1e-6, rtol=1e-5)
 
 
 # -- blocks against torch.nn's Transformer layers ----------------------------------------------
@@ -294,3 +321,34 @@ def test_attention_dropout_on_the_cpu_takes_the_explicit_path():
     torch.manual_seed(1)
     weights = (q @ k.transpose(-2, -1) * 8**-0.5).softmax(-1)
     torch.testing.assert_close(out, dropout(weights, 0.3) @ v)
+
+
+# -- linear layers on packed weights ------------------------------------------------------------
+@pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Tanh()])
+@pytest.mark.parametrize("rows", [None, slice(0, 5), slice(5, None)])
+def test_packed_linear_equals_f_linear(activation, rows):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(12, 16), torch.randn(12), torch.randn(3, 4, 16)
+    expected = F.linear(x, weight[rows or slice(None)], bias[rows or slice(None)])
+    expected = expected if activation is None else activation(expected)
+    with torch.no_grad(), packing.packed_weights():
+        got = packing.linear(x, weight, bias, rows, activation)
+        packed = len(packing._packs) if packing._packing_available() else None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if packed is not None:  # oneDNN fuses these activations; others are applied after F.linear
+        assert packed == (0 if isinstance(activation, nn.Tanh) else 1)
+
+
+def test_packed_weights_last_for_one_block_and_leave_autograd_alone():
+    torch.manual_seed(0)
+    layer, x = packing.Linear(16, 8), torch.randn(5, 16)
+    with torch.no_grad(), packing.packed_weights():
+        layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # between blocks the weights may change (a training step)
+    with packing.packed_weights():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer(x).sum().backward()  # with gradients: plain F.linear
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(8, 16))
+    assert packing._packs is None

@@ -126,6 +126,7 @@ def predict(
 
     Example: tfkit predict runs/translation/20261123-101500 sentences.txt --beam 4
     """
+    from tfkit.nn.linear import packed_weights
     from tfkit.train import pick_device
 
     registry.load_all()
@@ -133,16 +134,17 @@ def predict(
     options = _options(recipe.predict_file, beam=beam, top_k=top_k)
     failed = 0
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout
-    try:
-        for path in files:
-            try:
-                recipe.predict_file(model, path, sink, **options)
-            except UsageError as e:
-                failed += 1
-                print(f"error: {e}", file=sys.stderr)
-    finally:
-        if out:
-            sink.close()
+    with packed_weights():
+        try:
+            for path in files:
+                try:
+                    recipe.predict_file(model, path, sink, **options)
+                except UsageError as e:
+                    failed += 1
+                    print(f"error: {e}", file=sys.stderr)
+        finally:
+            if out:
+                sink.close()
     if failed:
         raise typer.Exit(2)
 
@@ -159,6 +161,7 @@ def evaluate(
 
     Example: tfkit evaluate runs/translation/20261123-101500 --json
     """
+    from tfkit.nn.linear import packed_weights
     from tfkit.train import pick_device
 
     if split not in ("test", "validation"):
@@ -166,7 +169,8 @@ def evaluate(
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device))
     recipe.prepare(run_dir)
-    metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam))
+    with packed_weights():
+        metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam))
     if as_json:
         print(json.dumps(metrics))
         return

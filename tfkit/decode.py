@@ -3,7 +3,9 @@ and prefix beam search over CTC posteriors.
 
 An encoder-decoder provides ``encode(src) -> (memory, memory_mask)``, ``decoder.new_cache()`` and
 ``decode(tokens, memory, memory_mask, cache, offset) -> logits``; with a cache, each step feeds only
-the newest token and attends to the cached keys and values of the earlier ones.
+the newest token and attends to the cached keys and values of the earlier ones. Beam search gives
+``decode`` each sentence's memory once for its ``beam`` consecutive rows of tokens (the decoder's
+cross-attention groups them: :class:`tfkit.nn.attention.MultiHeadAttention`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from tfkit.nn.linear import packed_weights
+
 
 @torch.no_grad()
+@packed_weights()
 def greedy_search(model: nn.Module, src: Tensor, bos: int, eos: int, max_len: int) -> list[list[int]]:
     """The most likely next token at each step, until EOS or ``max_len`` tokens; (B, S) → B lists."""
     memory, memory_mask = model.encode(src)
@@ -34,6 +39,7 @@ def greedy_search(model: nn.Module, src: Tensor, bos: int, eos: int, max_len: in
 
 
 @torch.no_grad()
+@packed_weights()
 def beam_search(
     model: nn.Module, src: Tensor, bos: int, eos: int, max_len: int, beam: int, length_penalty: float = 1.0
 ) -> list[list[int]]:
@@ -46,8 +52,7 @@ def beam_search(
     With beam 1 and no length penalty this is exactly greedy search.
     """
     batch, device = src.size(0), src.device
-    memory, memory_mask = model.encode(src)
-    memory, memory_mask = memory.repeat_interleave(beam, 0), memory_mask.repeat_interleave(beam, 0)
+    memory, memory_mask = model.encode(src)  # shared by a sentence's beams (MultiHeadAttention's groups)
     cache = model.decoder.new_cache()
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
@@ -82,7 +87,7 @@ def beam_search(
         rows = rows.gather(1, keep).view(-1)
         token = next_token.gather(1, keep).view(-1)
         prefixes = torch.cat([prefixes[rows], token[:, None]], dim=1)
-        for self_cache, _ in cache:  # cross-attention caches are the same for every beam of a sentence
+        for self_cache, _ in cache:  # cross-attention caches hold each sentence once, for all its beams
             self_cache.reorder(rows)
     else:  # out of length: the live prefixes are hypotheses too
         for b in range(batch):

@@ -31,6 +31,7 @@ from tfkit import distributed, registry
 from tfkit import run as runs
 from tfkit.distributed import Ranks
 from tfkit.errors import TfkitError, UsageError
+from tfkit.nn.linear import packed_weights
 from tfkit.recipe import Recipe
 
 
@@ -280,7 +281,7 @@ class Trainer:
         """Metrics on ``split``: every rank evaluates its share of the batches, and rank 0 scores the
         outputs of all (the other ranks return {})."""
         model = self._whole_model(every_rank=True)
-        with self._autocast():
+        with self._autocast(), packed_weights():
             outputs = self.recipe.eval_outputs(model, split, self.ranks.rank, self.ranks.world)
         self.model.train()
         merged = {place: output for part in distributed.all_gather(outputs, self.ranks) for place, output in part.items()}

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from tfkit.errors import UsageError
 from tfkit.nn.dropout import dropout as fast_dropout
+from tfkit.nn.linear import Linear, linear
 from tfkit.nn.position import sinusoids_at
 from tfkit.registry import register
 
@@ -64,6 +65,7 @@ class KVCache:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.length = 0
+        self._spare: tuple[Tensor, Tensor] | None = None  # reorder's destination, so it allocates nothing
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.size(2)
@@ -85,9 +87,15 @@ class KVCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def reorder(self, index: Tensor) -> None:
-        if self.k is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+        """Keep batch rows ``index``. They are gathered into a second pair of buffers that then swap
+        with the first: a fresh multi-megabyte tensor per step costs more in page faults than the copy."""
+        if self.k is None:
+            return
+        if self._spare is None or self._spare[0].shape != self.k.shape:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        for old, new in zip((self.k, self.v), self._spare):
+            torch.index_select(old[:, :, : self.length], 0, index, out=new[:, :, : self.length])
+        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
 
 
 @register("attention", "multi_head")
@@ -99,8 +107,8 @@ class MultiHeadAttention(nn.Module):
         if d_model % heads:
             raise UsageError(f"d_model {d_model} is not divisible by heads {heads} (pick sizes where it is)")
         self.d_model, self.heads = d_model, heads
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)  # [W_Q; W_K; W_V]
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.in_proj = Linear(d_model, 3 * d_model, bias=bias)  # [W_Q; W_K; W_V]
+        self.out_proj = Linear(d_model, d_model, bias=bias)
         self.attend = ScaledDotProductAttention(dropout)
 
     def forward(
@@ -111,23 +119,26 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Self-attention over ``x`` (B, T, D), or cross-attention from ``x`` to ``context`` (B, S, D)."""
+        """Self-attention over ``x`` (B, T, D), or cross-attention from ``x`` to ``context`` (B, S, D).
+
+        For cross-attention ``x`` may hold G consecutive rows per context row, (B·G, T, D): beam
+        search's hypotheses of one sentence. They attend as one sequence of G·T queries, so the keys
+        and values of a context row are computed, cached and read once, not once per hypothesis."""
         batch, length, _ = x.shape
         if context is None:
             q, k, v = self._heads(self.in_proj(x), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
-            d = self.d_model
-            bias = self.in_proj.bias
-            (q,) = self._heads(F.linear(x, self.in_proj.weight[:d], None if bias is None else bias[:d]), 1)
+            weight, bias, d = self.in_proj.weight, self.in_proj.bias, self.d_model
+            (q,) = self._heads(linear(x.reshape(context.size(0), -1, d), weight, bias, rows=slice(0, d)), 1)
             if cache is not None and cache.length:
                 k, v = cache.keys_values()
             else:
-                k, v = self._heads(F.linear(context, self.in_proj.weight[d:], None if bias is None else bias[d:]), 2)
+                k, v = self._heads(linear(context, weight, bias, rows=slice(d, None)), 2)
                 if cache is not None:
                     cache.append(k, v)
-        out = self.attend(q, k, v, mask=mask, causal=causal)  # (B, H, T, d_k)
+        out = self.attend(q, k, v, mask=mask, causal=causal)  # (B, H, T, d_k), or (B, H, G·T, d_k)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.d_model))
 
     def _heads(self, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
@@ -148,7 +159,7 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True):
         super().__init__(d_model, heads, dropout, bias)
         d_k = d_model // heads
-        self.pos_proj = nn.Linear(d_model, d_model, bias=False)  # W_R
+        self.pos_proj = Linear(d_model, d_model, bias=False)  # W_R
         self.content_bias = nn.Parameter(torch.empty(heads, 1, d_k))  # u
         self.position_bias = nn.Parameter(torch.empty(heads, 1, d_k))  # v
         nn.init.xavier_uniform_(self.content_bias)

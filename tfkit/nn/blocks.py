@@ -12,6 +12,7 @@ from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.nn.attention import KVCache, MultiHeadAttention
 from tfkit.nn.dropout import Dropout
+from tfkit.nn.linear import Linear
 from tfkit.registry import register
 
 register("activation", "relu")(nn.ReLU)
@@ -24,13 +25,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff)
+        self.up = Linear(d_model, d_ff)
         self.act = registry.get("activation", activation)()
         self.dropout = Dropout(dropout)
-        self.down = nn.Linear(d_ff, d_model)
+        self.down = Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(self.act(self.up(x))))
+        return self.down(self.dropout(self.up(x, self.act)))
 
 
 class DropPath(nn.Module):

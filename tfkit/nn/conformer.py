@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tfkit import distributed, registry
 from tfkit.nn.blocks import DropPath, FeedForward
 from tfkit.nn.dropout import Dropout
+from tfkit.nn.linear import Linear
 from tfkit.registry import register
 
 
@@ -33,7 +34,7 @@ class ConvolutionSubsampling(nn.Module):
     def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
-        self.proj = nn.Linear(channels * (((features - 1) // 2 - 1) // 2), d_model)
+        self.proj = Linear(channels * (((features - 1) // 2 - 1) // 2), d_model)
         self.dropout = Dropout(dropout)
 
     @staticmethod
@@ -88,10 +89,10 @@ class ConvolutionModule(nn.Module):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"the depthwise kernel size must be odd to keep frames aligned, got {kernel_size}")
-        self.pointwise_in = nn.Linear(d_model, 2 * d_model)  # a 1×1 convolution on (B, T, C)
+        self.pointwise_in = Linear(d_model, 2 * d_model)  # a 1×1 convolution on (B, T, C)
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
         self.norm = MaskedBatchNorm1d(d_model)
-        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.pointwise_out = Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
