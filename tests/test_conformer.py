@@ -63,12 +63,18 @@ def test_relative_position_attention_matches_an_explicit_reference():
             scores.append((content + position) / math.sqrt(d_k) if mask[b, 0, 0, j] else torch.tensor(-math.inf))
         expected[b, h, i] = torch.stack(scores).softmax(0) @ v[b, h]
     expected = attention.out_proj(expected.transpose(1, 2).reshape(2, length, d))
+    weights = (attention.position_bias, attention.pos_proj.weight, attention.in_proj.weight)
+    probe = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), weights)
+    fast = attention(x, mask=mask)
+    fast_grads = torch.autograd.grad((fast * probe).sum(), weights)  # through the strided shift
     with torch.no_grad():
-        fast = attention(x, mask=mask)
         attention.attend.explicit = True
         explicit = attention(x, mask=mask)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fast_grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_subsampling_lengths_match_the_convolutions_and_ignore_padding():

@@ -45,7 +45,8 @@ class ScaledDotProductAttention(nn.Module):
                 mask = causal_mask(tq, tk, q.device) if mask is None else mask & causal_mask(tq, tk, q.device)
                 causal = False
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
+        scale = q.size(-1) ** -0.5  # applied to the smaller of the queries and their scores
+        scores = (q * scale) @ k.transpose(-2, -1) if tk > q.size(-1) else q @ k.transpose(-2, -1) * scale  # (B, H, Tq, Tk)
         if causal:
             scores = scores.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
         if mask is not None:
@@ -148,6 +149,16 @@ class MultiHeadAttention(nn.Module):
         return split.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _by_key(by_distance: Tensor) -> Tensor:
+    """Scores (..., T, 2T-1) of each query against the distances T-1 down to 1-T → the (..., T, T) view
+    whose [i, j] is the score of distance i-j: column T-1-i+j of row i. Stepping to the next row moves
+    one column left, so the view is a strided window on the same memory (Transformer-XL's shift, no copy)."""
+    *lead, length, _ = by_distance.shape
+    *lead_strides, row, column = by_distance.stride()
+    offset = by_distance.storage_offset() + (length - 1) * column
+    return by_distance.as_strided((*lead, length, length), (*lead_strides, row - column, column), offset)
+
+
 @register("attention", "relative_multi_head")
 class RelativePositionMultiHeadAttention(MultiHeadAttention):
     """Self-attention with Transformer-XL relative positions (Dai et al., 2019), as in the Conformer.
@@ -178,12 +189,13 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
         batch, length, _ = x.shape
         q, k, v = self._heads(self.in_proj(x), 3)
         distances = torch.arange(length - 1, -length, -1, device=x.device)  # i - j from T-1 down to 1-T
-        relative = self.pos_proj(sinusoids_at(distances, self.d_model).to(x.dtype))  # (2T-1, D)
-        relative = relative.view(-1, self.heads, self.d_model // self.heads).transpose(0, 1)  # (H, 2T-1, d_k)
-        by_distance = (q + self.position_bias) @ relative.transpose(-2, -1)  # (B, H, T, 2T-1)
-        # column T-1-(i-j) of row i holds distance i-j
-        index = length - 1 - torch.arange(length, device=x.device)[:, None] + torch.arange(length, device=x.device)
-        position_scores = by_distance.gather(-1, index.expand(batch, self.heads, length, length)) * q.size(-1) ** -0.5
+        heads, d_k = self.heads, self.d_model // self.heads
+        relative = self.pos_proj(sinusoids_at(distances, self.d_model).to(x.dtype)) * d_k**-0.5  # (2T-1, D), scaled
+        relative = relative.view(-1, heads, d_k).permute(1, 2, 0)  # (H, d_k, 2T-1)
+        # one product per head of all B·T queries with all distances, rather than B·H small ones
+        queries = (q + self.position_bias).transpose(0, 1).reshape(heads, batch * length, d_k)
+        by_distance = (queries @ relative).view(heads, batch, length, -1).transpose(0, 1)  # (B, H, T, 2T-1)
+        position_scores = _by_key(by_distance)
         if mask is not None:
             position_scores = position_scores.masked_fill(~mask, float("-inf"))
         out = self.attend(q + self.content_bias, k, v, mask=position_scores)
