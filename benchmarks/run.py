@@ -486,7 +486,8 @@ def main() -> None:
     caption = CAPTION.format(gflops=peak_flops / 1e9, threads=threads)
     table = Table(title=f"tfkit vs peers (CPU, fp32{', training rows compiled' if COMPILE else ''})", caption=caption, caption_justify="left")
     for column in ("benchmark", "vs", "tfkit", "peer", "ratio", "MFU tfkit / peer", "peak MiB tfkit / peer"):
-        table.add_column(column, justify="left" if column in ("benchmark", "vs") else "right", no_wrap=True)
+        names = column in ("benchmark", "vs")  # names wrap; numbers never do
+        table.add_column(column, justify="left" if names else "right", no_wrap=not names)
     for r in results:
         ours, peer = r["tfkit"], r["peer"]
         value = "{:,.0f} tok/s" if r["tokens_per_call"] else "{:,.0f} ms"

@@ -17,6 +17,7 @@ from typing import Any, Iterator, TextIO
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import soundfile
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, report_unusable, require_columns, train_bpe
+from tfkit.data import (
+    SPLITS, cached, encode_once, length_buckets, load_splits, report_unusable, require_columns, seeded_global_rng, train_bpe,
+)
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
@@ -127,17 +130,22 @@ def spec_augment(features: Tensor, lengths: Tensor, cfg: dict[str, Any]) -> Tens
     """SpecAugment (Park et al., 2019) on a padded batch (B, T, F): frequency masks up to
     ``freq_width`` bins, drawn per utterance, and time masks up to ``time_width`` frames but never
     more than ``time_ratio`` of each utterance's own length, so short utterances keep their words.
-    Masked cells get 0, the normalised mean. Returns a new tensor."""
+    Masked cells get 0, the normalised mean; the input is left as it was."""
     spectrograms = features.transpose(1, 2)[:, None]  # torchaudio masks (batch, channel, freq, time)
     frequency = torchaudio.transforms.FrequencyMasking(cfg["freq_width"], iid_masks=True)
     for _ in range(cfg["freq_masks"]):
         spectrograms = frequency(spectrograms)
-    time = torchaudio.transforms.TimeMasking(cfg["time_width"], p=cfg["time_ratio"])
-    spectrograms = spectrograms.clone()
-    for i, length in enumerate(lengths.tolist()):  # per utterance: the cap depends on its length
-        for _ in range(cfg["time_masks"]):
-            spectrograms[i, :, :, :length] = time(spectrograms[i, :, :, :length])
-    return spectrograms[:, 0].transpose(1, 2)
+    masked = spectrograms[:, 0].transpose(1, 2)
+    # each time mask is drawn as torchaudio's TimeMasking(time_width, p=time_ratio) draws one, but with
+    # each utterance's own length as the axis, for the whole batch at once (TimeMasking per utterance
+    # was most of the loader's time): a width uniform below the cap, a start uniform where it fits
+    cap = (lengths * cfg["time_ratio"]).long().clamp_max(cfg["time_width"])
+    frames, hit = torch.arange(features.size(1)), torch.zeros(features.shape[:2], dtype=torch.bool)
+    for _ in range(cfg["time_masks"]):
+        width = torch.rand(len(lengths)) * cap
+        start = (torch.rand(len(lengths)) * (lengths - width)).long()
+        hit |= (frames >= start[:, None]) & (frames < (start + width.long())[:, None])  # (B, T)
+    return masked.masked_fill(hit[..., None], 0.0)
 
 
 class ConformerCTC(nn.Module):
@@ -187,11 +195,12 @@ class Conformer(Recipe):
         # table (in datasets' cache when the audio comes from files), read batch by batch, so a
         # corpus of any size costs memory only for its transcripts and lengths
         self.train = self._featurise(splits["train"], "train")
+        self.train_table = self.train.with_format("arrow", columns=["features"])  # once: with_format deep-copies
         self.texts, self.features = {}, {}
         for split in ("validation", "test"):
             held = self._featurise(splits[split], split)
             self.texts[split] = held["text"][:]
-            self.features[split] = [self._frames(f) for f in held.with_format("numpy")["features"][:]]
+            self.features[split] = self._frames(held.with_format("arrow")[:])
         frames, texts = self.train["frames"][:], self.train["text"][:]  # lists: a Column reads Arrow item by item
         self.train_rows = [i for i, n in enumerate(frames) if n > 0]
         texts = [texts[i] for i in self.train_rows]
@@ -258,14 +267,18 @@ class Conformer(Recipe):
         report_unusable(done, split, "unusable recordings")
         return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
 
-    def _frames(self, flat: np.ndarray) -> Tensor:
-        """A stored (flattened) feature row as (T, n_mels)."""
-        return torch.from_numpy(np.array(flat, dtype=np.float32)).view(-1, self.config["features"]["n_mels"])
+    def _frames(self, rows: pa.Table) -> list[Tensor]:
+        """The stored (flattened) feature rows of an Arrow table, each as (T, n_mels): views of one
+        buffer read at once (numpy formatting converts row by row)."""
+        column = rows["features"].combine_chunks()
+        values = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False, writable=True))
+        bounds = column.offsets.to_numpy()
+        bounds = (bounds - bounds[0]).tolist()
+        return [values[start:end].view(-1, self.config["features"]["n_mels"]) for start, end in zip(bounds, bounds[1:])]
 
     def _train_features(self, rows: list[int]) -> list[Tensor]:
         """Features of training utterances (positions in ``train_rows``), read from the Arrow table."""
-        table = self.train.with_format("numpy", columns=["features"])
-        return [self._frames(f) for f in table[[self.train_rows[i] for i in rows]]["features"]]
+        return self._frames(self.train_table[[self.train_rows[i] for i in rows]])
 
     def _log_mel(self) -> LogMel:
         f = self.config["features"]
@@ -292,10 +305,7 @@ class Conformer(Recipe):
         # each pool of 50 batches is sorted by length: a few percent padding instead of ~60%
         for b, rows in enumerate(length_buckets(self.train_frames, self.config["train"]["batch_size"], generator, pool=50)):
             features = self._train_features(rows)
-            # torchaudio's masks draw from the global RNG: fork it, seeded by the batch, so a resumed
-            # run replays the same masks and the model's own randomness is left untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + b)
+            with seeded_global_rng((seed * 1_000_003 + epoch) * 1_000_003 + b):  # torchaudio's masks
                 batch, lengths = pad_features(features)
                 batch = spec_augment(batch, lengths, self.config["specaugment"])
             labels = [torch.tensor(self.labels[i]) for i in rows]

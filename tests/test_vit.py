@@ -19,7 +19,7 @@ from tfkit.inspect import attention_rollout
 from tfkit.nn.blocks import DropPath
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipes.vit import VisionTransformer, random_resized_crops
+from tfkit.recipes.vit import VisionTransformer, crop_boxes, random_resized_crops
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -97,6 +97,30 @@ def test_random_resized_crops_of_a_batch():
     ramp = torch.arange(8, dtype=torch.uint8).mul(30).expand(16, 1, 8, 8).contiguous()
     firsts = random_resized_crops(ramp, v2.RandomResizedCrop(8, scale=(0.25, 0.25), ratio=(1.0, 1.0)))[:, 0, 0, 0]
     assert len(set(firsts.tolist())) > 1
+
+
+@pytest.mark.parametrize("size,scale,ratio", [((8, 8), (0.6, 1.0), (3 / 4, 4 / 3)), ((8, 10), (0.7, 1.0), (0.5, 1.0))])
+def test_crop_boxes_follow_torchvisions_distribution(size, scale, ratio):
+    """Drawn all at once, the boxes have make_params' distribution: sizes, positions, and how often the
+    central fallback is taken (often for a wide image whose boxes must not be wide)."""
+    height, width = size
+    crop, count = v2.RandomResizedCrop(8, scale=scale, ratio=ratio), 4000
+    torch.manual_seed(0)
+    ours = crop_boxes(crop, count, height, width)
+    image = torch.zeros(1, height, width)
+    theirs = []
+    for _ in range(count):
+        box = crop.make_params([image])
+        theirs.append([box["left"], box["top"], box["left"] + box["width"], box["top"] + box["height"]])
+    theirs = torch.tensor(theirs, dtype=torch.float32)
+    assert ((ours >= 0) & (ours[:, [2, 3, 2, 3]] <= torch.tensor([width, height, width, height]))).all()
+    assert (ours[:, 2] > ours[:, 0]).all() and (ours[:, 3] > ours[:, 1]).all()
+    central = torch.tensor([(width - 8) // 2, 0, (width - 8) // 2 + 8, 8.0])  # the fallback of the wide case
+    for features in (lambda b: b[:, 2] - b[:, 0], lambda b: b[:, 3] - b[:, 1], lambda b: b[:, 0], lambda b: b[:, 1],
+                     lambda b: (b == central).all(1).float()):
+        a, b = features(ours), features(theirs)
+        error = (a.var() / count + b.var() / count).sqrt()
+        assert abs(a.mean() - b.mean()) < 4 * error + 1e-6
 
 
 def test_drop_path_drops_whole_samples_and_keeps_the_mean():

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import datasets
 import torch
@@ -248,3 +249,14 @@ def length_buckets(lengths: list[int], batch_size: int, generator: torch.Generat
         chunk = sorted(order[start : start + pool * batch_size], key=lambda i: lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """The global CPU generator, forked and seeded for the block: torchvision's and torchaudio's random
+    transforms draw from it, so a batch seeded by its number replays exactly on resume, and the
+    model's own random stream continues as if the block had not run. Only the CPU generator is
+    seeded: torch.manual_seed also queues a seed for every CUDA device, each with a stack trace."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
