@@ -63,7 +63,7 @@ class TableModel(nn.Module):
     def encode(self, src):
         return src.float()[:, :, None], torch.ones_like(src, dtype=torch.bool)
 
-    def new_cache(self):
+    def new_cache(self, length):
         return []
 
     def decode(self, tokens, memory, memory_mask, cache, offset):

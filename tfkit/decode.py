@@ -1,7 +1,7 @@
 """Search over model outputs: greedy and beam search with a KV cache for encoder-decoders, and greedy
 and prefix beam search over CTC posteriors.
 
-An encoder-decoder provides ``encode(src) -> (memory, memory_mask)``, ``decoder.new_cache()`` and
+An encoder-decoder provides ``encode(src) -> (memory, memory_mask)``, ``decoder.new_cache(max_len)`` and
 ``decode(tokens, memory, memory_mask, cache, offset) -> logits``; with a cache, each step feeds only
 the newest token and attends to the cached keys and values of the earlier ones. Beam search gives
 ``decode`` each sentence's memory once for its ``beam`` consecutive rows of tokens (the decoder's
@@ -24,7 +24,7 @@ from tfkit.nn.linear import packed_weights
 def greedy_search(model: nn.Module, src: Tensor, bos: int, eos: int, max_len: int) -> list[list[int]]:
     """The most likely next token at each step, until EOS or ``max_len`` tokens; (B, S) → B lists."""
     memory, memory_mask = model.encode(src)
-    cache = model.decoder.new_cache()
+    cache = model.decoder.new_cache(max_len)
     batch = src.size(0)
     token = torch.full((batch,), bos, dtype=torch.long, device=src.device)
     steps, finished = [], torch.zeros(batch, dtype=torch.bool, device=src.device)
@@ -53,7 +53,7 @@ def beam_search(
     """
     batch, device = src.size(0), src.device
     memory, memory_mask = model.encode(src)  # shared by a sentence's beams (MultiHeadAttention's groups)
-    cache = model.decoder.new_cache()
+    cache = model.decoder.new_cache(max_len)
     scores = torch.zeros(batch, beam, device=device)
     scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
     prefixes = torch.full((batch * beam, 0), bos, dtype=torch.long, device=device)

@@ -59,10 +59,12 @@ class KVCache:
     """Keys and values of the positions decoded so far, (B, H, T, d_k), grown in place.
 
     Self-attention appends one step at a time; cross-attention fills it once from the encoder output
-    and reuses it. Beam search reorders the batch with :meth:`reorder`.
+    and reuses it. Beam search reorders the batch with :meth:`reorder`. The first append allocates
+    room for ``capacity`` positions (or as many as it brings); a full cache doubles.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.length = 0
@@ -72,7 +74,7 @@ class KVCache:
         end = self.length + k.size(2)
         if self.k is None or end > self.k.size(2):
             # doubling keeps appends amortised O(1) instead of a full copy per decoded token
-            capacity = max(end, 2 * (0 if self.k is None else self.k.size(2)), 16)
+            capacity = max(end, self.capacity if self.k is None else 2 * self.k.size(2))
             grown_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
             grown_v = v.new_empty(v.size(0), v.size(1), capacity, v.size(3))
             if self.k is not None:

@@ -185,8 +185,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
 
-    def new_cache(self) -> list[tuple[KVCache, KVCache]]:
-        return [(KVCache(), KVCache()) for _ in self.layers]
+    def new_cache(self, length: int = 16) -> list[tuple[KVCache, KVCache]]:
+        """(self-attention, cross-attention) caches per layer, the first with room for ``length``
+        tokens, so decoding that many never copies them to grow (the second takes the source's size)."""
+        return [(KVCache(length), KVCache(0)) for _ in self.layers]
 
     def forward(
         self,
