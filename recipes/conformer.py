@@ -29,7 +29,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tfkit import run as runs
 from tfkit.data import (
-    SPLITS, cached, encode_once, length_buckets, load_splits, report_unusable, require_columns, seeded_global_rng, train_bpe,
+    SPLITS, cached, encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
+    train_bpe,
 )
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
@@ -270,10 +271,7 @@ class Conformer(Recipe):
     def _frames(self, rows: pa.Table) -> list[Tensor]:
         """The stored (flattened) feature rows of an Arrow table, each as (T, n_mels): views of one
         buffer read at once (numpy formatting converts row by row)."""
-        column = rows["features"].combine_chunks()
-        values = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False, writable=True))
-        bounds = column.offsets.to_numpy()
-        bounds = (bounds - bounds[0]).tolist()
+        values, bounds = list_column(rows, "features")
         return [values[start:end].view(-1, self.config["features"]["n_mels"]) for start, end in zip(bounds, bounds[1:])]
 
     def _train_features(self, rows: list[int]) -> list[Tensor]:

@@ -27,7 +27,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from tfkit import run as runs
-from tfkit.data import encode_once, label_names, load_splits, report_unusable, require_columns, seeded_global_rng
+from tfkit.data import encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
@@ -215,8 +215,7 @@ class ViT(Recipe):
     def _pixels(self, rows: pa.Table) -> Tensor:
         """The stored (flattened) pixel rows of an Arrow table as one (N, C, H, W) uint8 tensor."""
         size, channels = self.config["data"]["image_size"], self.config["data"]["channels"]
-        pixels = rows["pixels"].combine_chunks().flatten().to_numpy(zero_copy_only=False, writable=True)
-        return torch.from_numpy(pixels).view(-1, channels, size, size)
+        return list_column(rows, "pixels")[0].view(-1, channels, size, size)
 
     def _resize(self, image: Image.Image) -> Tensor:
         size = self.config["data"]["image_size"]

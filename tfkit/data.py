@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import datasets
+import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -260,3 +261,13 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+def list_column(rows: pa.Table, column: str) -> tuple[torch.Tensor, list[int]]:
+    """A list column of an Arrow table (``with_format("arrow")``) as one tensor of all its values and
+    each row's bounds in it, row i being values[bounds[i]:bounds[i + 1]]: read at once, where datasets'
+    numpy formatting converts row by row."""
+    array = rows[column].combine_chunks()
+    values = torch.from_numpy(array.flatten().to_numpy(zero_copy_only=False, writable=True))
+    offsets = array.offsets.to_numpy()
+    return values, (offsets - offsets[0]).tolist()

@@ -45,8 +45,8 @@ class ScaledDotProductAttention(nn.Module):
                 mask = causal_mask(tq, tk, q.device) if mask is None else mask & causal_mask(tq, tk, q.device)
                 causal = False
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        scale = q.size(-1) ** -0.5  # applied to the smaller of the queries and their scores
-        scores = (q * scale) @ k.transpose(-2, -1) if tk > q.size(-1) else q @ k.transpose(-2, -1) * scale  # (B, H, Tq, Tk)
+        scale = q.size(-1) ** -0.5  # applied to the smaller of the queries and their scores (B, H, Tq, Tk)
+        scores = (q * scale) @ k.transpose(-2, -1) if tk > q.size(-1) else q @ k.transpose(-2, -1) * scale
         if causal:
             scores = scores.masked_fill(~causal_mask(tq, tk, q.device), float("-inf"))
         if mask is not None:
