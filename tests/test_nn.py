@@ -326,7 +326,8 @@ def test_attention_dropout_on_the_cpu_takes_the_explicit_path():
 # -- linear layers on packed weights ------------------------------------------------------------
 @pytest.mark.parametrize("activation", [None, nn.ReLU(), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Tanh()])
 @pytest.mark.parametrize("rows", [None, slice(0, 5), slice(5, None)])
-def test_packed_linear_equals_f_linear(activation, rows):
+def test_packed_linear_equals_f_linear(monkeypatch, activation, rows):
+    monkeypatch.setattr(packing, "PACK_ABOVE", 0)  # these small weights would not be packed otherwise
     torch.manual_seed(0)
     weight, bias, x = torch.randn(12, 16), torch.randn(12), torch.randn(3, 4, 16)
     expected = F.linear(x, weight[rows or slice(None)], bias[rows or slice(None)])
@@ -339,7 +340,8 @@ def test_packed_linear_equals_f_linear(activation, rows):
         assert packed == (0 if isinstance(activation, nn.Tanh) else 1)
 
 
-def test_packed_weights_last_for_one_block_and_leave_autograd_alone():
+def test_packed_weights_last_for_one_block_and_leave_autograd_alone(monkeypatch):
+    monkeypatch.setattr(packing, "PACK_ABOVE", 0)
     torch.manual_seed(0)
     layer, x = packing.Linear(16, 8), torch.randn(5, 16)
     with torch.no_grad(), packing.packed_weights():
@@ -352,3 +354,9 @@ def test_packed_weights_last_for_one_block_and_leave_autograd_alone():
         layer(x).sum().backward()  # with gradients: plain F.linear
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(8, 16))
     assert packing._packs is None
+
+
+def test_small_weights_are_not_packed():
+    with torch.no_grad(), packing.packed_weights():
+        packing.linear(torch.randn(2, 16), torch.randn(8, 16))
+        assert packing._packs == {} or not packing._packing_available()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# a packed product costs ~20 µs more per call to start; below this many weights that is more than it saves
+PACK_ABOVE = 1 << 16
 # weight id and rows → (the weight, kept so its id stays its own, and its packed copy)
 _packs: dict[tuple[int, int | None, int | None], tuple[Tensor, Tensor]] | None = None
 
@@ -58,21 +60,21 @@ def linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, rows: slice | None = None, activation: nn.Module | None = None
 ) -> Tensor:
     """activation(x·Wᵀ + b), with W and b the given ``rows`` of ``weight`` and ``bias`` (all by default)."""
+    whole, part = weight, (None, None)
+    if rows is not None:
+        part = (rows.start, rows.stop)
+        weight, bias = weight[rows], None if bias is None else bias[rows]
     fused = _fused(activation)
     if (
         _packs is None or fused is None or torch.is_grad_enabled() or x.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+        or weight.numel() <= PACK_ABOVE
     ):
-        if rows is not None:
-            weight, bias = weight[rows], None if bias is None else bias[rows]
         out = F.linear(x, weight, bias)
         return out if activation is None else activation(out)
-    key = (id(weight), None if rows is None else rows.start, None if rows is None else rows.stop)
+    key = (id(whole), *part)
     if key not in _packs:
-        part = weight if rows is None else weight[rows]
-        _packs[key] = (weight, torch.ops.mkldnn._reorder_linear_weight(part.contiguous()))
-    if rows is not None and bias is not None:
-        bias = bias[rows]
+        _packs[key] = (whole, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
     return torch.ops.mkldnn._linear_pointwise(x, _packs[key][1], bias, fused[0], [], fused[1])
 
 
