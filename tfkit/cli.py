@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect as pyinspect
 import json
 import os
@@ -99,8 +100,13 @@ def train(
         console.print(f"run directory {trainer.run_dir}  ({parameters:,} parameters, {target}{processes})")
         metrics = trainer.fit()
         console.print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        run_dir = trainer.run_dir
+        # DDP and FSDP modules hold the process group: free them while it exists, so the group is
+        # torn down here and not at interpreter exit, where gloo's threads can abort the process
+        del trainer
+        gc.collect()
     if ranks.main:
-        print(trainer.run_dir)
+        print(run_dir)
 
 
 def _options(method: Any, **given: Any) -> dict[str, Any]:
