@@ -1,12 +1,13 @@
 """Is the data pipeline ever the bottleneck, and how much padding does length bucketing save?
 
-    python benchmarks/pipeline.py [--steps N] [--recipes translation vit bert-pretrain conformer]
+    python benchmarks/pipeline.py [--steps N] [--windows N] [--recipes translation vit bert-pretrain conformer]
 
 For each recipe (default config, built-in data, CPU): the same training steps are timed drawing
 batches from the recipe's own loader (``Trainer._stream``, as ``tfkit train`` does) and from the
-same batches built beforehand in memory, in alternating rounds; the ratio is the median loader
-steps/s over the median in-memory steps/s (1.00 = the loader costs nothing). For sequence recipes it also reports the padding fraction of one
-epoch's batches as the recipe builds them (length-bucketed) and of the same sequences grouped at random.
+same batches built beforehand in memory, in alternating windows of a few steps; the ratio is the
+loader's steps/s over the in-memory steps/s, each from its median window (1.00 = the loader costs
+nothing). For sequence recipes it also reports the padding fraction of one epoch's batches as the
+recipe builds them (length-bucketed) and of the same sequences grouped at random.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from tfkit import registry
+from tfkit.recipe import Batch
 from tfkit.train import Trainer
 
 Lengths = Callable[[dict[str, torch.Tensor]], list[tuple[torch.Tensor, int]]]
@@ -43,13 +45,20 @@ PADDED: dict[str, Lengths] = {
 }
 
 
-def steps_per_second(trainer: Trainer, batches, steps: int) -> float:
-    stream = iter(batches)
-    trainer._train_step(stream)  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer._train_step(stream)
-    return steps / (time.perf_counter() - start)
+def steps_per_second(trainer: Trainer, streams: dict[str, Iterator[Batch]], windows: int, steps: int) -> dict[str, float]:
+    """Steps/s of each stream, timed in ``windows`` windows of ``steps`` training steps each, the
+    streams' windows alternating (and which goes first swapping) so that warm-up and the machine's
+    drift slow all alike; median window per stream."""
+    times: dict[str, list[float]] = {name: [] for name in streams}
+    for name, stream in streams.items():
+        trainer._train_step(stream)  # warm-up
+    for window in range(windows):
+        for name in list(streams) if window % 2 == 0 else reversed(list(streams)):
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer._train_step(streams[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: steps / statistics.median(t) for name, t in times.items()}
 
 
 def padding(batches: list[dict[str, torch.Tensor]], lengths_of: Lengths, seed: int = 0) -> tuple[float, float]:
@@ -76,8 +85,8 @@ def padding(batches: list[dict[str, torch.Tensor]], lengths_of: Lengths, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3, help="measurements of each, alternating")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
+    parser.add_argument("--windows", type=int, default=15, help="timed windows of each, alternating")
     parser.add_argument("--recipes", nargs="+", default=["translation", "vit", "bert-pretrain", "conformer"])
     args = parser.parse_args()
     registry.load_all()
@@ -91,14 +100,11 @@ def main() -> None:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(recipe, recipe.build_model(), Path(tmp), torch.device("cpu"), Console(quiet=True))
-            prebuilt = list(itertools.islice(trainer._stream(), args.steps + 1))
-            # rounds alternate which goes first, so warming up and drift favour neither; medians
-            rates: tuple[list[float], list[float]] = ([], [])
-            for round_ in range(args.rounds):
-                for loader in (True, False) if round_ % 2 == 0 else (False, True):
-                    trainer.epoch = trainer.batch_in_epoch = 0  # the same batches each time
-                    rates[loader].append(steps_per_second(trainer, trainer._stream() if loader else prebuilt, args.steps))
-            memory_rate, loader_rate = (statistics.median(r) for r in rates)
+            # both streams yield the same batches in the same order, so their windows do the same work
+            prebuilt = list(itertools.islice(trainer._stream(), 1 + args.windows * args.steps))
+            trainer.epoch = trainer.batch_in_epoch = 0
+            rates = steps_per_second(trainer, {"loader": trainer._stream(), "memory": iter(prebuilt)}, args.windows, args.steps)
+            loader_rate, memory_rate = rates["loader"], rates["memory"]
         pads = ("", "")
         if name in PADDED:
             epoch = list(recipe.train_batches(0))

@@ -38,6 +38,7 @@ from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, fo
 from tfkit.registry import register
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+READ_AHEAD_PIXELS = 1 << 22  # ~4 MB of uint8 pixels (×8 in float while cropping): a whole epoch of 8×8 digits
 
 
 def digits(seed: int) -> datasets.DatasetDict:
@@ -69,20 +70,21 @@ def open_image(path: Path | str | None = None, data: bytes | None = None, channe
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def crop_boxes(crop: v2.RandomResizedCrop, count: int, height: int, width: int) -> Tensor:
+def crop_boxes(crop: v2.RandomResizedCrop, count: int, height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
     """``count`` boxes (x1, y1, x2, y2) drawn from ``crop.make_params``'s distribution all at once: for
     each, up to 10 tries of an area fraction uniform in ``crop.scale`` and an aspect ratio log-uniform
     in ``crop.ratio``, the first whose box fits, at a uniform position; the central crop if none fits.
     make_params draws one box per call at ~55 µs, most of a small image's loading time."""
     tries = 10
-    area = height * width * torch.empty(count, tries).uniform_(*crop.scale)
-    aspect = torch.empty(count, tries).uniform_(math.log(crop.ratio[0]), math.log(crop.ratio[1])).exp()
+    area = height * width * torch.empty(count, tries).uniform_(*crop.scale, generator=generator)
+    log_ratio = math.log(crop.ratio[0]), math.log(crop.ratio[1])
+    aspect = torch.empty(count, tries).uniform_(*log_ratio, generator=generator).exp()
     w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(1, keepdim=True)  # the first try that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    top = (torch.rand(count) * (height - h + 1)).floor()
-    left = (torch.rand(count) * (width - w + 1)).floor()
+    top = (torch.rand(count, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(count, generator=generator) * (width - w + 1)).floor()
     central_w, central_h = width, height  # make_params' fallback: the largest central box within the ratios
     if width / height < min(crop.ratio):
         central_h = round(width / min(crop.ratio))
@@ -94,14 +96,13 @@ def crop_boxes(crop: v2.RandomResizedCrop, count: int, height: int, width: int) 
     return torch.stack([left, top, left + w, top + h], 1)
 
 
-def random_resized_crops(images: Tensor, crop: v2.RandomResizedCrop) -> Tensor:
-    """``crop`` applied to each of (N, C, H, W) uint8 images: a box per image (:func:`crop_boxes`),
-    all resampled by one bilinear ``roi_align`` instead of a resize per image, which costs several
+def random_resized_crops(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Each of (N, C, H, W) uint8 images cut to its box (N, 4) of :func:`crop_boxes` and resized to
+    ``size``, all by one bilinear ``roi_align`` instead of a resize per image, which costs several
     times more in Python. Unlike resizing the cut-out box, which repeats the box's edge beyond it,
     samples near the edge blend in the pixels just outside the box (TensorFlow's crop_and_resize)."""
-    count, _, height, width = images.shape
-    boxes = torch.cat([torch.arange(count, dtype=torch.float32)[:, None], crop_boxes(crop, count, height, width)], 1)
-    out = roi_align(images.float(), boxes, list(crop.size), sampling_ratio=1, aligned=True)
+    boxes = torch.cat([torch.arange(len(images), dtype=torch.float32)[:, None], boxes], 1)
+    out = roi_align(images.float(), boxes, list(size), sampling_ratio=1, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -159,10 +160,13 @@ class ViT(Recipe):
         else:
             self.labels = label_names(splits["train"], data["label_column"])
         # validation and test images are held in memory; the training split's go into an Arrow table
-        # (in datasets' cache when the images come from files), read batch by batch, so a corpus of
-        # any size costs memory only for its labels
+        # (in datasets' cache when the images come from files), read a few batches at a time, so a
+        # corpus of any size costs memory only for its labels
         self.train = self._decode(splits["train"], "train")
-        self.train_rows = [i for i, target in enumerate(self.train["target"][:]) if target >= 0]
+        # once: with_format deep-copies. (pyarrow's Table.take would gather faster, but it first
+        # concatenates the column's chunks, the whole memory-mapped column on every call.)
+        self.train_table = self.train.with_format("arrow", columns=["pixels", "target"])
+        self.train_rows = torch.from_numpy(np.flatnonzero(self.train_table["target"].to_numpy() >= 0))
         self.images, self.targets = {}, {}
         for split in ("validation", "test"):
             held = self._decode(splits[split], split).filter(lambda target: target >= 0, input_columns="target")
@@ -262,19 +266,30 @@ class ViT(Recipe):
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         size, seed = self.config["train"]["batch_size"], self.config["seed"]
         crop, per_image, mix = self._augmentation()
-        table = self.train.with_format("arrow")  # read straight into tensors: numpy formatting goes row by row
-        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for b, start in enumerate(range(0, len(order), size)):
-            chunk = table[[self.train_rows[i] for i in order[start : start + size].tolist()]]
-            images, labels = self._pixels(chunk), torch.tensor(chunk["target"].to_numpy())
-            with seeded_global_rng((seed * 1_000_003 + epoch) * 1_000_003 + b):  # torchvision's draws
-                batch = random_resized_crops(images, crop)
-                if per_image is not None:
-                    batch = torch.stack([per_image(image) for image in batch])
-                batch = self._normalise(batch)
-                if mix is not None:
-                    batch, labels = mix(batch, labels)
-            yield {"images": batch, "labels": labels}
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        rows = self.train_rows[torch.randperm(len(self.train_rows), generator=generator)]
+        data = self.config["data"]
+        # the epoch's boxes in one draw (every stored image has the configured size): drawn per
+        # batch, they cost more than the cropping itself
+        boxes = crop_boxes(crop, len(rows), data["image_size"], data["image_size"], generator)
+        # read and crop several batches at once, up to READ_AHEAD_PIXELS: for small images, each
+        # Arrow read and roi_align call costs more than the pixels it handles
+        pixels = data["channels"] * data["image_size"] ** 2
+        chunk = size * max(1, READ_AHEAD_PIXELS // (size * pixels))
+        for first in range(0, len(rows), chunk):
+            part = self.train_table[rows[first : first + chunk].tolist()]  # Arrow to tensors: numpy formatting goes row by row
+            crops = random_resized_crops(self._pixels(part), boxes[first : first + chunk], crop.size)
+            targets = torch.tensor(part["target"].to_numpy())
+            for start in range(0, len(crops), size):
+                images, labels = crops[start : start + size], targets[start : start + size]
+                b = (first + start) // size
+                with seeded_global_rng((seed * 1_000_003 + epoch) * 1_000_003 + b):  # torchvision's draws
+                    if per_image is not None:
+                        images = torch.stack([per_image(image) for image in images])
+                    images = self._normalise(images)
+                    if mix is not None:
+                        images, labels = mix(images, labels)
+                yield {"images": images, "labels": labels}
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["images"])

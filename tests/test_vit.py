@@ -86,17 +86,23 @@ def test_cls_only_last_block_gives_the_full_models_logits_and_gradients(block):
 
 def test_random_resized_crops_of_a_batch():
     torch.manual_seed(0)
+
+    def crops(images: torch.Tensor, crop: v2.RandomResizedCrop) -> torch.Tensor:
+        return random_resized_crops(images, crop_boxes(crop, len(images), 8, 8), crop.size)
+
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    assert torch.equal(random_resized_crops(images, v2.RandomResizedCrop(8, scale=(1.0, 1.0))), images)  # whole image
-    crops = random_resized_crops(images, v2.RandomResizedCrop(8, scale=(0.2, 0.5)))
-    assert crops.shape == images.shape and crops.dtype == torch.uint8
+    assert torch.equal(crops(images, v2.RandomResizedCrop(8, scale=(1.0, 1.0))), images)  # whole image
+    smaller = crops(images, v2.RandomResizedCrop(8, scale=(0.2, 0.5)))
+    assert smaller.shape == images.shape and smaller.dtype == torch.uint8
     # a constant image stays constant whatever the box: only the pixels inside and around it matter
     flat = torch.full((4, 1, 8, 8), 77, dtype=torch.uint8)
-    assert (random_resized_crops(flat, v2.RandomResizedCrop(8, scale=(0.2, 0.5))) == 77).all()
+    assert (crops(flat, v2.RandomResizedCrop(8, scale=(0.2, 0.5))) == 77).all()
     # each image gets its own box: a quarter-size box of a left-right ramp starts at different columns
     ramp = torch.arange(8, dtype=torch.uint8).mul(30).expand(16, 1, 8, 8).contiguous()
-    firsts = random_resized_crops(ramp, v2.RandomResizedCrop(8, scale=(0.25, 0.25), ratio=(1.0, 1.0)))[:, 0, 0, 0]
+    firsts = crops(ramp, v2.RandomResizedCrop(8, scale=(0.25, 0.25), ratio=(1.0, 1.0)))[:, 0, 0, 0]
     assert len(set(firsts.tolist())) > 1
+    # resized as well as cut: 8×8 images to 4×4
+    assert random_resized_crops(images, crop_boxes(v2.RandomResizedCrop(4), 6, 8, 8), (4, 4)).shape == (6, 3, 4, 4)
 
 
 @pytest.mark.parametrize("size,scale,ratio", [((8, 8), (0.6, 1.0), (3 / 4, 4 / 3)), ((8, 10), (0.7, 1.0), (0.5, 1.0))])
