@@ -1,6 +1,7 @@
 """tfkit against peer implementations of the same models: same sizes, inputs, threads and optimiser.
 
     python benchmarks/run.py [--quick] [--json out.json] [--threads N] [--only TEXT] [--compile]
+                             [--device cuda] [--precision bf16] [--size base] [--peak-tflops T]
 
 Each row builds a tfkit model and its peer in this process from the same seed, warms both up, then
 alternates them call by call (swapping who goes first) so that drift and the other processes on the
@@ -8,12 +9,17 @@ machine slow both alike, and reports medians. ratio = tfkit speed / peer speed: 
 time for training, tfkit tokens/s over peer tokens/s for decoding; > 1 means tfkit is faster.
 
 Peak memory is the largest total of live tensor bytes during one call: the bytes resident between
-calls (parameters, buffers, optimiser state) plus the peak of allocations minus frees that
-torch.profiler(profile_memory=True) records during the last warm-up call. It counts tensors only,
-not the Python heap or allocator slack, so it does not depend on what glibc keeps cached.
+calls (parameters, buffers, optimiser state) plus the peak of allocations minus frees during the
+last warm-up call, which torch.profiler(profile_memory=True) records on the CPU and the caching
+allocator's statistics give on a GPU. It counts tensors only, not the Python heap or allocator
+slack, so it does not depend on what glibc or the CUDA allocator keeps cached.
 
-Model FLOP utilisation (training rows) = training FLOPs per step / step time / fp32 matmul FLOP/s,
-where matmul FLOP/s is the median of a 2048×2048 @ 2048×2048 product (2·2048³ FLOPs) and
+--precision bf16 runs both sides' forward passes and losses under torch.autocast; --size base uses
+the papers' base models (SIZES). Model FLOP utilisation (training rows) = training FLOPs per step /
+step time / peak FLOP/s, where the peak is --peak-tflops if given, else on a GPU in bf16 the card's
+dense bf16 peak from its data sheet (BF16_PEAK_TFLOPS) where the card is known, else the measured
+median of an n×n @ n×n product in the benchmark's dtype (2·n³ FLOPs; n = 2048 on the CPU, 8192 on a
+GPU), and
 
     training FLOPs = 6 · Σ (weights of a matmul × tokens it multiplies)
                    + 12 · d_model · Σ over attention modules (queries × keys)     (per sample, × batch)
@@ -95,16 +101,42 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     return sum(unique.values())
 
 
-COMPILE = False  # --compile: both sides of every training row run through torch.compile
+@dataclass
+class Setup:
+    """What the command line chose, for every row."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None  # autocast dtype of both sides; None: fp32
+    size: str = "small"  # a key of SIZES
+    compile: bool = False  # both sides of every training row through torch.compile
+
+
+SETUP = Setup()
+
+
+def autocast():
+    return torch.autocast(SETUP.device.type, dtype=SETUP.dtype, enabled=SETUP.dtype is not None)
+
+
+def synchronize() -> None:
+    if SETUP.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def on_device(*tensors: Tensor) -> list[Tensor]:
+    """Inputs are drawn on the CPU, then moved: the same inputs whatever the device."""
+    return [t.to(SETUP.device) for t in tensors]
 
 
 def training_side(name: str, model: nn.Module, loss: Callable[[nn.Module], Tensor]) -> Side:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    forward = torch.compile(model) if COMPILE else model
+    model.to(SETUP.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=SETUP.device.type == "cuda")
+    forward = torch.compile(model) if SETUP.compile else model
 
     def step() -> None:
-        loss(forward).backward()
+        with autocast():
+            value = loss(forward)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -112,10 +144,10 @@ def training_side(name: str, model: nn.Module, loss: Callable[[nn.Module], Tenso
 
 
 def decoding_side(name: str, model: nn.Module, decode: Callable[[], Any]) -> Side:
-    model.eval()
+    model.to(SETUP.device).eval()
 
     def call() -> Any:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             return decode()
 
     return Side(name, call, lambda: resident_bytes(model))
@@ -127,7 +159,26 @@ def train_flops(batch: int, d_model: int, matmuls: list[tuple[int, int]], attent
 
 
 # -- rows -----------------------------------------------------------------------------------------
-SEQ = dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=3, dropout=0.1, length=32)
+# small: the CPU targets' sizes. base: the papers' base models (Transformer-base, ViT-B/16, BERT-base,
+# Conformer-M with an odd kernel, as depthwise "same" padding needs), for accelerators.
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "small": {
+        "seq2seq": dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=3, dropout=0.1, length=32, batch=64, decode_batch=32),
+        "vit": dict(image=32, patch=4, d_model=192, depth=6, heads=3, d_ff=768, classes=10, batch=64),
+        "conformer": dict(mels=80, frames=400, d_model=144, layers=4, heads=4, d_ff=576, kernel=31, batch=8, vocab=32),
+        "bert": dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, dropout=0.1, length=128, batch=16),
+    },
+    "base": {
+        "seq2seq": dict(vocab=32000, d_model=512, heads=8, d_ff=2048, layers=6, dropout=0.1, length=64, batch=128, decode_batch=64),
+        "vit": dict(image=224, patch=16, d_model=768, depth=12, heads=12, d_ff=3072, classes=1000, batch=128),
+        "conformer": dict(mels=80, frames=1600, d_model=256, layers=16, heads=4, d_ff=1024, kernel=31, batch=32, vocab=256),
+        "bert": dict(vocab=30522, d_model=768, heads=12, d_ff=3072, layers=12, dropout=0.1, length=512, batch=32),
+    },
+}
+
+
+def config(model: str) -> dict[str, Any]:
+    return SIZES[SETUP.size][model]
 
 
 class TorchSeq2Seq(nn.Module):
@@ -152,7 +203,7 @@ class TorchSeq2Seq(nn.Module):
         return self.dropout(x + self.table[: tokens.size(1)])
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), device=tgt.device)
         pad = src == 0
         hidden = self.transformer(
             self._embed(src), self._embed(tgt), tgt_mask=causal, tgt_is_causal=True,
@@ -164,7 +215,7 @@ class TorchSeq2Seq(nn.Module):
 def tfkit_seq2seq() -> nn.Module:
     from tfkit.recipes.translation import Seq2SeqTransformer
 
-    c = SEQ
+    c = config("seq2seq")
     return Seq2SeqTransformer(
         c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["dropout"], "relu", "sinusoidal",
         {"block": "post_ln", "layers": c["layers"]}, {"block": "post_ln_decoder", "layers": c["layers"]},
@@ -174,8 +225,8 @@ def tfkit_seq2seq() -> nn.Module:
 def marian() -> nn.Module:
     from transformers import MarianConfig, MarianMTModel
 
-    c = SEQ
-    config = MarianConfig(
+    c = config("seq2seq")
+    marian_config = MarianConfig(
         vocab_size=c["vocab"], decoder_vocab_size=c["vocab"], d_model=c["d_model"],
         encoder_layers=c["layers"], decoder_layers=c["layers"],
         encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"],
@@ -184,17 +235,18 @@ def marian() -> nn.Module:
         forced_eos_token_id=None,  # its default forces EOS as the last token, work tfkit does not do
         scale_embedding=True, share_encoder_decoder_embeddings=True,
     )
-    return MarianMTModel(config)
+    return MarianMTModel(marian_config)
 
 
 def random_ids(batch: int, length: int) -> Tensor:
-    return torch.randint(4, SEQ["vocab"], (batch, length))  # ids 0..3 are special: no padding, no EOS
+    return torch.randint(4, config("seq2seq")["vocab"], (batch, length))  # ids 0..3 are special: no padding, no EOS
 
 
 @row("Seq2seq training step")
 def seq2seq_training() -> Row:
-    c, batch, n = SEQ, 64, SEQ["length"]
-    src, tgt = random_ids(batch, n), random_ids(batch, n + 1)
+    c = config("seq2seq")
+    batch, n = c["batch"], c["length"]
+    src, tgt = on_device(random_ids(batch, n), random_ids(batch, n + 1))
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
 
     def loss(model: nn.Module) -> Tensor:
@@ -225,8 +277,9 @@ def vit_training() -> Row:
 
     from tfkit.recipes.vit import VisionTransformer
 
-    batch, size, patch, d, depth, heads, f, classes = 64, 32, 4, 192, 6, 3, 768, 10
-    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+    c = config("vit")
+    batch, size, patch, d, depth, heads, f, classes = (c[k] for k in ("batch", "image", "patch", "d_model", "depth", "heads", "d_ff", "classes"))
+    images, labels = on_device(torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,)))
 
     def loss(model: nn.Module) -> Tensor:
         return F.cross_entropy(model(images), labels)
@@ -239,9 +292,6 @@ def vit_training() -> Row:
     patches = (size // patch) ** 2
     matmuls = [(3 * patch * patch * d, patches), (depth * (4 * d * d + 2 * d * f), patches + 1), (d * classes, 1)]
     return Row("ViT training step", ours, peer, flops=train_flops(batch, d, matmuls, [(depth, patches + 1, patches + 1)]))
-
-
-CONFORMER = {"mels": 80, "frames": 400, "d_model": 144, "layers": 4, "heads": 4, "d_ff": 576, "kernel": 31, "batch": 8, "vocab": 32}
 
 
 class TorchaudioConformerCTC(nn.Module):
@@ -268,11 +318,13 @@ class TorchaudioConformerCTC(nn.Module):
 def conformer_training() -> Row:
     from tfkit.recipes.conformer import ConformerCTC
 
-    c = CONFORMER
+    c = config("conformer")
     batch, d, f = c["batch"], c["d_model"], c["d_ff"]
     lengths = torch.linspace(c["frames"], 0.75 * c["frames"], batch).long()  # padding exercises the masks
-    features = torch.randn(batch, c["frames"], c["mels"])
-    targets, target_lengths = torch.randint(1, c["vocab"], (batch * 40,)), torch.full((batch,), 40)
+    labels = c["frames"] // 10  # per utterance: 4 labels per 100 ms of 0.4 output frames each
+    features, lengths, targets, target_lengths = on_device(
+        torch.randn(batch, c["frames"], c["mels"]), lengths, torch.randint(1, c["vocab"], (batch * labels,)), torch.full((batch,), labels)
+    )
 
     def loss(model: nn.Module) -> Tensor:
         log_probs, out_lengths = model(features, lengths)
@@ -294,23 +346,21 @@ def conformer_training() -> Row:
                flops=train_flops(batch, d, matmuls, [(c["layers"], n, n)]))
 
 
-BERT = {"vocab": 8000, "d_model": 256, "heads": 4, "d_ff": 1024, "layers": 4, "dropout": 0.1, "length": 128, "batch": 16}
-
-
 def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """[CLS] A [SEP] B [SEP] with random ordinary tokens, no padding; 15% chosen by tfkit's mask_tokens.
     Returns masked ids, segment ids, flat chosen positions, their labels, (B, T) labels with -100
     elsewhere (transformers' convention), NSP labels."""
     from tfkit.recipes.bert import CLS, SEP, SPECIALS, mask_tokens
 
-    ids = torch.randint(len(SPECIALS), BERT["vocab"], (batch, length))
+    vocab = config("bert")["vocab"]
+    ids = torch.randint(len(SPECIALS), vocab, (batch, length))
     middle = length // 2 - 1
     ids[:, 0], ids[:, middle], ids[:, -1] = CLS, SEP, SEP
     segments = (torch.arange(length) > middle).long().expand(batch, length).contiguous()
-    masked, positions, labels = mask_tokens(ids, BERT["vocab"], torch.Generator().manual_seed(0))
+    masked, positions, labels = mask_tokens(ids, vocab, torch.Generator().manual_seed(0))
     full = torch.full((batch * length,), -100, dtype=torch.long)
     full[positions] = labels
-    return masked, segments, positions, labels, full.view(batch, length), torch.randint(0, 2, (batch,))
+    return on_device(masked, segments, positions, labels, full.view(batch, length), torch.randint(0, 2, (batch,)))
 
 
 @row("BERT pretraining step (MLM+NSP)")
@@ -318,7 +368,7 @@ def bert_pretraining() -> Row:
     from tfkit.recipes.bert import Bert, BertForPretraining
     from transformers import BertConfig, BertForPreTraining
 
-    c = BERT
+    c = config("bert")
     batch, n, d, f, layers, vocab = c["batch"], c["length"], c["d_model"], c["d_ff"], c["layers"], c["vocab"]
     masked, segments, positions, labels, full_labels, nsp_labels = bert_batch(batch, n)
     ones = torch.ones_like(masked)
@@ -336,12 +386,12 @@ def bert_pretraining() -> Row:
     bert = Bert(vocab, d, c["heads"], f, layers, c["dropout"], "gelu", "post_ln", n, 1e-12)
     ours = training_side("tfkit", BertForPretraining(bert, 1e-12), ours_loss)
     torch.manual_seed(0)
-    config = BertConfig(
+    bert_config = BertConfig(
         vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=c["heads"], intermediate_size=f,
         hidden_act="gelu", hidden_dropout_prob=c["dropout"], attention_probs_dropout_prob=c["dropout"],
         max_position_embeddings=n, type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, attn_implementation="sdpa",
     )
-    peer = training_side("BertForPreTraining", BertForPreTraining(config), peer_loss)
+    peer = training_side("BertForPreTraining", BertForPreTraining(bert_config), peer_loss)
     chosen = len(positions) / batch  # per sample; both sides are credited with MLM logits here only
     matmuls = [
         (layers * (4 * d * d + 2 * d * f), n),  # encoder: attention projections, feed-forward
@@ -354,8 +404,9 @@ def bert_pretraining() -> Row:
 def decoding_row(name: str, beam: int) -> Row:
     from tfkit.decode import beam_search, greedy_search
 
-    batch, n = 32, SEQ["length"]
-    src = random_ids(batch, n)
+    c = config("seq2seq")
+    batch, n = c["decode_batch"], c["length"]
+    (src,) = on_device(random_ids(batch, n))
     mask = torch.ones_like(src)
     torch.manual_seed(0)
     ours_model = tfkit_seq2seq()
@@ -391,7 +442,15 @@ def beam4() -> Row:
 
 # -- measuring ------------------------------------------------------------------------------------
 def peak_allocated(call: Callable[[], Any]) -> int:
-    """Peak of tensor bytes allocated minus freed during ``call``, from the profiler's memory events."""
+    """Peak of tensor bytes allocated minus freed during ``call``: from the CUDA caching allocator's
+    statistics on a GPU, from the profiler's memory events on the CPU."""
+    if SETUP.device.type == "cuda":
+        synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - before
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else the profiler logs every start and stop to stderr
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
@@ -407,8 +466,10 @@ def peak_allocated(call: Callable[[], Any]) -> int:
 
 
 def timed(call: Callable[[], Any]) -> float:
+    synchronize()  # GPU work is asynchronous: time it from idle to idle
     start = time.perf_counter()
     call()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -445,18 +506,40 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def matmul_flops(warmup: int, iters: int, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(warmup: int, iters: int) -> float:
+    """FLOP/s of an n×n @ n×n product in the benchmark's dtype on its device (2048 on the CPU, 8192 on a GPU)."""
+    n = 8192 if SETUP.device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=SETUP.device, dtype=SETUP.dtype or torch.float32) for _ in range(2))
     for _ in range(warmup):
         a @ b
     return 2 * n**3 / statistics.median(timed(lambda: a @ b) for _ in range(iters))
 
 
+# dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; the first name found in the
+# device's name wins. Others: --peak-tflops, or the measured matmul rate.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+
+
+def peak_flops(warmup: int, iters: int, override_tflops: float | None) -> tuple[float, float, str]:
+    """(the FLOP/s MFU is reported against, the measured matmul FLOP/s, what the first one is)."""
+    measured = matmul_flops(warmup, iters)
+    n = 8192 if SETUP.device.type == "cuda" else 2048
+    dtype = "bf16" if SETUP.dtype is torch.bfloat16 else "fp32"
+    if override_tflops:
+        return override_tflops * 1e12, measured, f"{override_tflops:.0f} TFLOP/s (--peak-tflops)"
+    if SETUP.device.type == "cuda" and SETUP.dtype is torch.bfloat16:
+        name = torch.cuda.get_device_name(SETUP.device)
+        card = next((tflops for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
+        if card:
+            return card * 1e12, measured, f"{card:.0f} TFLOP/s ({name} dense bf16 peak; its {n}² matmul: {measured / 1e12:.0f})"
+    return measured, measured, f"{measured / 1e9:,.0f} GFLOP/s ({dtype} {n}² matmul)"
+
+
 CAPTION = (
     "median after warm-up; ratio = tfkit speed / peer speed (> 1: tfkit faster); "
     "MFU = (6·Σ matmul weights × tokens + 12·d·Σ queries × keys per attention module) × batch / step time / "
-    "{gflops:.0f} GFLOP/s (fp32 2048² matmul); peak = resident params, buffers, optimiser state + "
-    "peak tensor bytes allocated in one call (torch.profiler); threads: {threads}"
+    "{peak}; peak = resident params, buffers, optimiser state + peak tensor bytes allocated in one call "
+    "({memory}); threads: {threads}"
 )
 
 
@@ -467,24 +550,38 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--only", help="run only the rows whose name contains this text")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides of the training rows")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast both sides")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="small: the CPU targets' sizes; base: the papers' base models")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: a known card's bf16 peak, else the measured matmul)")
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # the allocator statistics and synchronize read the current device
+    SETUP.device, SETUP.size, SETUP.compile = device, args.size, args.compile
+    SETUP.dtype = torch.bfloat16 if args.precision == "bf16" else None
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup, iters = (2, 5) if args.quick else (5, 20)
 
-    peak_flops = matmul_flops(warmup, iters)
+    mfu_flops, matmul, peak_text = peak_flops(warmup, iters, args.peak_tflops)
     results = []
     for name, build in ROWS.items():
         if args.only and args.only.lower() not in name.lower():
             continue
         torch.manual_seed(0)
-        results.append(measure(build(), warmup, iters, peak_flops))
+        results.append(measure(build(), warmup, iters, mfu_flops))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next row's models start from a clean allocator
 
     threads = torch.get_num_threads()
-    caption = CAPTION.format(gflops=peak_flops / 1e9, threads=threads)
-    table = Table(title=f"tfkit vs peers (CPU, fp32{', training rows compiled' if COMPILE else ''})", caption=caption, caption_justify="left")
+    memory = "CUDA allocator statistics" if device.type == "cuda" else "torch.profiler"
+    caption = CAPTION.format(peak=peak_text, memory=memory, threads=threads)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    title = f"tfkit vs peers ({where}, {args.precision}, {args.size} sizes{', training rows compiled' if args.compile else ''})"
+    table = Table(title=title, caption=caption, caption_justify="left")
     for column in ("benchmark", "vs", "tfkit", "peer", "ratio", "MFU tfkit / peer", "peak MiB tfkit / peer"):
         names = column in ("benchmark", "vs")  # names wrap; numbers never do
         table.add_column(column, justify="left" if names else "right", no_wrap=not names)
@@ -502,7 +599,8 @@ def main() -> None:
     if args.json:
         machine = {
             "torch": torch.__version__, "threads": threads, "cpu": cpu_name(), "cores": os.cpu_count(),
-            "matmul_gflops": peak_flops / 1e9, "warmup": warmup, "iters": iters, "compile": COMPILE,
+            "device": where, "precision": args.precision, "size": args.size, "mfu_peak_tflops": mfu_flops / 1e12,
+            "matmul_gflops": matmul / 1e9, "warmup": warmup, "iters": iters, "compile": args.compile,
         }
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": results}, f, indent=2)
