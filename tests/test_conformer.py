@@ -18,7 +18,7 @@ from tfkit import registry
 from tfkit import run as runs
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
-from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, frame_mask
+from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, MaskedBatchNorm1d, frame_mask
 from tfkit.nn.position import sinusoids_at
 from tfkit.recipes import conformer as recipe_module
 from tfkit.recipes.conformer import spec_augment
@@ -115,6 +115,34 @@ def test_convolution_module_ignores_padded_frames_in_training_and_evaluation():
         h = torch.nn.functional.glu(fresh.pointwise_in(x), -1).masked_fill(~mask[..., None], 0.0)
         h = fresh.depthwise(h.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(fresh.norm.running_mean, 0.1 * h[mask].mean(0))
+
+
+@pytest.mark.parametrize("shift", [0.0, 300.0])  # a mean far from 0 must not cost the variance its digits
+def test_masked_batch_norm_is_batch_norm_of_the_real_frames(shift):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 6, 4) + shift).requires_grad_()
+    mask = frame_mask(torch.tensor([6, 3, 1]), 6)
+    ours, reference = MaskedBatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    with torch.no_grad():
+        reference.weight.uniform_()
+        reference.bias.uniform_()
+        ours.load_state_dict(reference.state_dict())
+    for _ in range(2):  # the second step uses and moves the running statistics of the first
+        poisoned = x.masked_fill(~mask[..., None], 1e4)  # padding never reaches the statistics
+        out = ours(poisoned, mask)
+        expected = reference(x[mask])
+        assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+        torch.testing.assert_close(out[mask], expected, atol=1e-4, rtol=1e-4)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-3, rtol=1e-3)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the statistics stay fp32 under autocast
+        torch.testing.assert_close(ours(x, mask)[mask], reference(x[mask]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.running_mean, reference.running_mean)
+    ours.eval(), reference.eval()
+    torch.testing.assert_close(ours(x, mask)[mask], reference(x[mask]))
 
 
 def test_conformer_block_gives_each_utterance_the_same_output_alone_or_padded():

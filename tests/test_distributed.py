@@ -193,8 +193,8 @@ def test_bad_usage_under_torchrun_is_one_line(tmp_path):
 
 
 def test_batch_norm_statistics_are_those_of_all_ranks():
-    """Checked in-process with a gloo group of one against plain batch norm: the synced path (sums
-    all-reduced) gives the same outputs, gradients and running statistics."""
+    """Checked in-process with a gloo group of one against torch's batch norm of the real frames: the
+    synced path (sums all-reduced) gives the same outputs, gradients and running statistics."""
     from torch import distributed as dist
 
     from tfkit.nn.conformer import MaskedBatchNorm1d
@@ -202,20 +202,20 @@ def test_batch_norm_statistics_are_those_of_all_ranks():
     torch.manual_seed(0)
     x = torch.randn(3, 7, 5, requires_grad=True)
     mask = torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None]
-    plain, synced = MaskedBatchNorm1d(5), MaskedBatchNorm1d(5)
+    reference, synced = torch.nn.BatchNorm1d(5), MaskedBatchNorm1d(5)
     with torch.no_grad():
-        plain.weight.uniform_()
-        synced.weight.copy_(plain.weight)
-    expected = plain(x, mask)
+        reference.weight.uniform_()
+        synced.weight.copy_(reference.weight)
+    expected = x.new_zeros(x.shape)
+    expected[mask] = reference(x[mask])
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        full = x.new_zeros(x.shape)
-        full[mask] = synced._synced(x[mask])
-        (grad,) = torch.autograd.grad(full.square().sum(), x)
+        out = synced(x, mask)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
     finally:
         dist.destroy_process_group()
-    torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(synced.running_mean, plain.running_mean)
-    torch.testing.assert_close(synced.running_var, plain.running_var)
+    torch.testing.assert_close(synced.running_mean, reference.running_mean)
+    torch.testing.assert_close(synced.running_var, reference.running_var)

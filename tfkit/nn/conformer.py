@@ -53,36 +53,39 @@ class ConvolutionSubsampling(nn.Module):
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """Batch norm over (B, T, C) whose batch statistics come from the real frames only.
+    """Batch norm over (B, T, C) whose batch statistics come from the real frames only; padded
+    frames come out as zeros.
 
-    In training under torchrun the statistics are those of the real frames on all ranks together
-    (as SyncBatchNorm's, which runs on GPUs only), so N ranks normalise as one process would."""
+    The statistics are masked sums, not a gather of the real frames: boolean indexing waits for the
+    device to count the frames (a GPU sync per call) and breaks torch.compile's graph. In training
+    under torchrun the sums are over all ranks (as SyncBatchNorm's, which runs on GPUs only), so N
+    ranks normalise as one process would."""
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
             return super().forward(x.transpose(1, 2)).transpose(1, 2)
-        frames = x[mask]  # (frames, C)
-        synced = self.training and dist.is_initialized() and dist.get_world_size() > 1
-        out = x.new_zeros(x.shape)
-        out[mask] = self._synced(frames) if synced else super().forward(frames)
-        return out
-
-    def _synced(self, frames: Tensor) -> Tensor:
-        channels = frames.size(1)
-        count = frames.new_tensor([len(frames)], dtype=torch.float32)
-        # one all-reduce of [Σx, Σx², n]; its backward all-reduces the gradients of the sums
-        stats = distributed.sum_over_ranks(torch.cat([frames.float().sum(0), frames.float().square().sum(0), count]))
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels : 2 * channels] / n - mean.square()).clamp_min(0.0)  # biased, as batch norm normalises
+        padded = ~mask[..., None]  # (B, T, 1)
+        if not self.training and self.track_running_stats:  # the running statistics, frame by frame
+            return super().forward(x.transpose(1, 2)).transpose(1, 2).masked_fill(padded, 0.0)
+        summed = distributed.sum_over_ranks if dist.is_initialized() else lambda t: t
+        channels, values = x.size(-1), x.float()
+        keep = mask.reshape(1, -1).to(values.dtype)  # sums over real frames as (1, B·T) @ (B·T, C) products
+        with torch.autocast(x.device.type, enabled=False):  # in fp32: autocast would round the sums to bf16
+            totals = summed(torch.cat([(keep @ values.reshape(-1, channels))[0], keep.sum().reshape(1)]))
+            n = totals[channels]
+            mean = totals[:channels] / n
+            # two passes, mean then squared deviations: one pass (Σx² − n·mean²) loses digits when |mean| ≫ std
+            deviation = values - mean
+            var = summed((keep @ deviation.square().reshape(-1, channels))[0]) / n  # biased, as batch norm normalises
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), momentum)
-        normalised = ((frames.float() - mean) * torch.rsqrt(var + self.eps)).to(frames.dtype)
-        return normalised * self.weight + self.bias if self.affine else normalised
+        scale = torch.rsqrt(var + self.eps)
+        out = torch.addcmul(self.bias, deviation, scale * self.weight) if self.affine else deviation * scale
+        return out.masked_fill(padded, 0.0).to(x.dtype)
 
 
 class ConvolutionModule(nn.Module):
