@@ -321,7 +321,7 @@ def conformer_training() -> Row:
     c = config("conformer")
     batch, d, f = c["batch"], c["d_model"], c["d_ff"]
     lengths = torch.linspace(c["frames"], 0.75 * c["frames"], batch).long()  # padding exercises the masks
-    labels = c["frames"] // 10  # per utterance: 4 labels per 100 ms of 0.4 output frames each
+    labels = c["frames"] // 10  # per utterance, as the CPU size's 40 in 400 frames; CTC needs <= 1 per output frame (4 frames)
     features, lengths, targets, target_lengths = on_device(
         torch.randn(batch, c["frames"], c["mels"]), lengths, torch.randint(1, c["vocab"], (batch * labels,)), torch.full((batch,), labels)
     )
@@ -517,7 +517,7 @@ def matmul_flops(warmup: int, iters: int) -> float:
 
 # dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; the first name found in the
 # device's name wins. Others: --peak-tflops, or the measured matmul rate.
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0}
 
 
 def peak_flops(warmup: int, iters: int, override_tflops: float | None) -> tuple[float, float, str]:
