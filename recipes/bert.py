@@ -37,7 +37,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor, nn
 
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, encode_once, label_names, length_buckets, load_splits, read_lines, require_columns, train_wordpiece
+from tfkit.data import (
+    SPLITS, cached, encode_once, label_names, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_wordpiece,
+)
 from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads
 from tfkit.nn.blocks import Encoder
@@ -311,13 +313,6 @@ def pair_ids(
     return ids, [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
 
 
-def pad(rows: list[list[int]], value: int = PAD) -> Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def load_tokenizer(folder: Path) -> Tokenizer:
     """tokenizer.json, or a BERT vocab.txt (uncased WordPiece) as Hugging Face folders carry."""
     if (folder / "tokenizer.json").is_file():
@@ -453,11 +448,11 @@ class BertPretrain(BertRecipe):
             pairs = list(chunk)
             rows = table[[*a[pairs].tolist(), *b[pairs].tolist()]]["ids"]
             encoded = [pair_ids(first, second, max_length) for first, second in zip(rows[: len(pairs)], rows[len(pairs) :])]
-            token_ids = pad([ids for ids, _ in encoded])
+            token_ids = pad_rows([ids for ids, _ in encoded], PAD)
             masked, positions, mlm_labels = mask_tokens(token_ids, vocab, generator, cfg["data"]["mask_prob"])
             yield {
                 "token_ids": masked,
-                "segment_ids": pad([seg for _, seg in encoded], 0),
+                "segment_ids": pad_rows([seg for _, seg in encoded], 0),
                 "positions": positions,
                 "mlm_labels": mlm_labels,
                 "nsp_labels": torch.from_numpy(labels[pairs]),
@@ -982,8 +977,8 @@ class Classify(Task):
 
     def batch(self, examples: list[tuple[list[int], list[int], int]]) -> Batch:
         return {
-            "token_ids": pad([ids for ids, _, _ in examples]),
-            "segment_ids": pad([segments for _, segments, _ in examples], 0),
+            "token_ids": pad_rows([ids for ids, _, _ in examples], PAD),
+            "segment_ids": pad_rows([segments for _, segments, _ in examples], 0),
             "labels": torch.tensor([label for _, _, label in examples]),
         }
 
@@ -1087,9 +1082,9 @@ class Tag(Task):
 
     def batch(self, examples: list[tuple[list[int], list[int], list[int]]]) -> Batch:
         return {
-            "token_ids": pad([ids for ids, _, _ in examples]),
-            "segment_ids": pad([segments for _, segments, _ in examples], 0),
-            "labels": pad([labels for _, _, labels in examples], IGNORE),
+            "token_ids": pad_rows([ids for ids, _, _ in examples], PAD),
+            "segment_ids": pad_rows([segments for _, segments, _ in examples], 0),
+            "labels": pad_rows([labels for _, _, labels in examples], IGNORE),
         }
 
     def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]], rank: int = 0, world: int = 1) -> dict[int, list[str]]:
@@ -1185,8 +1180,8 @@ class QuestionAnswering(Task):
 
     def batch(self, examples: list[Window]) -> Batch:
         return {
-            "token_ids": pad([w.ids for w in examples]),
-            "segment_ids": pad([w.segments for w in examples], 0),
+            "token_ids": pad_rows([w.ids for w in examples], PAD),
+            "segment_ids": pad_rows([w.segments for w in examples], 0),
             "start": torch.tensor([w.start for w in examples]),
             "end": torch.tensor([w.end for w in examples]),
         }

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, read_lines, require_columns, train_bpe
+from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
@@ -122,13 +122,6 @@ class Seq2SeqTransformer(nn.Module):
         return linear_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), PAD, label_smoothing)
 
 
-def _pad(rows: list[list[int]]) -> Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row)
-    return out
-
-
 @register("recipe", "translation")
 class Translation(Recipe):
     """Encoder-decoder Transformer for translation: BPE, label smoothing, beam search, BLEU/chrF."""
@@ -203,8 +196,8 @@ class Translation(Recipe):
         generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
         for rows in length_buckets(self.train_lengths, self.config["train"]["batch_size"], generator, pool=100):
             chunk = self.train[rows]
-            target = _pad(chunk["target"])
-            yield {"src": _pad(chunk["source"]), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
+            target = pad_rows(chunk["target"], PAD)
+            yield {"src": pad_rows(chunk["source"], PAD), "tgt_in": target[:, :-1], "tgt_out": target[:, 1:]}
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
         total = model(batch["src"], batch["tgt_in"], batch["tgt_out"], self.config["train"]["label_smoothing"])
@@ -223,7 +216,7 @@ class Translation(Recipe):
         out: dict[int, str] = {}
         for places in batch_ranges(len(order), decode["batch_size"], rank, world):
             rows = order[places.start : places.stop]
-            src = _pad([sources[i] for i in rows]).to(device)
+            src = pad_rows([sources[i] for i in rows], PAD).to(device)
             max_len = min(MAX_POSITIONS, int(decode["max_len_a"] * src.size(1) + decode["max_len_b"]))
             if beam == 1:
                 hyps = greedy_search(model, src, BOS, EOS, max_len)

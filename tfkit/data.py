@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import datasets
 import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from torch import Tensor
 
 from tfkit.errors import UsageError
 
@@ -261,6 +263,15 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         yield
+
+
+def pad_rows(rows: list[list[int]], value: int) -> Tensor:
+    """Rows of ids as one (len(rows), longest) long tensor, ``value`` after each row's end: one
+    tensor of all the ids and one masked write, where a copy per row costs ~10 µs each."""
+    lengths = torch.tensor([len(row) for row in rows])
+    out = torch.full((len(rows), int(lengths.max())), value, dtype=torch.long)
+    out[torch.arange(out.size(1)) < lengths[:, None]] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    return out
 
 
 def list_column(rows: pa.Table, column: str) -> tuple[torch.Tensor, list[int]]:
