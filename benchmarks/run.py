@@ -506,9 +506,14 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def matmul_size() -> int:
+    """n of the n×n @ n×n product that measures the device's matmul rate."""
+    return 8192 if SETUP.device.type == "cuda" else 2048
+
+
 def matmul_flops(warmup: int, iters: int) -> float:
-    """FLOP/s of an n×n @ n×n product in the benchmark's dtype on its device (2048 on the CPU, 8192 on a GPU)."""
-    n = 8192 if SETUP.device.type == "cuda" else 2048
+    """FLOP/s of the matmul_size() product in the benchmark's dtype on its device."""
+    n = matmul_size()
     a, b = (torch.randn(n, n, device=SETUP.device, dtype=SETUP.dtype or torch.float32) for _ in range(2))
     for _ in range(warmup):
         a @ b
@@ -522,8 +527,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100"
 
 def peak_flops(warmup: int, iters: int, override_tflops: float | None) -> tuple[float, float, str]:
     """(the FLOP/s MFU is reported against, the measured matmul FLOP/s, what the first one is)."""
-    measured = matmul_flops(warmup, iters)
-    n = 8192 if SETUP.device.type == "cuda" else 2048
+    measured, n = matmul_flops(warmup, iters), matmul_size()
     dtype = "bf16" if SETUP.dtype is torch.bfloat16 else "fp32"
     if override_tflops:
         return override_tflops * 1e12, measured, f"{override_tflops:.0f} TFLOP/s (--peak-tflops)"

@@ -274,7 +274,7 @@ def pad_rows(rows: list[list[int]], value: int) -> Tensor:
     return out
 
 
-def list_column(rows: pa.Table, column: str) -> tuple[torch.Tensor, list[int]]:
+def list_column(rows: pa.Table, column: str) -> tuple[Tensor, list[int]]:
     """A list column of an Arrow table (``with_format("arrow")``) as one tensor of all its values and
     each row's bounds in it, row i being values[bounds[i]:bounds[i + 1]]: read at once, where datasets'
     numpy formatting converts row by row."""
