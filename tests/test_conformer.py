@@ -92,6 +92,23 @@ def test_subsampling_lengths_match_the_convolutions_and_ignore_padding():
     assert frame_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[True, True, False], [False, False, False], [True, True, True]]
 
 
+def test_subsampling_is_espnets_conv2d_stack():
+    """The first convolution runs as a product over patches and the second channels-last: same
+    outputs and gradients as Conv2d → ReLU → Conv2d → ReLU → Linear over (channels × frequencies)."""
+    torch.manual_seed(0)
+    subsampling = ConvolutionSubsampling(23, 16, 6)
+    features = torch.randn(3, 29, 23)
+    out, _ = subsampling(features, torch.tensor([29, 20, 9]))
+    conv = subsampling.conv(features[:, None])  # (B, C, T', F')
+    expected = subsampling.proj(conv.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), list(subsampling.parameters()))
+    expected_grads = torch.autograd.grad((expected * weight).sum(), list(subsampling.parameters()))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_convolution_module_ignores_padded_frames_in_training_and_evaluation():
     torch.manual_seed(0)
     module = ConvolutionModule(8, 5, dropout=0.0)

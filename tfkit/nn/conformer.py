@@ -33,7 +33,8 @@ class ConvolutionSubsampling(nn.Module):
 
     def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
         super().__init__()
-        # in place: a fresh (B, C, T/2, F/2) output per ReLU costs more in page faults than the ReLU
+        # in place: a fresh (B, C, T/2, F/2) output per ReLU costs more in page faults than the ReLU.
+        # forward() runs the layers one by one; the Sequential keeps ESPnet's parameter names (conv.0, conv.2).
         self.conv = nn.Sequential(
             nn.Conv2d(1, channels, 3, 2), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 3, 2), nn.ReLU(inplace=True)
         )
@@ -47,8 +48,14 @@ class ConvolutionSubsampling(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, F) features and their lengths → (B, T', d_model) and the new lengths."""
-        x = self.conv(features[:, None])  # (B, C, T', F')
-        x = self.proj(x.permute(0, 2, 1, 3).flatten(2))
+        first, relu, second, _ = self.conv
+        # One input channel makes the first convolution a (9 -> C) product over the 3×3 patches. That
+        # takes half mkldnn's time, and the output comes out channels-last, the layout in which mkldnn
+        # and cuDNN run the second convolution about 1.5× faster (forward and backward).
+        patches = features.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T', F', 3, 3)
+        x = relu(torch.addmm(first.bias, patches.reshape(-1, 9), first.weight.flatten(1).t()))
+        x = x.view(*patches.shape[:3], -1).permute(0, 3, 1, 2)  # (B, C, T', F'), channels-last in memory
+        x = self.proj(relu(second(x)).permute(0, 2, 1, 3).flatten(2))
         return self.dropout(x), self.output_lengths(lengths)
 
 
