@@ -72,10 +72,16 @@ def beam_search(
         is_eos = next_token == eos
 
         rows = offsets + source_beam  # (B, 2K): each candidate's row in the flattened batch
-        # a -inf candidate is an unused beam slot (fewer live prefixes than beams), never a hypothesis
-        for b, j in (is_eos & (rank < beam) & top_scores.isfinite()).nonzero().tolist():
-            if not done[b]:
-                ended[b].add(top_scores[b, j].item() / (t + 1) ** length_penalty, prefixes[rows[b, j]].tolist())
+        # a -inf candidate is an unused beam slot (fewer live prefixes than beams), never a hypothesis.
+        # The step's ended hypotheses come to the host in three copies, not two per hypothesis: each
+        # copy from a GPU waits for it.
+        sentences, slots = (is_eos & (rank < beam) & top_scores.isfinite()).nonzero().unbind(1)
+        if len(sentences):
+            ended_scores = (top_scores[sentences, slots] / (t + 1) ** length_penalty).tolist()
+            ended_prefixes = prefixes[rows[sentences, slots]].tolist()
+            for sentence, score, tokens in zip(sentences.tolist(), ended_scores, ended_prefixes):
+                if not done[sentence]:
+                    ended[sentence].add(score, tokens)
 
         # the first `beam` candidates that are not EOS go on
         keep = (is_eos.long() * 2 * beam + rank).argsort(dim=1)[:, :beam]
@@ -90,10 +96,11 @@ def beam_search(
         for self_cache, _ in cache:  # cross-attention caches hold each sentence once, for all its beams
             self_cache.reorder(rows)
     else:  # out of length: the live prefixes are hypotheses too
-        for b in range(batch):
-            for k in range(beam):
-                if not done[b] and scores[b, k].isfinite():
-                    ended[b].add(scores[b, k].item() / max_len**length_penalty, prefixes[b * beam + k].tolist())
+        live = prefixes.view(batch, beam, -1).tolist()
+        for b, (sentence_scores, sentence_prefixes) in enumerate(zip(scores.tolist(), live)):
+            for score, tokens in zip(sentence_scores, sentence_prefixes):
+                if not done[b] and math.isfinite(score):
+                    ended[b].add(score / max_len**length_penalty, tokens)
     return [hyps.best() for hyps in ended]
 
 
