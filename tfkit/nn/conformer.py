@@ -53,7 +53,10 @@ class ConvolutionSubsampling(nn.Module):
         # takes half mkldnn's time, and the output comes out channels-last, the layout in which mkldnn
         # and cuDNN run the second convolution about 1.5× faster (forward and backward).
         patches = features.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T', F', 3, 3)
-        x = relu(torch.addmm(first.bias, patches.reshape(-1, 9), first.weight.flatten(1).t()))
+        # a contiguous (9, C) weight makes autograd take the weight gradient as patchesᵀ·grad, which MKL
+        # runs 4× faster than the (gradᵀ·patches)ᵀ it picks to match a transposed weight's layout
+        weight = first.weight.flatten(1).t().contiguous()
+        x = relu(torch.addmm(first.bias, patches.reshape(-1, 9), weight))
         x = x.view(*patches.shape[:3], -1).permute(0, 3, 1, 2)  # (B, C, T', F'), channels-last in memory
         x = self.proj(relu(second(x)).permute(0, 2, 1, 3).flatten(2))
         return self.dropout(x), self.output_lengths(lengths)
