@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 from conftest import quiet, straight_and_resumed_losses
 
 from tfkit import config as configs
@@ -106,6 +107,24 @@ def test_subsampling_is_espnets_conv2d_stack():
     grads = torch.autograd.grad((out * weight).sum(), list(subsampling.parameters()))
     expected_grads = torch.autograd.grad((expected * weight).sum(), list(subsampling.parameters()))
     for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_convolution_module_is_its_declared_layers():
+    """The depthwise convolution runs as a 2-D one on the channels-last frames: same outputs and
+    gradients as the declared Conv1d on (B, C, T)."""
+    torch.manual_seed(0)
+    module = ConvolutionModule(6, 5, dropout=0.0)
+    x = torch.randn(3, 11, 6, requires_grad=True)
+    mask = frame_mask(torch.tensor([11, 7, 4]), 11)
+    out = module(x, mask)
+    frames = F.glu(module.pointwise_in(x), dim=-1).masked_fill(~mask[..., None], 0.0)
+    frames = module.depthwise(frames.transpose(1, 2)).transpose(1, 2)
+    expected = module.pointwise_out(F.silu(module.norm(frames, mask)))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    inputs = [x, *module.parameters()]
+    weight = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad((out * weight).sum(), inputs), torch.autograd.grad((expected * weight).sum(), inputs)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

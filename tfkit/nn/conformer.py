@@ -115,7 +115,13 @@ class ConvolutionModule(nn.Module):
         x = F.glu(self.pointwise_in(x), dim=-1)
         if mask is not None:
             x = x.masked_fill(~mask[..., None], 0.0)  # padded frames must not leak into real ones
-        x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        # (B, T, C) is channels-last: a 2-D convolution runs on its (B, C, 1, T) view as it lies, where
+        # Conv1d would take mkldnn's channels-first depthwise kernel (10× slower forward, 2× with backward)
+        depthwise = self.depthwise
+        x = F.conv2d(
+            x.transpose(1, 2)[:, :, None], depthwise.weight[:, :, None], depthwise.bias,
+            padding=(0, depthwise.padding[0]), groups=depthwise.groups,
+        ).squeeze(2).transpose(1, 2)
         x = F.silu(self.norm(x, mask))
         return self.dropout(self.pointwise_out(x))
 
