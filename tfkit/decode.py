@@ -73,7 +73,7 @@ def beam_search(
 
         rows = offsets + source_beam  # (B, 2K): each candidate's row in the flattened batch
         # a -inf candidate is an unused beam slot (fewer live prefixes than beams), never a hypothesis.
-        # The step's ended hypotheses come to the host in three copies, not two per hypothesis: each
+        # The step's ended hypotheses come to the host together, not two copies per hypothesis: each
         # copy from a GPU waits for it.
         sentences, slots = (is_eos & (rank < beam) & top_scores.isfinite()).nonzero().unbind(1)
         if len(sentences):
