@@ -128,6 +128,15 @@ def test_convolution_module_is_its_declared_layers():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_a_conformer_block_compiles_to_one_graph():
+    """torch.compile traces the whole block: the relative-position shift and the masked batch norm
+    need no host values (dropout is off: on the CPU its masks are drawn eagerly, by design)."""
+    block = ConformerBlock(16, 2, 32, dropout=0.0)
+    mask = frame_mask(torch.tensor([9, 5]), 9)[:, None, None]
+    explained = torch._dynamo.explain(block)(torch.randn(2, 9, 16), mask)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
 def test_convolution_module_ignores_padded_frames_in_training_and_evaluation():
     torch.manual_seed(0)
     module = ConvolutionModule(8, 5, dropout=0.0)

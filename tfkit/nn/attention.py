@@ -154,11 +154,13 @@ class MultiHeadAttention(nn.Module):
 def _by_key(by_distance: Tensor) -> Tensor:
     """Scores (..., T, 2T-1) of each query against the distances T-1 down to 1-T → the (..., T, T) view
     whose [i, j] is the score of distance i-j: column T-1-i+j of row i. Stepping to the next row moves
-    one column left, so the view is a strided window on the same memory (Transformer-XL's shift, no copy)."""
+    one column left, so the view is a strided window on the same memory (Transformer-XL's shift, no copy).
+
+    ``by_distance`` must start its storage, as a fresh product does: reading storage_offset() would
+    break torch.compile's graph, and an offset slice would leave the window's gradient outside it."""
     *lead, length, _ = by_distance.shape
     *lead_strides, row, column = by_distance.stride()
-    offset = by_distance.storage_offset() + (length - 1) * column
-    return by_distance.as_strided((*lead, length, length), (*lead_strides, row - column, column), offset)
+    return by_distance.as_strided((*lead, length, length), (*lead_strides, row - column, column), (length - 1) * column)
 
 
 @register("attention", "relative_multi_head")
