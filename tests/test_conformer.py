@@ -124,8 +124,11 @@ def test_convolution_module_is_its_declared_layers():
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     inputs = [x, *module.parameters()]
     weight = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad((out * weight).sum(), inputs), torch.autograd.grad((expected * weight).sum(), inputs)):
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    for got, want in zip(grads, torch.autograd.grad((expected * weight).sum(), inputs)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for got, parameter in zip(grads[1:], module.parameters()):
+        assert got.stride() == parameter.stride()  # DDP's gradient buckets have the parameters' layout
 
 
 def test_a_conformer_block_compiles_to_one_graph():

@@ -117,9 +117,12 @@ class ConvolutionModule(nn.Module):
             x = x.masked_fill(~mask[..., None], 0.0)  # padded frames must not leak into real ones
         # (B, T, C) is channels-last: a 2-D convolution runs on its (B, C, 1, T) view as it lies, where
         # Conv1d would take mkldnn's channels-first depthwise kernel (10× slower forward, 2× with backward)
+        # the weight as a view(), not [:, :, None]: its gradient then keeps the weight's strides, as
+        # DDP's gradient buckets expect (an unsqueezed weight's gradient has others on the size-1 axis)
         depthwise = self.depthwise
+        weight = depthwise.weight.view(depthwise.out_channels, 1, 1, -1)
         x = F.conv2d(
-            x.transpose(1, 2)[:, :, None], depthwise.weight[:, :, None], depthwise.bias,
+            x.transpose(1, 2)[:, :, None], weight, depthwise.bias,
             padding=(0, depthwise.padding[0]), groups=depthwise.groups,
         ).squeeze(2).transpose(1, 2)
         x = F.silu(self.norm(x, mask))
