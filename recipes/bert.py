@@ -234,7 +234,11 @@ def init_bert_weights(model: nn.Module, norm_eps: float) -> None:
                 module.tokens.weight[PAD].zero_()
 
 
-def build_bert(vocab_size: int, m: dict[str, Any]) -> Bert:
+def build_bert(vocab_size: int, config: dict[str, Any]) -> Bert:
+    m, longest = config["model"], config["data"]["max_length"]
+    if longest > m["max_positions"]:
+        raise UsageError(f"data.max_length {longest} is more than the model's {m['max_positions']} positions "
+                         f"(model.max_positions; a pretrained model fixes it)")
     return Bert(vocab_size, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
                 m["max_positions"], m["norm_eps"])
 
@@ -429,7 +433,7 @@ class BertPretrain(BertRecipe):
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]
-        return BertForPretraining(build_bert(self.tokenizer.get_vocab_size(), m), m["norm_eps"])
+        return BertForPretraining(build_bert(self.tokenizer.get_vocab_size(), self.config), m["norm_eps"])
 
     def _batches(self, split: str, seed: int, shuffle: bool = True) -> Iterator[Batch]:
         """Sentence-pair batches of ``split`` with their masks, drawn from ``seed``; with ``shuffle``,
@@ -1304,7 +1308,7 @@ class BertFinetune(BertRecipe):
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]
-        bert = build_bert(self.tokenizer.get_vocab_size(), m)
+        bert = build_bert(self.tokenizer.get_vocab_size(), self.config)
         return BertWithHead(bert, len(self.labels), m["dropout"], m["norm_eps"], per_token=self.task.per_token)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:

@@ -152,6 +152,12 @@ class ViT(Recipe):
     # -- data -------------------------------------------------------------------------------------
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
+        for key in ("mean", "std"):
+            if len(data[key]) not in (1, data["channels"]):
+                raise UsageError(f"data.{key} has {len(data[key])} values (give one, or one per channel: {data['channels']})")
+        scale = self.config["augment"]["crop_scale"]
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise UsageError(f"augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
         splits = load_splits(data["name"], lambda: digits(seed), seed, hub_config=data["hub_config"])
         for split, rows in splits.items():
             self._require_columns(rows, split)

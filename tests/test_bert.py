@@ -19,8 +19,8 @@ from tfkit.data import train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.recipes.bert import (
     CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, best_answers,
-    bert_weights_from_hf, document_bounds, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad, sentence_rows,
-    window_answer, windows,
+    bert_weights_from_hf, build_bert, document_bounds, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad,
+    sentence_rows, window_answer, windows,
 )
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
@@ -108,6 +108,12 @@ def test_pair_layout_and_truncation():
     ids, segments = pair_ids(list(range(100, 120)), [7, 8, 9], 12)  # the longer side loses tokens
     assert ids == [CLS, *range(100, 106), SEP, 7, 8, 9, SEP]  # 12 tokens: A cut from 20 to 6, B kept
     assert segments.count(1) == 4
+
+
+def test_a_max_length_beyond_the_learned_positions_fails_before_training():
+    assert build_bert(50, pretrain_config("data.max_length=128")).embed.position.table.size(0) == 128
+    with pytest.raises(UsageError, match="data.max_length 200 is more than the model's 128 positions"):
+        build_bert(50, pretrain_config("data.max_length=200"))
 
 
 def test_mlm_output_is_tied_to_the_token_embeddings():

@@ -119,6 +119,21 @@ def test_predict_writes_to_out(capsys, trained_run, tmp_path):
     assert (tmp_path / "out.txt").read_text().splitlines() == expected  # beam 3 agrees with greedy here
 
 
+def test_predict_refuses_bad_counts_and_an_unwritable_out_before_any_work(capsys, trained_run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("eins\n")
+    for args, fragment in [
+        (["--beam", "0"], "--beam must be at least 1, got 0"),
+        (["--out", str(tmp_path / "no" / "such" / "out.txt")], "cannot write --out"),
+    ]:
+        code, out, err = tfkit(capsys, "predict", str(trained_run), str(source), *args)
+        assert code == 2 and out == ""
+        one_error_line(err, fragment)
+    code, _, err = tfkit(capsys, "inspect-attention", str(trained_run), "eins", "--out", str(source))  # a file, not a folder
+    assert code == 2
+    one_error_line(err, "cannot create the folder")
+
+
 def test_evaluate_prints_json(capsys, trained_run):
     code, out, _ = tfkit(capsys, "evaluate", str(trained_run), "--json", "--beam", "1")
     metrics = json.loads(out)
@@ -173,6 +188,9 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(capsys, tmp_path):
     code, _, err = tfkit(capsys, "train", "--resume", str(run), "--set", "train.lr=1")
     assert code == 2
     one_error_line(err, "--resume continues a run with its own config")
+    code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "0")
+    assert code == 2
+    one_error_line(err, "config key 'train.steps' must be at least 1, got 0")
     code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "4")
     assert code == 0, err
     assert [r["step"] for r in runs.read_metrics(run) if "loss" in r] == [2, 4]  # log_every 10: only the ends

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -47,6 +49,35 @@ def test_unknown_key_names_the_valid_ones():
 def test_wrong_type_names_the_key(item, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(item)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.batch_size=0", "'train.batch_size' must be at least 1, got 0"),
+        ("model.decoder.layers=-2", "'model.decoder.layers' must be at least 1, got -2"),
+        ("decode.beam=0", "'decode.beam' must be at least 1"),
+        ("train.warmup=-1", "'train.warmup' must be at least 0 (0 turns it off), got -1"),
+        ("seed=-1", "'seed' must be at least 0"),
+        ("train.lr=0", "'train.lr' must be greater than 0, got 0.0"),
+        ("model.dropout=1.5", "'model.dropout' must be at least 0 and below 1, got 1.5"),
+        ("train.label_smoothing=1", "'train.label_smoothing' must be at least 0 and below 1"),
+        ("train.betas=[0.9, 1.2]", "'train.betas' must be at least 0 and below 1, got [0.9, 1.2]"),
+    ],
+)
+def test_a_number_out_of_its_range_names_the_key(item, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        resolve(item)
+
+
+def test_zero_is_accepted_where_it_turns_something_off():
+    config = resolve("train.warmup=0", "train.eval_every=0", "train.clip_grad_norm=0", "model.dropout=0", "seed=0")
+    assert config["train"]["warmup"] == 0 and config["model"]["dropout"] == 0.0
+
+
+@pytest.mark.parametrize("recipe", ["translation", "bert-pretrain", "bert-finetune", "vit", "conformer"])
+def test_every_default_config_is_in_range(recipe):
+    configs.check_ranges(registry.get("recipe", recipe).default_config())
 
 
 @pytest.mark.parametrize("item", ["model.d_model", "=3", "model..d_model=3", ".x=1"])

@@ -18,6 +18,7 @@ from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
+from tfkit.errors import UsageError
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
 from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, MaskedBatchNorm1d, frame_mask
 from tfkit.nn.position import sinusoids_at
@@ -129,6 +130,14 @@ def test_convolution_module_is_its_declared_layers():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     for got, parameter in zip(grads[1:], module.parameters()):
         assert got.stride() == parameter.stride()  # DDP's gradient buckets have the parameters' layout
+
+
+def test_sizes_that_would_misalign_or_empty_the_frames_are_usage_errors():
+    with pytest.raises(UsageError, match="kernel size must be odd"):
+        ConvolutionModule(16, 8, 0.0)
+    with pytest.raises(UsageError, match="at least 7 feature bins"):
+        ConvolutionSubsampling(6, 16, 4)
+    ConvolutionSubsampling(7, 16, 4)(torch.randn(1, 9, 7), torch.tensor([9]))  # 7 bins leave one
 
 
 def test_a_conformer_block_compiles_to_one_graph():

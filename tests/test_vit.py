@@ -268,6 +268,16 @@ def test_a_folder_with_no_images_is_a_clear_error(capsys, tmp_path):
     one_error_line(err, "nor images in one subfolder per class")
 
 
+@pytest.mark.parametrize(
+    "item, fragment",
+    [("data.mean=[0.5, 0.5]", "data.mean has 2 values"), ("augment.crop_scale=[1.0, 0.5]", "augment.crop_scale must be")],
+)
+def test_normalisation_and_crop_settings_that_cannot_apply_are_clear_errors(capsys, item, fragment):
+    code, _, err = tfkit(capsys, "train", "vit", "--set", item, "--max-steps", "1")
+    assert code == 2
+    one_error_line(err, fragment)
+
+
 def test_hugging_face_vit_imports_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -63,6 +63,11 @@ def train(
 
     target = pick_device(device)
     ranks = distributed.from_environment()
+    sets = list(set_)
+    sets += [f"data.name={data}"] if data is not None else []
+    sets += [f"train.steps={max_steps}"] if max_steps is not None else []
+    sets += [f"seed={seed}"] if seed is not None else []
+    sets += ["train.compile=true"] if compile_ else []
     if resume is not None:
         if config or set_ or data or seed is not None or out or init:
             raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
@@ -70,20 +75,12 @@ def train(
         if recipe is not None and recipe != resolved.get("recipe"):
             raise UsageError(f"{resume} is a {resolved.get('recipe')} run, not {recipe}")
         recipe_cls = _recipe_class(str(resolved.get("recipe")))
-        resolved = configs.merge(recipe_cls.default_config(), resolved)
-        if max_steps is not None:
-            resolved["train"]["steps"] = max_steps
-        resolved["train"]["compile"] |= compile_
+        resolved = configs.resolve(configs.merge(recipe_cls.default_config(), resolved), None, sets)
         run_dir = resume
     else:
         if recipe is None:
             raise UsageError("name a recipe to train (see tfkit recipes), or pass --resume RUN")
         recipe_cls = _recipe_class(recipe)
-        sets = list(set_)
-        sets += [f"data.name={data}"] if data is not None else []
-        sets += [f"train.steps={max_steps}"] if max_steps is not None else []
-        sets += [f"seed={seed}"] if seed is not None else []
-        sets += ["train.compile=true"] if compile_ else []
         defaults = recipe_cls.default_config()
         if init is not None:  # the pretrained model fixes its sizes; the user's config and --set come after
             defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})
@@ -110,12 +107,14 @@ def train(
 
 
 def _options(method: Any, **given: Any) -> dict[str, Any]:
-    """Pass on the options the user gave; one the recipe does not take is a usage error."""
+    """Pass on the counts the user gave (--beam, --top-k); one the recipe does not take is a usage error."""
     accepted = pyinspect.signature(method).parameters
     chosen = {k: v for k, v in given.items() if v is not None}
-    for name in chosen:
+    for name, value in chosen.items():
         if name not in accepted:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to this recipe")
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return chosen
 
 
@@ -139,7 +138,10 @@ def predict(
     recipe, model = runs.open_run(run_dir, pick_device(device))
     options = _options(recipe.predict_file, beam=beam, top_k=top_k)
     failed = 0
-    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    try:
+        sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    except OSError as e:
+        raise UsageError(f"cannot write --out {out} ({e.strerror})") from None
     with packed_weights():
         try:
             for path in files:

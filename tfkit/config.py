@@ -2,7 +2,9 @@
 
 A recipe's YAML file is also its schema: a user's config file and ``--set key=value`` overrides may
 only name keys that file has, with values of the same type (a ``null`` default takes anything).
-Any key named after a registry kind (``attention: multi_head``) must name a registered component.
+Any key named after a registry kind (``attention: multi_head``) must name a registered component,
+and a number under a name in ``RANGES`` (``batch_size``, ``dropout``, ``lr``, ...) must lie in that
+name's range wherever the key stands, so that a zero batch or a dropout of 1.5 fails before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +17,28 @@ import yaml
 
 from tfkit import registry
 from tfkit.errors import UsageError
+
+
+def _ranges(*rules: tuple[str, Any, tuple[str, ...]]) -> dict[str, tuple[str, Any]]:
+    return {key: (words, test) for words, test, keys in rules for key in keys}
+
+
+RANGES = _ranges(
+    ("at least 1", lambda v: v >= 1, (
+        "d_model", "heads", "d_ff", "layers", "depth", "patch", "kernel_size", "subsampling_channels", "max_positions",
+        "max_length", "max_tokens", "max_answer_length", "max_number", "n_mels", "channels", "image_size",
+        "sample_rate", "window_ms", "hop_ms", "train_size", "validation_size", "test_size", "batch_size",
+        "accumulate", "steps", "log_every", "save_every", "timeout", "beam", "top_k",
+    )),
+    ("at least 0 (0 turns it off)", lambda v: v >= 0, (
+        "eval_every", "warmup", "clip_grad_norm", "weight_decay", "mixup", "cutmix", "freq_masks", "freq_width",
+        "time_masks", "time_width",
+    )),
+    ("at least 0", lambda v: v >= 0, ("seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b")),
+    ("greater than 0", lambda v: v > 0, ("lr", "eps", "norm_eps", "std")),
+    ("at least 0 and below 1", lambda v: 0 <= v < 1, ("dropout", "drop_path", "label_smoothing", "held_out", "betas")),
+    ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio")),
+)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -97,6 +121,18 @@ def check_components(config: dict[str, Any], prefix: str = "") -> None:
                 raise UsageError(f"config key '{prefix}{key}': {e}") from None
 
 
+def check_ranges(config: dict[str, Any], prefix: str = "") -> None:
+    """Every number under a name in ``RANGES`` (each item, for a list such as ``betas``) lies in its range."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_ranges(value, f"{prefix}{key}.")
+        elif key in RANGES:
+            words, test = RANGES[key]
+            numbers = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and test(v) for v in numbers):
+                raise UsageError(f"config key '{prefix}{key}' must be {words}, got {value!r}")
+
+
 def resolve(defaults: dict[str, Any], config_file: Path | None = None, sets: list[str] = ()) -> dict[str, Any]:
     config = defaults
     if config_file is not None:
@@ -104,6 +140,7 @@ def resolve(defaults: dict[str, Any], config_file: Path | None = None, sets: lis
     for item in sets:
         config = merge(config, parse_set(item))
     check_components(config)
+    check_ranges(config)
     return config
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tfkit.errors import TfkitError
 from tfkit.nn.attention import ScaledDotProductAttention
 from tfkit.recipe import AttentionExample
+from tfkit.run import make_dir
 
 
 @contextmanager
@@ -51,7 +52,7 @@ def inspect(model: nn.Module, example: AttentionExample, out_dir: Path) -> dict[
     if not captured:
         raise TfkitError("the model ran but no attention layer recorded weights (does it use tfkit.nn attention?)")
     weights = {name: w[0].numpy() for name, w in captured.items()}  # drop the batch of one: (H, Tq, Tk)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     np.savez_compressed(out_dir / "attention.npz", **weights)
     modules = {name: list(example.axes(name)) for name in weights}
     described = {"axes": example.tokens, "modules": modules, **example.meta}

@@ -48,8 +48,16 @@ def new_run_dir(recipe: str, out: Path | None) -> Path:
         while out.exists():
             out = out.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
             suffix += 1
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     return out
+
+
+def make_dir(path: Path) -> None:
+    """Create ``path`` and its parents; one that cannot be made (read-only, a file there) is a usage error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder {path} ({e.strerror}; pick another --out)") from None
 
 
 def save_config(run_dir: Path, config: dict[str, Any]) -> None:

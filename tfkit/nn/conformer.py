@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tfkit import distributed, registry
+from tfkit.errors import UsageError
 from tfkit.nn.blocks import DropPath, FeedForward
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import Linear
@@ -33,6 +34,9 @@ class ConvolutionSubsampling(nn.Module):
 
     def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
         super().__init__()
+        if features < 7:
+            raise UsageError(f"convolution subsampling needs at least 7 feature bins to leave one after two 3×3 "
+                             f"stride-2 convolutions, got {features}")
         # in place: a fresh (B, C, T/2, F/2) output per ReLU costs more in page faults than the ReLU.
         # forward() runs the layers one by one; the Sequential keeps ESPnet's parameter names (conv.0, conv.2).
         self.conv = nn.Sequential(
@@ -104,7 +108,7 @@ class ConvolutionModule(nn.Module):
     def __init__(self, d_model: int, kernel_size: int, dropout: float):
         super().__init__()
         if kernel_size % 2 == 0:
-            raise ValueError(f"the depthwise kernel size must be odd to keep frames aligned, got {kernel_size}")
+            raise UsageError(f"the depthwise kernel size must be odd to keep frames aligned, got {kernel_size}")
         self.pointwise_in = Linear(d_model, 2 * d_model)  # a 1×1 convolution on (B, T, C)
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
         self.norm = MaskedBatchNorm1d(d_model)
