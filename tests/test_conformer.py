@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,6 +132,22 @@ def test_convolution_module_is_its_declared_layers():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     for got, parameter in zip(grads[1:], module.parameters()):
         assert got.stride() == parameter.stride()  # DDP's gradient buckets have the parameters' layout
+
+
+def test_convolution_module_under_cpu_bf16_autocast_runs_small_batches():
+    """oneDNN took over 15 minutes to build its bf16 kernel for the channels-last depthwise form at these
+    sizes; in a subprocess, so that a hang fails the test instead of stalling the run."""
+    code = """if True:
+        import torch
+        from tfkit.nn.conformer import ConvolutionModule
+        torch.manual_seed(0)
+        for batch, frames, channels in [(1, 110, 32), (1, 200, 144), (3, 110, 144)]:
+            module, x = ConvolutionModule(channels, 15, dropout=0.0), torch.randn(batch, frames, channels)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(x)
+            torch.testing.assert_close(out.float(), module(x), atol=0.1, rtol=0.05)
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_sizes_that_would_misalign_or_empty_the_frames_are_usage_errors():

@@ -119,18 +119,24 @@ class ConvolutionModule(nn.Module):
         x = F.glu(self.pointwise_in(x), dim=-1)
         if mask is not None:
             x = x.masked_fill(~mask[..., None], 0.0)  # padded frames must not leak into real ones
-        # (B, T, C) is channels-last: a 2-D convolution runs on its (B, C, 1, T) view as it lies, where
-        # Conv1d would take mkldnn's channels-first depthwise kernel (10× slower forward, 2× with backward)
-        # the weight as a view(), not [:, :, None]: its gradient then keeps the weight's strides, as
-        # DDP's gradient buckets expect (an unsqueezed weight's gradient has others on the size-1 axis)
-        depthwise = self.depthwise
-        weight = depthwise.weight.view(depthwise.out_channels, 1, 1, -1)
-        x = F.conv2d(
-            x.transpose(1, 2)[:, :, None], weight, depthwise.bias,
-            padding=(0, depthwise.padding[0]), groups=depthwise.groups,
-        ).squeeze(2).transpose(1, 2)
-        x = F.silu(self.norm(x, mask))
+        x = F.silu(self.norm(self._depthwise(x), mask))
         return self.dropout(self.pointwise_out(x))
+
+    def _depthwise(self, x: Tensor) -> Tensor:
+        """The depthwise convolution over the frames of (B, T, C)."""
+        depthwise = self.depthwise
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            # the form below is measured for fp32 on CPU only: under bf16, oneDNN takes minutes to generate
+            # its kernel at some batches of 1 to 3 utterances, and cuDNN has not been measured on it
+            return depthwise(x.transpose(1, 2)).transpose(1, 2)
+        # (B, T, C) is channels-last: a 2-D convolution runs on its (B, C, 1, T) view as it lies, where
+        # Conv1d would take mkldnn's channels-first depthwise kernel (10× slower forward, 2× with backward).
+        # The weight as a view(), not [:, :, None]: its gradient then keeps the weight's strides, as
+        # DDP's gradient buckets expect (an unsqueezed weight's gradient has others on the size-1 axis).
+        weight = depthwise.weight.view(depthwise.out_channels, 1, 1, -1)
+        padding = (0, depthwise.padding[0])
+        x = F.conv2d(x.transpose(1, 2)[:, :, None], weight, depthwise.bias, padding=padding, groups=depthwise.groups)
+        return x.squeeze(2).transpose(1, 2)
 
 
 @register("block", "conformer")
