@@ -188,9 +188,9 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(capsys, tmp_path):
     code, _, err = tfkit(capsys, "train", "--resume", str(run), "--set", "train.lr=1")
     assert code == 2
     one_error_line(err, "--resume continues a run with its own config")
-    code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "0")
+    code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "-1")
     assert code == 2
-    one_error_line(err, "config key 'train.steps' must be at least 1, got 0")
+    one_error_line(err, "config key 'train.steps' must be at least 0, got -1")
     code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "4")
     assert code == 0, err
     assert [r["step"] for r in runs.read_metrics(run) if "loss" in r] == [2, 4]  # log_every 10: only the ends
