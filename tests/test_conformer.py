@@ -167,6 +167,24 @@ def test_a_conformer_block_compiles_to_one_graph():
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
 
 
+def test_subsampling_compiles_for_lengths_that_change():
+    """A training run's lengths change from batch to batch, so torch.compile turns them dynamic; on the
+    CPU, Inductor failed on the channels-last view between the two convolutions."""
+    torch.manual_seed(0)
+    module = ConvolutionSubsampling(16, 8, 4)
+    compiled = torch.compile(module, dynamic=True)
+    for batch, frames in ((2, 40), (3, 57)):
+        x = torch.randn(batch, frames, 16, requires_grad=True)
+        lengths = torch.full((batch,), frames)
+        (got, got_lengths), (want, want_lengths) = compiled(x, lengths), module(x, lengths)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert torch.equal(got_lengths, want_lengths)
+        weight = torch.randn_like(want)
+        grads = [torch.autograd.grad((out * weight).sum(), [x, *module.parameters()]) for out in (got, want)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_convolution_module_ignores_padded_frames_in_training_and_evaluation():
     torch.manual_seed(0)
     module = ConvolutionModule(8, 5, dropout=0.0)

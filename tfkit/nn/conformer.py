@@ -62,6 +62,10 @@ class ConvolutionSubsampling(nn.Module):
         weight = first.weight.flatten(1).t().contiguous()
         x = relu(torch.addmm(first.bias, patches.reshape(-1, 9), weight))
         x = x.view(*patches.shape[:3], -1).permute(0, 3, 1, 2)  # (B, C, T', F'), channels-last in memory
+        if torch.compiler.is_compiling():
+            # Inductor picks its own layouts, and on CPU this channels-last view makes it fail
+            # ("cannot determine truth value of Relational") once lengths become dynamic
+            x = x.contiguous()
         x = self.proj(relu(second(x)).permute(0, 2, 1, 3).flatten(2))
         return self.dropout(x), self.output_lengths(lengths)
 
