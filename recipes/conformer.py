@@ -123,6 +123,8 @@ class LogMel(nn.Module):
 
     @torch.no_grad()
     def forward(self, samples: Tensor) -> Tensor:
+        if len(samples) <= self.mel.n_fft // 2:  # shorter than the STFT's reflect padding: no frames at all
+            return samples.new_zeros(0, self.mel.n_mels)
         features = (self.mel(samples) + 1e-6).log().T
         return (features - features.mean(0)) / (features.std(0) + 1e-5)
 
