@@ -64,6 +64,8 @@ def open_image(path: Path | str | None = None, data: bytes | None = None, channe
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):  # 16-bit grey, which convert() would clip to white above 255
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

@@ -19,7 +19,7 @@ from tfkit.inspect import attention_rollout
 from tfkit.nn.blocks import DropPath
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
-from tfkit.recipes.vit import VisionTransformer, crop_boxes, random_resized_crops
+from tfkit.recipes.vit import VisionTransformer, crop_boxes, open_image, random_resized_crops
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -186,6 +186,15 @@ def test_predict_on_png_jpeg_grayscale_rgba_and_a_corrupt_file(capsys, vit_run, 
     predicted = [line[1].split()[0] for line in lines]
     assert sum(p == t for p, t in zip(predicted, labels)) >= 3
     assert all(0 <= float(line[1].split()[1]) <= 1 for line in lines)
+
+
+def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
+    ramp = np.arange(256, dtype=np.uint16).repeat(2).reshape(2, 256, order="F") * 257  # 0 … 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode == "I;16"
+    for channels in (1, 3):
+        pixels = np.asarray(open_image(tmp_path / "ramp.png", channels=channels))
+        assert np.array_equal(pixels.reshape(2, 256, -1)[..., 0], np.arange(256).repeat(2).reshape(2, 256, order="F"))
 
 
 def test_predict_on_a_folder_and_on_an_empty_folder(capsys, vit_run, tmp_path):
