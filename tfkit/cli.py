@@ -107,14 +107,17 @@ def train(
 
 
 def _options(method: Any, **given: Any) -> dict[str, Any]:
-    """Pass on the counts the user gave (--beam, --top-k); one the recipe does not take is a usage error."""
+    """Pass on the options the user gave, each in its config key's range (``beam`` as ``decode.beam``);
+    one the recipe does not take is a usage error."""
     accepted = pyinspect.signature(method).parameters
     chosen = {k: v for k, v in given.items() if v is not None}
     for name, value in chosen.items():
+        flag = f"--{name.replace('_', '-')}"
         if name not in accepted:
-            raise UsageError(f"--{name.replace('_', '-')} does not apply to this recipe")
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"{flag} does not apply to this recipe")
+        words, test = configs.RANGES[name]
+        if not test(value):
+            raise UsageError(f"{flag} must be {words}, got {value}")
     return chosen
 
 

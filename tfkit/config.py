@@ -109,24 +109,18 @@ def parse_set(item: str) -> dict[str, Any]:
     return nested
 
 
-def check_components(config: dict[str, Any], prefix: str = "") -> None:
-    """Every key named after a registry kind must name a registered component."""
+def check_values(config: dict[str, Any], prefix: str = "") -> None:
+    """Every key named after a registry kind names a registered component, and every number under a
+    name in ``RANGES`` (each item, for a list such as ``betas``) lies in that name's range."""
     kinds = set(registry.kinds())
     for key, value in config.items():
         if isinstance(value, dict):
-            check_components(value, f"{prefix}{key}.")
+            check_values(value, f"{prefix}{key}.")
         elif key in kinds:
             try:
                 registry.get(key, value)
             except UsageError as e:
                 raise UsageError(f"config key '{prefix}{key}': {e}") from None
-
-
-def check_ranges(config: dict[str, Any], prefix: str = "") -> None:
-    """Every number under a name in ``RANGES`` (each item, for a list such as ``betas``) lies in its range."""
-    for key, value in config.items():
-        if isinstance(value, dict):
-            check_ranges(value, f"{prefix}{key}.")
         elif key in RANGES:
             words, test = RANGES[key]
             numbers = value if isinstance(value, list) else [value]
@@ -140,8 +134,7 @@ def resolve(defaults: dict[str, Any], config_file: Path | None = None, sets: lis
         config = merge(config, read_yaml(config_file))
     for item in sets:
         config = merge(config, parse_set(item))
-    check_components(config)
-    check_ranges(config)
+    check_values(config)
     return config
 
 
