@@ -55,7 +55,7 @@ class ConvolutionSubsampling(nn.Module):
         first, relu, second, _ = self.conv
         # One input channel makes the first convolution a (9 -> C) product over the 3×3 patches. That
         # takes half mkldnn's time, and the output comes out channels-last, the layout in which mkldnn
-        # and cuDNN run the second convolution about 1.5× faster (forward and backward).
+        # runs the second convolution about 1.5× faster (forward and backward; cuDNN is unmeasured).
         patches = features.unfold(1, 3, 2).unfold(2, 3, 2)  # (B, T', F', 3, 3)
         # a contiguous (9, C) weight makes autograd take the weight gradient as patchesᵀ·grad, which MKL
         # runs 4× faster than the (gradᵀ·patches)ᵀ it picks to match a transposed weight's layout
