@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from num2words import num2words
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from tfkit import run as runs
 from tfkit.data import (
     SPLITS, cached, encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
     train_bpe,
@@ -37,7 +35,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
+from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
 SPECIALS = ["<blank>", "<unk>"]
@@ -182,12 +180,11 @@ def error_rate(hypotheses: list[list[str]], references: list[list[str]]) -> floa
 
 
 @register("recipe", "conformer")
-class Conformer(Recipe):
+class Conformer(TokenizerRecipe):
     """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
 
     config_file = "conformer.yaml"
     unit = "frame"
-    tokenizer: Tokenizer
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
@@ -283,12 +280,6 @@ class Conformer(Recipe):
     def _log_mel(self) -> LogMel:
         f = self.config["features"]
         return LogMel(self.config["data"]["sample_rate"], f["n_mels"], f["window_ms"], f["hop_ms"])
-
-    def save(self, run_dir: Path) -> None:
-        runs.write_tokenizer(run_dir, self.tokenizer)
-
-    def load(self, run_dir: Path) -> None:
-        self.tokenizer = runs.read_tokenizer(run_dir)
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]

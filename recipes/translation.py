@@ -18,11 +18,9 @@ import datasets
 import sacrebleu
 import torch
 from num2words import num2words
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from tfkit import registry
-from tfkit import run as runs
 from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_bpe
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
@@ -30,7 +28,7 @@ from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
+from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -123,11 +121,10 @@ class Seq2SeqTransformer(nn.Module):
 
 
 @register("recipe", "translation")
-class Translation(Recipe):
+class Translation(TokenizerRecipe):
     """Encoder-decoder Transformer for translation: BPE, label smoothing, beam search, BLEU/chrF."""
 
     config_file = "translation.yaml"
-    tokenizer: Tokenizer
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
@@ -176,12 +173,6 @@ class Translation(Recipe):
 
     def _source_ids(self, texts: list[str]) -> list[list[int]]:
         return [[*ids, EOS] for ids in self._ids(texts)]
-
-    def save(self, run_dir: Path) -> None:
-        runs.write_tokenizer(run_dir, self.tokenizer)
-
-    def load(self, run_dir: Path) -> None:
-        self.tokenizer = runs.read_tokenizer(run_dir)
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]

@@ -17,11 +17,11 @@ from tfkit import registry
 from tfkit import run as runs
 from tfkit.data import train_wordpiece
 from tfkit.errors import UsageError
-from tfkit.recipes.bert import (
-    CLS, IS_NEXT, MASK, NOT_NEXT, PAD, SEP, SPECIALS, Bert, BertForPretraining, Question, Window, answer_f1, best_answers,
-    bert_weights_from_hf, build_bert, document_bounds, mask_tokens, normalize_answer, nsp_pairs, pair_ids, read_squad,
-    sentence_rows, window_answer, windows,
-)
+from tfkit.recipes.bert.hf import bert_weights_from_hf
+from tfkit.recipes.bert.model import Bert, BertForPretraining, build_bert
+from tfkit.recipes.bert.pretrain import IS_NEXT, NOT_NEXT, document_bounds, mask_tokens, nsp_pairs, sentence_rows
+from tfkit.recipes.bert.qa import Question, Window, answer_f1, best_answers, normalize_answer, read_squad, window_answer, windows
+from tfkit.recipes.bert.tokens import CLS, MASK, PAD, SEP, SPECIALS, pair_ids
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -316,7 +316,7 @@ def test_finetune_from_a_hugging_face_folder(tmp_path):
 
 
 def test_bio_spans():
-    from tfkit.recipes.bert import entities
+    from tfkit.recipes.bert.tasks import entities
 
     assert entities(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "LOC"), (5, 6, "ORG")}
     assert entities(["O", "O"]) == set()

@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 import yaml
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from tfkit import run as runs
 from tfkit.errors import UsageError
 
 Batch = dict[str, Tensor]
@@ -130,6 +132,18 @@ class Recipe:
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UsageError(f"recipe '{self.config['recipe']}' cannot start from pretrained weights (--init)")
+
+
+class TokenizerRecipe(Recipe):
+    """A recipe whose run directory carries its ``tokenizers`` tokenizer (tokenizer.json)."""
+
+    tokenizer: Tokenizer
+
+    def save(self, run_dir: Path) -> None:
+        runs.write_tokenizer(run_dir, self.tokenizer)
+
+    def load(self, run_dir: Path) -> None:
+        self.tokenizer = runs.read_tokenizer(run_dir)
 
 
 def batch_ranges(count: int, size: int, rank: int = 0, world: int = 1) -> Iterator[range]:

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -27,7 +27,9 @@ from torch import nn
 from tfkit import config as configs
 from tfkit import registry
 from tfkit.errors import UsageError
-from tfkit.recipe import Recipe
+
+if TYPE_CHECKING:
+    from tfkit.recipe import Recipe
 
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"

@@ -1,0 +1,118 @@
+"""BERT fine-tuning: the ``bert-finetune`` recipe, a task head on a pretrained encoder (a bert-pretrain
+run or a Hugging Face BERT folder) for classify, classify-pair, tag or qa."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from tfkit import run as runs
+from tfkit.data import SPLITS, train_wordpiece
+from tfkit.errors import UsageError
+from tfkit.recipe import Batch, Loss, batch_ranges
+from tfkit.recipes.bert.base import BertRecipe
+from tfkit.recipes.bert.hf import bert_config_from_hf, bert_weights_from_hf
+from tfkit.recipes.bert.model import BertWithHead, build_bert
+from tfkit.recipes.bert.qa import QuestionAnswering
+from tfkit.recipes.bert.tasks import Classify, ClassifyPair, Tag
+from tfkit.recipes.bert.tokens import PAD, SPECIALS, check_specials, load_tokenizer
+from tfkit.registry import register
+
+TASKS = {"classify": Classify, "classify-pair": ClassifyPair, "tag": Tag, "qa": QuestionAnswering}
+
+
+@register("recipe", "bert-finetune")
+class BertFinetune(BertRecipe):
+    """BERT fine-tuning (--set task=classify|classify-pair|tag|qa) from a pretrain run or Hugging Face BERT."""
+
+    config_file = "bert-finetune.yaml"
+    labels: list[str]  # the names of the head's outputs: classes, tags, or start and end
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        if config["task"] not in TASKS:
+            raise UsageError(f"unknown task '{config['task']}' (valid: {', '.join(TASKS)})")
+        self.task = TASKS[config["task"]](self)
+
+    def prepare(self, run_dir: Path | None = None) -> None:
+        rows, labels = self.task.read(self.config["seed"])
+        if run_dir is not None:
+            self.load(run_dir)
+        else:
+            self.labels = labels
+            if self.config["init"]:
+                self.tokenizer = load_tokenizer(Path(self.config["init"]))
+            else:
+                self.tokenizer = train_wordpiece(self.task.texts(rows["train"]), self.config["data"]["vocab_size"], SPECIALS)
+        check_specials(self.tokenizer, self.config["init"] or "this run")
+        self.rows = rows
+        self.examples = {split: self.task.encode(rows[split], split) for split in SPLITS}
+
+    def save(self, run_dir: Path) -> None:
+        super().save(run_dir)
+        runs.write_json(run_dir, "labels.json", self.labels)
+
+    def load(self, run_dir: Path) -> None:
+        super().load(run_dir)
+        self.labels = runs.read_json(run_dir, "labels.json")
+
+    def build_model(self) -> nn.Module:
+        m = self.config["model"]
+        bert = build_bert(self.tokenizer.get_vocab_size(), self.config)
+        return BertWithHead(bert, len(self.labels), m["dropout"], m["norm_eps"], per_token=self.task.per_token)
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        examples, size = self.examples["train"], self.config["train"]["batch_size"]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch))
+        for start in range(0, len(order), size):
+            yield self.task.batch([examples[i] for i in order[start : start + size].tolist()])
+
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
+        logits = model(batch["token_ids"], batch["segment_ids"])
+        return Loss(self.task.loss(logits.float(), batch), int((batch["token_ids"] != PAD).sum()))
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, examples: list, rank: int = 0, world: int = 1) -> Iterator[tuple[range, Tensor]]:
+        """(places of a batch of examples, their logits on the CPU), predict.batch_size examples at a
+        time; process ``rank`` of ``world`` gets its share of the batches (:func:`batch_ranges`)."""
+        model.eval()
+        device = next(model.parameters()).device
+        for places in batch_ranges(len(examples), self.config["predict"]["batch_size"], rank, world):
+            batch = self.task.batch(examples[places.start : places.stop])
+            yield places, model(batch["token_ids"].to(device), batch["segment_ids"].to(device)).float().cpu()
+
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, Any]:
+        return self.task.eval_outputs(model, split, rank, world)
+
+    def score(self, split: str, outputs: list[Any]) -> dict[str, float]:
+        return self.task.score(split, outputs)
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None) -> None:
+        self.task.predict_file(model, path, out, top_k)
+
+    # -- starting points ----------------------------------------------------------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        if (path / runs.CONFIG).is_file():  # a tfkit bert-pretrain run
+            config = runs.read_config(path)
+            if config.get("recipe") != "bert-pretrain":
+                raise UsageError(f"{path} is a {config.get('recipe')} run, not a bert-pretrain one")
+            return {"model": config["model"]}
+        if (path / "config.json").is_file():
+            return {"model": bert_config_from_hf(path)}
+        raise UsageError(f"{path} is neither a bert-pretrain run directory nor a Hugging Face BERT folder")
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        if (path / runs.CONFIG).is_file():
+            runs.require(path, runs.WEIGHTS)
+            weights = {k.removeprefix("bert."): v for k, v in load_file(str(path / runs.WEIGHTS)).items() if k.startswith("bert.")}
+        else:
+            weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
+        try:
+            model.bert.load_state_dict(weights)
+        except RuntimeError as e:  # sizes changed with --set after --init
+            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
