@@ -84,7 +84,11 @@ def test_run_directory_with_a_missing_file(capsys, trained_run, tmp_path):
     (run / runs.CONFIG).write_bytes((trained_run / runs.CONFIG).read_bytes())
     code, _, err = tfkit(capsys, "evaluate", str(run))
     assert code == 2
-    one_error_line(err, "has no model.safetensors")
+    one_error_line(err, "has no tokenizer.json")
+    (run / runs.TOKENIZER).write_bytes((trained_run / runs.TOKENIZER).read_bytes())
+    code, _, err = tfkit(capsys, "evaluate", str(run))
+    assert code == 2
+    one_error_line(err, "has no checkpoint yet (it was stopped before its first save: continue it with tfkit train --resume")
 
 
 def held_out(run, count: int) -> tuple[list[str], list[str]]:
@@ -173,7 +177,8 @@ def test_user_tsv_and_jsonl_data_train_end_to_end(capsys, tmp_path):
         code, out, err = tfkit(capsys, "train", "translation", "--data", str(data), "--max-steps", "3", "--out", str(run), *small, *columns)
         assert code == 0, err
         assert out.strip() == str(run)
-        assert {p.name for p in run.iterdir()} >= {"config.yaml", "model.safetensors", "tokenizer.json", "state.pt", "metrics.jsonl"}
+        assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "tokenizer.json", "metrics.jsonl"}
+        assert {p.name for p in runs.last_checkpoint(run).iterdir()} == {"model.safetensors", "state.pt"}
         assert [r["step"] for r in runs.read_metrics(run) if "loss" in r] == [1, 2, 3]
 
 

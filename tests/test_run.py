@@ -20,9 +20,11 @@ def test_round_trip_rebuilds_the_same_model_from_a_moved_directory(tmp_path):
     trainer.fit(progress=False)
     moved = tmp_path / "elsewhere"
     shutil.move(trainer.run_dir, moved)
-    assert {p.name for p in moved.iterdir()} == {"config.yaml", "model.safetensors", "tokenizer.json", "state.pt", "metrics.jsonl"}
+    assert {p.name for p in moved.iterdir()} == {"config.yaml", "checkpoints", "tokenizer.json", "metrics.jsonl"}
     assert configs.read_yaml(moved / runs.CONFIG) == config
-    assert runs.load_state(moved)["step"] == 5 and runs.weights_step(moved) == 5
+    (checkpoint,) = runs.checkpoints(moved)
+    assert checkpoint.name == "step-00000005" and {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "state.pt"}
+    assert runs.load_state(checkpoint)["step"] == 5 and runs.weights_step(checkpoint) == 5
 
     recipe, model = runs.open_run(moved)
     batch = next(trainer.recipe.train_batches(0))
@@ -33,7 +35,7 @@ def test_round_trip_rebuilds_the_same_model_from_a_moved_directory(tmp_path):
 
 
 def test_no_partial_files_are_left_behind(trained_run):
-    assert not [p.name for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in trained_run.rglob("*") if p.name.startswith(".")]
 
 
 def test_a_directory_that_is_not_a_run(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -69,7 +70,7 @@ def test_interrupted_and_resumed_run_logs_the_same_losses(tmp_path):
     with pytest.raises(Interrupted, match="stopped by SIGINT at step 7.*--resume") as info:
         stopped.fit(on_step=interrupt, progress=False)
     assert info.value.exit_code == 128 + signal.SIGINT
-    assert runs.load_state(tmp_path / "stopped")["step"] == 7
+    assert runs.load_state(runs.last_checkpoint(tmp_path / "stopped"))["step"] == 7
 
     torch.manual_seed(1234)  # the resumed run must restore its own RNG state, not rely on this one
     resumed = start_training(runs.read_config(tmp_path / "stopped"), tmp_path / "stopped", CPU, resume=True, console=quiet())
@@ -86,19 +87,18 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.recipe, "loss", lambda model, batch: nan)
     with pytest.raises(TfkitError, match="loss became nan at step 1"):
         trainer.fit(progress=False)
-    assert not (tmp_path / "run" / runs.WEIGHTS).exists()  # nothing saved
+    assert runs.checkpoints(tmp_path / "run") == []  # nothing saved
 
 
-def test_resume_refuses_weights_and_state_from_different_steps(trained_run, tmp_path):
+def test_resume_refuses_a_state_from_another_step(trained_run, tmp_path):
     run = tmp_path / "copy"
-    run.mkdir()
-    for name in (runs.CONFIG, runs.WEIGHTS, runs.STATE, "tokenizer.json"):
-        (run / name).write_bytes((trained_run / name).read_bytes())
-    state = torch.load(run / runs.STATE, weights_only=True)
+    shutil.copytree(trained_run, run)
+    checkpoint = runs.last_checkpoint(run)
+    state = torch.load(checkpoint / runs.STATE, weights_only=True)
     state["step"] -= 1
-    torch.save(state, run / runs.STATE)
-    with pytest.raises(UsageError, match="is from step 400 but state.pt from step 399"):
-        runs.load_state(run)
+    torch.save(state, checkpoint / runs.STATE)
+    with pytest.raises(UsageError, match="state.pt: is from step 399, not from this checkpoint's step 400"):
+        runs.load_state(checkpoint)
 
 
 def test_a_file_corpus_trains_from_a_memory_mapped_encoded_split(tmp_path):

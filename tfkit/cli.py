@@ -18,6 +18,7 @@ from rich.table import Table
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
+from tfkit import errors
 from tfkit.errors import TfkitError, UsageError
 
 app = typer.Typer(
@@ -71,11 +72,11 @@ def train(
     if resume is not None:
         if config or set_ or data or seed is not None or out or init:
             raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
+        registry.load_all()
         resolved = runs.read_config(resume)
-        if recipe is not None and recipe != resolved.get("recipe"):
-            raise UsageError(f"{resume} is a {resolved.get('recipe')} run, not {recipe}")
-        recipe_cls = _recipe_class(str(resolved.get("recipe")))
-        resolved = configs.resolve(configs.merge(recipe_cls.default_config(), resolved), None, sets)
+        if recipe is not None and recipe != resolved["recipe"]:
+            raise UsageError(f"{resume} is a {resolved['recipe']} run, not {recipe}")
+        resolved = configs.resolve(resolved, None, sets)
         run_dir = resume
     else:
         if recipe is None:
@@ -128,6 +129,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here instead of stdout."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="How many labels to list per input (classifiers)."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Predict on input files (or folders of images); a bad file is reported and the rest are still processed.
@@ -138,7 +140,7 @@ def predict(
     from tfkit.train import pick_device
 
     registry.load_all()
-    recipe, model = runs.open_run(run_dir, pick_device(device))
+    recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
     options = _options(recipe.predict_file, beam=beam, top_k=top_k)
     failed = 0
     try:
@@ -150,9 +152,9 @@ def predict(
             for path in files:
                 try:
                     recipe.predict_file(model, path, sink, **options)
-                except UsageError as e:
+                except Exception as e:  # one bad file must not cost the others
                     failed += 1
-                    print(f"error: {e}", file=sys.stderr)
+                    errors.report_bad_input(path, e)
         finally:
             if out:
                 sink.close()
@@ -166,6 +168,7 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="test or validation."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Score a trained run on its held-out split.
@@ -178,7 +181,7 @@ def evaluate(
     if split not in ("test", "validation"):
         raise UsageError(f"unknown split '{split}' (valid: test, validation)")
     registry.load_all()
-    recipe, model = runs.open_run(run_dir, pick_device(device))
+    recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
     recipe.prepare(run_dir)
     with packed_weights():
         metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam))
@@ -198,6 +201,7 @@ def inspect_attention(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
     text: str = typer.Argument(..., metavar="INPUT", help="The input to look at (text, or a file for image and speech recipes)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/attention/INPUT)."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Dump every attention head for one input: attention.npz, tokens.json and PNG heatmaps.
@@ -208,7 +212,7 @@ def inspect_attention(
     from tfkit.train import pick_device
 
     registry.load_all()
-    recipe, model = runs.open_run(run_dir, pick_device(device))
+    recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
     example = recipe.attention_example(model, text)
     folder = out or run_dir / "attention" / (re.sub(r"[^\w.-]+", "_", text).strip("_")[:60] or "input")
     weights = inspect(model, example, folder)
@@ -259,7 +263,7 @@ def components() -> None:
 def main(argv: list[str] | None = None) -> None:
     # read before Typer parses: errors are turned into one line here, outside the app
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = errors.debug = "--debug" in argv
     try:
         # --debug may come anywhere (tfkit train x --debug), not only before the command as Typer wants
         app(args=[arg for arg in argv if arg != "--debug"], prog_name="tfkit")

@@ -28,11 +28,11 @@ RANGES = _ranges(
         "d_model", "heads", "d_ff", "layers", "depth", "patch", "kernel_size", "subsampling_channels", "max_positions",
         "max_length", "max_tokens", "max_answer_length", "max_number", "n_mels", "channels", "image_size",
         "sample_rate", "window_ms", "hop_ms", "train_size", "validation_size", "test_size", "batch_size",
-        "accumulate", "log_every", "save_every", "timeout", "beam", "top_k",
+        "accumulate", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k",
     )),
     ("at least 0 (0 turns it off)", lambda v: v >= 0, (
         "eval_every", "warmup", "clip_grad_norm", "weight_decay", "mixup", "cutmix", "freq_masks", "freq_width",
-        "time_masks", "time_width",
+        "time_masks", "time_width", "patience",
     )),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
     ("at least 0", lambda v: v >= 0, ("steps", "seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b")),

@@ -1,5 +1,11 @@
 """Errors a user can act on: the CLI prints them as one line, without a traceback."""
 
+import sys
+import traceback
+from pathlib import Path
+
+debug = False  # the CLI's --debug: tracebacks instead of one-line errors
+
 
 class TfkitError(Exception):
     """A failure during work (exit code 1)."""
@@ -13,3 +19,16 @@ class UsageError(TfkitError):
 
     exit_code = 2
     every_rank = True
+
+
+def report_bad_input(path: Path, error: Exception) -> None:
+    """One line on stderr for an input file that failed (its traceback too under --debug), so that the
+    caller can go on with the other inputs."""
+    if debug:
+        traceback.print_exception(error)
+    if isinstance(error, UsageError):
+        text = str(error) if str(path) in str(error) else f"{path}: {error}"
+    else:  # a decoder's own exception, a tensor too large for memory, ...
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "no detail")
+        text = f"{path}: {type(error).__name__}: {detail[:300]}"
+    print(f"error: {text}", file=sys.stderr)

@@ -7,7 +7,6 @@ registry kind "recipe" and ships ``<config_file>`` beside its module as its defa
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from tfkit import run as runs
-from tfkit.errors import UsageError
+from tfkit.errors import UsageError, report_bad_input
 
 Batch = dict[str, Tensor]
 
@@ -166,8 +165,8 @@ def for_each_file(path: Path, suffixes: set[str], kind: str, handle: Callable[[P
     for file in paths:
         try:
             handle(file)
-        except UsageError as e:
+        except Exception as e:  # one bad file must not cost the others
             bad += 1
-            print(f"error: {e}", file=sys.stderr)
+            report_bad_input(file, e)
     if bad:
         raise UsageError(f"{path}: {bad} of {len(paths)} {kind} could not be read")

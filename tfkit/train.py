@@ -1,7 +1,9 @@
 """One training loop for every recipe.
 
 Optimiser (Adam/AdamW), learning-rate schedule, autocast on CUDA, gradient accumulation and clipping,
-periodic evaluation, metrics, atomic checkpoints, exact resume, and a clean stop on SIGINT/SIGTERM.
+periodic evaluation, metrics, checkpoints that survive a kill at any instant (tfkit.run), the best
+checkpoint by a validation metric and early stopping on it, exact resume, and a clean stop on
+SIGINT/SIGTERM.
 
 Exact resume rests on one rule: data order and data randomness come from generators seeded by
 (seed, epoch) inside the recipe, and the model's own randomness (dropout) from the global RNG, whose
@@ -24,7 +26,6 @@ from typing import Any, Callable, Iterator
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from tfkit import distributed, registry
@@ -115,6 +116,15 @@ def lr_factor(cfg: dict[str, Any]) -> Callable[[int], float]:
     return schedules[kind]
 
 
+def check_best_options(cfg: dict[str, Any]) -> None:
+    if cfg["keep_best"] is not None and not isinstance(cfg["keep_best"], str):
+        raise UsageError(f"train.keep_best names a validation metric (for example accuracy or bleu), got {cfg['keep_best']!r}")
+    if cfg["best_mode"] not in ("auto", "max", "min"):
+        raise UsageError(f"unknown train.best_mode '{cfg['best_mode']}' (valid: auto, max, min)")
+    if cfg["patience"] and not cfg["keep_best"]:
+        raise UsageError("train.patience needs train.keep_best, the validation metric to wait on")
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device,
                  console: Console | None = None, ranks: Ranks = Ranks()):
@@ -136,6 +146,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.console = console if ranks.main and console is not None else Console(stderr=True, quiet=not ranks.main)
         self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: dict[str, Any] | None = None  # the best validation record of train.keep_best so far
+        self.evals_since_best = 0  # validation records since it, for train.patience
         self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
         self._signal: int | None = None  # set by the handler, at any moment
         self._stop: int | None = None  # the signal all ranks stop for, agreed at the end of a step
@@ -170,34 +182,67 @@ class Trainer:
 
         return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def resume(self) -> None:
-        """Restore the state saved with the weights ``start_training`` loaded into the model."""
-        state = runs.load_state(self.run_dir)
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.window = dict(state["window"])
-        rank_rngs = state.get("rank_rngs", [])
-        if len(rank_rngs) != self.ranks.world and (self.ranks.active or rank_rngs):
-            self.console.print(f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not")
-        rng = rank_rngs[self.ranks.rank] if self.ranks.rank < len(rank_rngs) else state
-        torch.set_rng_state(rng["rng"])
-        if "cuda_rng" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+    def resume(self, checkpoint: Path | None) -> None:
+        """Restore the state saved with the weights ``start_training`` loaded into the model; with no
+        checkpoint (stopped before its first save) the run starts over from step 0."""
+        if checkpoint is not None:
+            self._restore(runs.load_state(checkpoint), checkpoint / runs.STATE)
         if self.ranks.main:
             runs.truncate_metrics(self.run_dir, self.step)
+            self.best, self.evals_since_best = self._best_so_far(runs.read_metrics(self.run_dir))
+
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.window = dict(state["window"])
+            rank_rngs = state.get("rank_rngs", [])
+            rng = rank_rngs[self.ranks.rank] if self.ranks.rank < len(rank_rngs) else state
+            torch.set_rng_state(rng["rng"])
+            if "cuda_rng" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another run's state, or one edited by hand
+            raise runs.damaged(path, f"does not fit this run's model and optimiser ({type(e).__name__}: {runs.first_line(e)})",
+                               "was it copied from another run?") from None
+        if len(rank_rngs) != self.ranks.world and (self.ranks.active or rank_rngs):
+            self.console.print(f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not")
 
     def save(self) -> None:
+        """Save the checkpoint of this step (once), then remove those neither among the train.keep_last
+        latest nor the best. Every rank calls it: FSDP gathers the weights and the optimiser."""
         model, state = self._whole_model(every_rank=False), self.state_dict()
         if self.ranks.main:
             runs.save_checkpoint(self.run_dir, model, state)
+            runs.remove_checkpoints(self.run_dir, runs.kept_checkpoints(self.run_dir, self.recipe.config))
         distributed.barrier(self.ranks)  # nobody reads the run directory before it is whole
+
+    def _best_so_far(self, records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, int]:
+        """The best validation record of train.keep_best and how many validations came after it."""
+        best = runs.best_record(records, self.recipe.config)
+        later = [r for r in records if r.get("split") == "validation" and best is not None and r["step"] > best["step"]]
+        return best, len(later)
+
+    def _judge(self, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """After a validation: (is it the best so far, has train.patience run out), agreed by all ranks."""
+        metric, verdict = self.cfg["keep_best"], (False, False, "")
+        if metric and self.ranks.main:
+            if metric not in metrics:
+                verdict = (False, False, f"train.keep_best '{metric}' is not a validation metric of this run (valid: {', '.join(metrics)})")
+            else:
+                improved = self.best is None or runs.better(self.recipe.config)(metrics[metric], self.best[metric])
+                self.best, self.evals_since_best = ({"step": self.step, **metrics}, 0) if improved else (self.best, self.evals_since_best + 1)
+                verdict = (improved, bool(self.cfg["patience"]) and self.evals_since_best >= self.cfg["patience"], "")
+        improved, patience_out, problem = distributed.broadcast(verdict, self.ranks)
+        if problem:
+            raise UsageError(problem)
+        return improved, patience_out
 
     def _whole_model(self, every_rank: bool) -> nn.Module | None:
         """The unsharded model: on every rank to evaluate, or on rank 0 alone (None on the others) to
@@ -288,7 +333,7 @@ class Trainer:
         if not self.ranks.main:
             return {}
         metrics = self.recipe.score(split, [merged[place] for place in sorted(merged)])
-        runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics})
+        runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics}, durable=True)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.console.print(f"step {self.step} {split}: {shown}")
         return metrics
@@ -332,9 +377,11 @@ class Trainer:
                     self.window = {"loss": 0.0, "steps": 0, "items": 0}
                     tick = time.perf_counter()
                 bar.update(task, completed=self.step)
+                improved = patience_out = False
                 if cfg["eval_every"] and self.step % cfg["eval_every"] == 0:
                     metrics, last_eval = self.evaluate(), self.step
-                if self.step % cfg["save_every"] == 0:
+                    improved, patience_out = self._judge(metrics)
+                if improved or patience_out or self.step % cfg["save_every"] == 0:
                     self.save()
                 if on_step is not None:
                     on_step(self.step)
@@ -344,9 +391,16 @@ class Trainer:
                 if stop is not None:
                     self.save()
                     raise Interrupted(stop, self.run_dir, self.step)
+                if patience_out:
+                    best = self.best or {}
+                    self.console.print(f"early stop at step {self.step}: no better validation {cfg['keep_best']} in "
+                                       f"{cfg['patience']} evaluations (best {best.get(cfg['keep_best'], 0):.4g} at step {best.get('step')})")
+                    break
         self.save()
         if last_eval != self.step:
             metrics = self.evaluate()
+            self._judge(metrics)
+            self.save()  # the checkpoint is there: only which ones are kept may change
         return metrics
 
     @contextmanager
@@ -382,6 +436,7 @@ def start_training(
     """A trainer for a resolved config: new run directory (``run_dir`` or runs/RECIPE/TIME), or with
     ``resume`` the existing ``run_dir`` restored to its last checkpoint."""
     console = console or Console(stderr=True)
+    check_best_options(config["train"])
     recipe = registry.get("recipe", config["recipe"])(config)
     # rank 0 prepares the data (filling the cache) and fits the tokenizer; the other ranks then load
     # that tokenizer from the run directory, as a resumed run does, so all ranks encode alike
@@ -397,11 +452,12 @@ def start_training(
         recipe.prepare(run_dir)
     torch.manual_seed(config["seed"])
     model = recipe.build_model()
-    if resume:  # before DDP or FSDP wrap the model
-        load_model(model, str(run_dir / runs.WEIGHTS))
+    checkpoint = runs.last_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:  # before DDP or FSDP wrap the model
+        runs.load_weights(model, checkpoint / runs.WEIGHTS)
     elif config.get("init"):
         recipe.load_pretrained(model, Path(config["init"]))
     trainer = Trainer(recipe, model, run_dir, device, console, ranks)
     if resume:
-        trainer.resume()
+        trainer.resume(checkpoint)
     return trainer

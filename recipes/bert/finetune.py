@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tfkit import run as runs
@@ -108,8 +107,8 @@ class BertFinetune(BertRecipe):
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         if (path / runs.CONFIG).is_file():
-            runs.require(path, runs.WEIGHTS)
-            weights = {k.removeprefix("bert."): v for k, v in load_file(str(path / runs.WEIGHTS)).items() if k.startswith("bert.")}
+            checkpoint = runs.pick_checkpoint(path, runs.read_config(path))
+            weights = {k.removeprefix("bert."): v for k, v in runs.read_weights(checkpoint / runs.WEIGHTS).items() if k.startswith("bert.")}
         else:
             weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
         try:
