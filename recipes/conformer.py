@@ -94,13 +94,23 @@ def _number_text(rng: random.Random) -> str:
     return num2words(n).replace("-", " ").replace(",", "")
 
 
+MAX_SECONDS = 300  # the longest recording read: 7,500 encoder frames, whose attention maps take 900 MB per layer
+
+
 def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) -> Tensor:
     """Decode a WAV/FLAC/OGG file (or its bytes) to mono float32 at ``sample_rate``; an unreadable,
-    empty or silent file is a UsageError naming it."""
+    empty, silent or too long (MAX_SECONDS, read from the header) file is a UsageError naming it."""
     if data is None and not Path(path).is_file():
         raise UsageError(f"{path}: no such file")
+    source = io.BytesIO(data) if data is not None else path
     try:
-        samples, rate = soundfile.read(io.BytesIO(data) if data is not None else path, dtype="float32", always_2d=True)
+        seconds = soundfile.info(source).duration
+        if seconds > MAX_SECONDS:
+            raise UsageError(f"{path}: the recording is {seconds:.0f} s long, more than the {MAX_SECONDS} s tfkit "
+                             f"transcribes at once (attention grows with its square: cut it into shorter pieces)")
+        if data is not None:
+            source.seek(0)
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise UsageError(f"{path}: not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if samples.shape[0] == 0:

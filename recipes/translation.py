@@ -233,6 +233,11 @@ class Translation(TokenizerRecipe):
         for i, line in enumerate(lines):
             if not line.strip():
                 print(f"warning: {path}:{i + 1}: empty line, its translation is left empty", file=sys.stderr)
+        limit = self.config["data"]["max_tokens"]
+        for i, encoding in zip(filled, self.tokenizer.encode_batch([lines[i] for i in filled])):
+            if len(encoding.ids) > limit:
+                print(f"warning: {path}:{i + 1}: {len(encoding.ids)} tokens, more than data.max_tokens {limit}; "
+                      f"only the first {limit} are translated", file=sys.stderr)
         translated = self.translate(model, self._source_ids([lines[i] for i in filled]), beam)
         translations = {line: translated[place] for place, line in enumerate(filled)}
         for i in range(len(lines)):

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -54,13 +55,22 @@ def digits(seed: int) -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": train, "validation": validation, "test": test})
 
 
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's guard against decompression bombs: 89.5 million
+
+
 def open_image(path: Path | str | None = None, data: bytes | None = None, channels: int = 3) -> Image.Image:
-    """Decode an image file and convert it to L or RGB; transparency is laid over white."""
+    """Decode an image file and convert it to L or RGB; transparency is laid over white. An image of
+    more than MAX_PIXELS is refused from its header (at open), before it is decoded."""
     try:
-        image = Image.open(io.BytesIO(data) if data is not None else path)
+        with warnings.catch_warnings():  # PIL only warns between MAX_PIXELS and twice as many
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UsageError(f"{path}: the image has more than the {MAX_PIXELS / 1e6:.0f} million pixels tfkit decodes "
+                         f"(scale it down first)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
     image = ImageOps.exif_transpose(image)

@@ -114,6 +114,16 @@ def test_predict_reports_bad_files_and_translates_the_rest(capsys, trained_run, 
     assert "good.txt:2: empty line" in err and "Traceback" not in err
 
 
+def test_predict_warns_of_a_line_longer_than_max_tokens(capsys, trained_run, tmp_path):
+    source = tmp_path / "long.txt"
+    source.write_text("eins\n" + " ".join(["neunhundertneunundneunzig"] * 60) + "\n")
+    code, out, err = tfkit(capsys, "predict", str(trained_run), str(source), "--beam", "1")
+    assert code == 0 and len(out.splitlines()) == 2
+    limit = runs.read_config(trained_run)["data"]["max_tokens"]
+    assert "long.txt:2: " in err and f"tokens, more than data.max_tokens {limit}; only the first {limit} are translated" in err
+    assert "long.txt:1" not in err
+
+
 def test_predict_writes_to_out(capsys, trained_run, tmp_path):
     sources, expected = held_out(trained_run, 3)
     source = tmp_path / "in.txt"

@@ -352,19 +352,23 @@ def test_predict_on_wav_and_flac_and_bad_files(capsys, conformer_run, tmp_path):
     soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
     click = tmp_path / "click.wav"  # one sample: shorter than the STFT's padding
     soundfile.write(click, np.ones(1, dtype=np.float32) * 0.5, 16000)
-    code, out, err = tfkit(capsys, "predict", str(conformer_run), str(wav), str(broken), str(empty), str(silent), str(click), str(flac))
+    long = tmp_path / "long.wav"  # over MAX_SECONDS (a low rate keeps the file small)
+    soundfile.write(long, np.full(301 * 200, 0.1, dtype=np.float32), 200)
+    code, out, err = tfkit(capsys, "predict", str(conformer_run), str(wav), str(broken), str(empty), str(silent), str(click),
+                           str(long), str(flac))
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 4 and "Traceback" not in err
+    assert len(errors) == 5 and "Traceback" not in err
     assert "broken.wav: not a readable audio file" in errors[0]
     assert "empty.wav: the audio is empty" in errors[1] and "silent.wav: the audio is silent" in errors[2]
     assert "click.wav: the recording is too short to transcribe" in errors[3]
+    assert "long.wav: the recording is 301 s long, more than the 300 s tfkit transcribes at once" in errors[4]
     lines = [line.split("\t") for line in out.splitlines()]
     assert [line[0] for line in lines] == [str(wav), str(flac)]
     assert all(line[1].strip() for line in lines)
     code, out, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path))  # a folder: the same files, sorted
     assert code == 2 and [line.split("\t")[0] for line in out.splitlines()] == [str(wav), str(flac)]
-    assert err.count("error: ") == 5 and "4 of 6 audio files could not be read" in err
+    assert err.count("error: ") == 6 and "5 of 7 audio files could not be read" in err
     code, beam_out, _ = tfkit(capsys, "predict", str(conformer_run), str(flac), "--beam", "4")
     assert code == 0 and beam_out.split("\t")[0] == str(flac)
     code, _, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path / "missing.wav"))

@@ -188,6 +188,50 @@ def test_predict_on_png_jpeg_grayscale_rgba_and_a_corrupt_file(capsys, vit_run, 
     assert all(0 <= float(line[1].split()[1]) <= 1 for line in lines)
 
 
+def bomb_png(path, width: int, height: int) -> None:
+    """A PNG header that claims ``width`` × ``height`` pixels, without the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_an_oversized_image_or_any_failure_on_one_file_does_not_cost_the_others(capsys, vit_run, tmp_path, monkeypatch):
+    images, _ = digit_images(vit_run, 3)
+    files = [tmp_path / f"{name}.png" for name in ("first", "bomb", "big", "boom", "last")]
+    for path, img in zip([files[0], files[4]], images):
+        Image.fromarray(img).save(path)
+    bomb_png(files[1], 30000, 30000)  # beyond PIL's own limit, which it enforces at open
+    bomb_png(files[2], 10000, 9000)  # beyond tfkit's, which PIL would only warn about
+    Image.fromarray(images[2]).save(files[3])
+    from tfkit.recipes.vit import ViT
+
+    original = ViT._predict_image
+
+    def fails_on_boom(self, model, path, out, top_k):
+        if path.name == "boom.png":
+            raise RuntimeError("the decoder's own failure\nwith more lines")
+        return original(self, model, path, out, top_k)
+
+    monkeypatch.setattr(ViT, "_predict_image", fails_on_boom)
+    code, out, err = tfkit(capsys, "predict", str(vit_run), *map(str, files))
+    assert code == 2 and "Traceback" not in err
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(files[0]), str(files[4])]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {files[1]}: the image has more than the 89 million pixels tfkit decodes (scale it down first)",
+        f"error: {files[2]}: the image has more than the 89 million pixels tfkit decodes (scale it down first)",
+        f"error: {files[3]}: RuntimeError: the decoder's own failure",
+    ]
+    code, out, err = tfkit(capsys, "predict", str(vit_run), str(tmp_path), "--debug")  # a folder; tracebacks with --debug
+    assert code == 2 and len(out.splitlines()) == 2 and "3 of 5 images could not be read" in err
+    assert "Traceback" in err and "fails_on_boom" in err
+
+
 def test_a_16_bit_grey_image_keeps_its_shades(tmp_path):
     ramp = np.arange(256, dtype=np.uint16).repeat(2).reshape(2, 256, order="F") * 257  # 0 … 65535
     Image.fromarray(ramp).save(tmp_path / "ramp.png")

@@ -207,15 +207,16 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
 
 
 def remove_checkpoints(run_dir: Path, keep: set[Path]) -> None:
-    """Remove every checkpoint but ``keep``: each is renamed out of the ``step-*`` names first, so that
-    a kill halfway through removing one never leaves a partial checkpoint behind a checkpoint's name."""
+    """Remove every checkpoint but ``keep``, and what killed saves and removals left. Each is renamed
+    out of the ``step-*`` names first, so that a kill halfway through removing one never leaves a
+    partial checkpoint under a checkpoint's name. Call it between saves, never during one."""
     folder = run_dir / CHECKPOINTS
     for checkpoint in checkpoints(run_dir):
         if checkpoint not in keep:
             trash = folder / f".{checkpoint.name}.removed"
             os.rename(checkpoint, trash)
             shutil.rmtree(trash)
-    for leftover in folder.glob(".step-*.removed"):
+    for leftover in folder.glob(".step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -245,6 +246,8 @@ def best_record(records: list[dict[str, Any]], config: dict[str, Any], steps: se
 
 def best_checkpoint(run_dir: Path, config: dict[str, Any]) -> Path | None:
     """The kept checkpoint with the best validation ``train.keep_best``; None when none is kept."""
+    if not config["train"]["keep_best"]:
+        return None
     kept = {checkpoint_step(c): c for c in checkpoints(run_dir)}
     record = best_record(read_metrics(run_dir), config, set(kept))
     return kept[record["step"]] if record else None
@@ -268,7 +271,7 @@ def pick_checkpoint(run_dir: Path, config: dict[str, Any], which: str = "auto") 
                          f"continue it with tfkit train --resume {run_dir})")
     if which == "last":
         return found[-1]
-    best = best_checkpoint(run_dir, config) if config["train"]["keep_best"] else None
+    best = best_checkpoint(run_dir, config)
     if which == "best" and best is None:
         why = "it was trained without train.keep_best" if not config["train"]["keep_best"] else "none of its checkpoints was evaluated yet"
         raise UsageError(f"{run_dir} has no best checkpoint ({why}; use --checkpoint last)")
