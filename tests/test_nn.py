@@ -253,10 +253,33 @@ def test_token_embedding_sums_token_segment_and_position_then_normalises():
 TESTED = {
     "embedding": {"patch", "token", "conv2d_subsampling"},  # patch: tests/test_vit.py; conv2d_subsampling: test_conformer.py
     "attention": {"scaled_dot_product", "multi_head", "relative_multi_head"},  # relative: test_conformer.py
-    "position": {"sinusoidal", "learned"},
-    "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS) | {"conformer"},  # conformer: test_conformer.py
+    "position": {"sinusoidal", "learned", "rotary"},  # rotary: test_causal_lm.py
+    # conformer: test_conformer.py; gpt and llama: test_causal_lm.py
+    "block": set(ENCODER_BLOCKS) | set(DECODER_BLOCKS) | {"conformer", "gpt", "llama"},
     "activation": set(ACTIVATIONS),
+    "norm": {"layer_norm", "rms_norm"},
+    "feed_forward": {"mlp", "glu"},
 }
+
+
+def test_rms_norm_and_layer_norm_match_their_formulas():
+    x = torch.randn(3, 5, D) * 3 + 1
+    rms = registry.get("norm", "rms_norm")(D)
+    torch.testing.assert_close(rms(x), x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(x.dtype).eps).sqrt())
+    layer = registry.get("norm", "layer_norm")(D)
+    torch.testing.assert_close(layer(x), (x - x.mean(-1, keepdim=True)) / x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt())
+
+
+@pytest.mark.parametrize("activation", ["swish", "gelu"])
+def test_gated_and_plain_feed_forwards_match_their_formulas(activation):
+    torch.manual_seed(0)
+    x, act = torch.randn(2, 3, D), ACTIVATIONS[activation]
+    glu = registry.get("feed_forward", "glu")(D, 24, 0.0, activation, bias=False)
+    gate, up = glu.gate_up.weight.chunk(2)
+    torch.testing.assert_close(glu(x), (act(x @ gate.T) * (x @ up.T)) @ glu.down.weight.T, rtol=1e-5, atol=1e-5)
+    mlp = registry.get("feed_forward", "mlp")(D, 24, 0.0, activation)
+    expected = act(x @ mlp.up.weight.T + mlp.up.bias) @ mlp.down.weight.T + mlp.down.bias
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", TESTED)

@@ -128,7 +128,11 @@ def predict(
     files: list[Path] = typer.Argument(..., help="Input files."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here instead of stdout."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="How many labels to list per input (classifiers)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="How many labels to list per input (classifiers); sample from the k likeliest tokens (causal-lm)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (causal-lm)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the likeliest tokens that reach this probability (causal-lm)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate per prompt (causal-lm)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same text (causal-lm)."),
     checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
@@ -141,7 +145,8 @@ def predict(
 
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
-    options = _options(recipe.predict_file, beam=beam, top_k=top_k)
+    options = _options(recipe.predict_file, beam=beam, top_k=top_k, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, seed=seed)
     failed = 0
     try:
         sink = open(out, "w", encoding="utf-8") if out else sys.stdout

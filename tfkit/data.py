@@ -77,7 +77,7 @@ def load_splits(
         if "train" not in loaded:
             raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
         return datasets.DatasetDict({s: loaded[s] for s in SPLITS if s in loaded})
-    return _complete_splits(loaded, seed, held_out)
+    return complete_splits(loaded, seed, held_out)
 
 
 def cached(name: str, key: dict, build: Callable[[], datasets.DatasetDict]) -> datasets.DatasetDict:
@@ -118,7 +118,8 @@ def _load_image_folder(path: Path) -> datasets.DatasetDict:
         ) from None
 
 
-def _complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -> datasets.DatasetDict:
+def complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -> datasets.DatasetDict:
+    """The validation and test splits ``loaded`` lacks, each carved from its train split (``held_out`` of its rows)."""
     if "train" not in loaded:
         raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
     out = dict(loaded)

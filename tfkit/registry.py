@@ -5,9 +5,11 @@ component:
 
 - ``attention``: layers ``cls(d_model, heads, dropout)`` called as ``(x, context=None, mask=None, causal=False,
   cache=None)``; the kernel ``scaled_dot_product`` inside them is ``cls(dropout)`` called on ``(q, k, v, mask, causal)``
-- ``position``: ``cls(d_model, max_len)``, called as ``(x, offset=0)`` on the input embeddings
+- ``position``: ``cls(d_model, max_len)`` called as ``(x, offset=0)`` on the input embeddings, or
+  (``acts_on = "queries_keys"``, rotary) ``cls(head_dim, max_len)`` called on attention's queries and keys
 - ``block``: ``cls(d_model, heads, d_ff, dropout, activation)``, plus the block's own keyword options
-  (``conformer``: ``kernel_size``, ``attention``)
+  (``conformer``: ``kernel_size``, ``attention``; causal blocks: ``rotary``); ``role`` says its stack
+- ``feed_forward``: ``cls(d_model, d_ff, dropout, activation, bias)``; ``norm``: ``cls(d_model)``
 - ``activation``: ``cls()``
 - ``embedding``: inputs to tokens, each with its own arguments (``patch``: ``cls(channels, d_model, patch)``,
   ``token``: ``cls(vocab_size, d_model, max_positions, segments, dropout)``, ``conv2d_subsampling``:

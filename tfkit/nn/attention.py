@@ -105,11 +105,12 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: h scaled dot-product heads over learned projections, concatenated."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True, rotary: nn.Module | None = None):
         super().__init__()
         if d_model % heads:
             raise UsageError(f"d_model {d_model} is not divisible by heads {heads} (pick sizes where it is)")
         self.d_model, self.heads = d_model, heads
+        self.rotary = rotary  # a position that acts on queries and keys (rotary), shared by the stack
         self.in_proj = Linear(d_model, 3 * d_model, bias=bias)  # [W_Q; W_K; W_V]
         self.out_proj = Linear(d_model, d_model, bias=bias)
         self.attend = ScaledDotProductAttention(dropout)
@@ -130,6 +131,9 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         if context is None:
             q, k, v = self._heads(self.in_proj(x), 3)
+            if self.rotary is not None:  # keys are rotated once, before the cache keeps them
+                offset = cache.length if cache is not None else 0
+                q, k = self.rotary(q, offset), self.rotary(k, offset)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:

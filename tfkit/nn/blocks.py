@@ -2,6 +2,8 @@
 
 Post-LN (the original Transformer, BERT) normalises after each residual: x = LN(x + F(x)).
 Pre-LN (GPT-2, ViT) normalises inside the branch, x = x + F(LN(x)), and its stack ends with a LayerNorm.
+Blocks say which stack they fit (``role``): encoder, decoder (with cross-attention) or causal
+(decoder-only, GPT). Feed-forwards are ``cls(d_model, d_ff, dropout, activation, bias)``; norms ``cls(d_model)``.
 """
 
 from __future__ import annotations
@@ -18,20 +20,39 @@ from tfkit.registry import register
 register("activation", "relu")(nn.ReLU)
 register("activation", "gelu")(nn.GELU)
 register("activation", "swish")(nn.SiLU)
+register("norm", "layer_norm")(nn.LayerNorm)
+register("norm", "rms_norm")(nn.RMSNorm)
 
 
+@register("feed_forward", "mlp")
 class FeedForward(nn.Module):
     """Position-wise feed-forward: W₂·act(W₁x + b₁) + b₂."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str, bias: bool = True):
         super().__init__()
-        self.up = Linear(d_model, d_ff)
+        self.up = Linear(d_model, d_ff, bias=bias)
         self.act = registry.get("activation", activation)()
         self.dropout = Dropout(dropout)
-        self.down = Linear(d_ff, d_model)
+        self.down = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.dropout(self.up(x, self.act)))
+
+
+@register("feed_forward", "glu")
+class GatedFeedForward(nn.Module):
+    """Gated feed-forward: W₂·(act(W_g x) ⊙ W₁x); with swish it is SwiGLU, with gelu GeGLU (Shazeer, 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str, bias: bool = True):
+        super().__init__()
+        self.gate_up = Linear(d_model, 2 * d_ff, bias=bias)  # [W_g; W₁] in one product
+        self.act = registry.get("activation", activation)()
+        self.dropout = Dropout(dropout)
+        self.down = Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.dropout(self.act(gate) * up))
 
 
 class DropPath(nn.Module):
@@ -144,6 +165,45 @@ class PreLNDecoderBlock(DecoderBlock):
     norm_first = True
 
 
+class CausalBlock(nn.Module):
+    """Decoder-only block: causal self-attention and feed-forward, each x = x + F(norm(x))."""
+
+    role = "causal"
+    norm_first = True
+    norm = "layer_norm"
+    feed_forward_kind = "mlp"
+    bias = True
+
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu",
+                 rotary: nn.Module | None = None):
+        super().__init__()
+        norm = registry.get("norm", self.norm)
+        self.norm1 = norm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, heads, dropout, bias=self.bias, rotary=rotary)
+        self.norm2 = norm(d_model)
+        self.feed_forward = registry.get("feed_forward", self.feed_forward_kind)(d_model, d_ff, dropout, activation, self.bias)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """(B, T, D) → (B, T, D); with a cache ``x`` holds only the new positions."""
+        x = x + self.dropout(self.self_attn(self.norm1(x), causal=True, cache=cache))
+        return x + self.dropout(self.feed_forward(self.norm2(x)))
+
+
+@register("block", "gpt")
+class GPTBlock(CausalBlock):
+    """Decoder-only block as in GPT-2: LayerNorm before each sublayer, an MLP, biases (Radford et al., 2019)."""
+
+
+@register("block", "llama")
+class LlamaBlock(CausalBlock):
+    """Decoder-only block as in Llama: RMSNorm, a gated feed-forward, no biases (Touvron et al., 2023)."""
+
+    norm = "rms_norm"
+    feed_forward_kind = "glu"
+    bias = False
+
+
 def _block_class(name: str, role: str) -> type[nn.Module]:
     cls = registry.get("block", name)
     if getattr(cls, "role", None) != role:
@@ -199,4 +259,24 @@ class Decoder(nn.Module):
     ) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, memory_mask, None if cache is None else cache[i])
+        return self.norm(x)
+
+
+class CausalDecoder(nn.Module):
+    """A stack of causal blocks and a final norm of the blocks' kind; a rotary position, when given,
+    is shared by every block's attention. :meth:`new_cache` makes the caches for generation."""
+
+    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
+                 rotary: nn.Module | None = None):
+        super().__init__()
+        cls = _block_class(block, "causal")
+        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rotary) for _ in range(layers))
+        self.norm = registry.get("norm", cls.norm)(d_model)
+
+    def new_cache(self, length: int = 16) -> list[KVCache]:
+        return [KVCache(length) for _ in self.layers]
+
+    def forward(self, x: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i])
         return self.norm(x)

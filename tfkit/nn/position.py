@@ -1,4 +1,10 @@
-"""Positional encodings that act on the input embeddings: ``forward(x, offset)`` returns x + P[offset:offset+T]."""
+"""Positional encodings. Each says where it acts (``acts_on``), and its builder places it there:
+
+- ``"embeddings"`` (sinusoidal, learned): ``cls(d_model, max_len)``; ``forward(x, offset)`` returns
+  x + P[offset:offset+T] for the (B, T, D) input embeddings;
+- ``"queries_keys"`` (rotary): ``cls(head_dim, max_len)``; attention calls ``forward(x, offset)`` on
+  its (B, H, T, d_k) queries and keys, which come back rotated by their positions.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ def sinusoids_at(positions: Tensor, d_model: int) -> Tensor:
 class SinusoidalPosition(nn.Module):
     """Fixed sine and cosine encodings of each position, added to the embeddings (Vaswani et al., 2017)."""
 
+    acts_on = "embeddings"
+
     def __init__(self, d_model: int, max_len: int = 1024):
         super().__init__()
         self.d_model = d_model
@@ -49,6 +57,8 @@ class SinusoidalPosition(nn.Module):
 class LearnedPosition(nn.Module):
     """One trained vector per position up to max_len, added to the embeddings (BERT, ViT)."""
 
+    acts_on = "embeddings"
+
     def __init__(self, d_model: int, max_len: int = 1024):
         super().__init__()
         self.table = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
@@ -58,6 +68,31 @@ class LearnedPosition(nn.Module):
         if end > self.table.size(0):
             raise UsageError(f"input of {end} positions is longer than the {self.table.size(0)} learned ones")
         return x + self.table[offset:end]
+
+
+@register("position", "rotary")
+class RotaryPosition(nn.Module):
+    """Rotary positions (Su et al., 2021): query and key features rotate in pairs by angles that grow
+    with the position, so q·k depends on the two positions only through their distance.
+
+    Pairs are the two halves of each head's features, feature i with feature i + d/2 (GPT-NeoX and
+    Llama's layout), at frequencies base^(-2i/d)."""
+
+    acts_on = "queries_keys"
+
+    def __init__(self, head_dim: int, max_len: int = 1024, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise UsageError(f"rotary positions need an even size per head, got {head_dim} (change d_model or heads)")
+        self.register_buffer("frequency", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """(..., T, d) features of positions offset..offset+T-1 → the same, rotated."""
+        positions = torch.arange(offset, offset + x.size(-2), device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.frequency[None]  # (T, d/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
 def resize_grid(table: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:

@@ -1,0 +1,178 @@
+"""causal-lm: no position sees a later one, the KV cache equals the full forward, rotary positions
+depend only on distance, sampling is seeded, bits per byte count the real bytes, and it learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import quiet
+
+from tfkit import config as configs
+from tfkit import registry
+from tfkit import run as runs
+from tfkit.nn.position import RotaryPosition
+from tfkit.recipes.causal_lm import EOT, CausalLM, generate, sample_next, token_bytes, train_byte_bpe
+from tfkit.train import start_training
+from test_cli import one_error_line, tfkit
+
+TINY = [
+    "data.vocab_size=512", "data.block_size=64", "model.d_model=64", "model.heads=4", "model.d_ff=256",
+    "model.layers=2", "model.max_positions=128", "train.steps=300", "train.batch_size=16", "train.lr=0.003",
+    "train.warmup=30", "train.log_every=10", "train.eval_every=0", "train.save_every=300",
+]
+
+
+def lm_config(*sets: str) -> dict:
+    return configs.resolve(registry.get("recipe", "causal-lm").default_config(), None, [*TINY, *sets])
+
+
+def model(block: str = "gpt", position: str = "learned") -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(50, 32, 4, 64, 2, 0.0, "gelu" if block == "gpt" else "swish", block, position, 40).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    trainer = start_training(lm_config(), tmp_path_factory.mktemp("lm") / "run", torch.device("cpu"), console=quiet())
+    trainer.fit(progress=False)
+    return trainer.run_dir
+
+
+BLOCKS = [("gpt", "learned"), ("gpt", "sinusoidal"), ("llama", "rotary")]
+
+
+@pytest.mark.parametrize("block, position", BLOCKS)
+def test_no_position_sees_a_later_one(block, position):
+    lm = model(block, position)
+    ids = torch.randint(1, 50, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids)[:, :7], lm(changed)[:, :7], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block, position", BLOCKS)
+def test_the_kv_cache_gives_the_full_forward_at_every_step(block, position):
+    lm = model(block, position)
+    ids = torch.randint(1, 50, (1, 15))
+    with torch.no_grad():
+        full = lm.logits(lm(ids))
+        cache = lm.new_cache(4)  # small: the cache grows while decoding
+        steps = [lm.logits(lm(ids[:, :5], cache))]  # a prompt, then one token at a time
+        steps += [lm.logits(lm(ids[:, t : t + 1], cache)) for t in range(5, 15)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    rotary = RotaryPosition(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i: int, j: int) -> float:
+        return float((rotary(q, i) * rotary(k, j)).sum())
+
+    assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5) == pytest.approx(score(102, 100), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    torch.testing.assert_close(rotary(q, 0), q)  # position 0 is not rotated
+    assert torch.allclose(rotary(q, 7).norm(), q.norm())  # a rotation keeps lengths
+
+
+def test_sampling_is_seeded_and_temperature_zero_is_greedy():
+    lm = model()
+    prompt = [3, 4, 5]
+    draws = [generate(lm, prompt, 12, 1.0, 50, 1.0, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2]
+    greedy = generate(lm, prompt, 12, 0.0, 50, 1.0, torch.Generator())
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(greedy)):
+            ids.append(int(lm.logits(lm(torch.tensor([ids])))[0, -1].argmax()))
+    assert greedy == ids[len(prompt) :]
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, 1, 1.0, generator) for _ in range(20)} == {1}  # top-k 1
+    assert {sample_next(logits, 1.0, 4, 0.01, generator) for _ in range(20)} == {1}  # top-p below the first
+    assert {sample_next(logits, 5.0, 2, 1.0, generator) for _ in range(200)} == {1, 2}
+
+
+def test_generation_stops_at_the_last_position():
+    lm = model()
+    assert len(generate(lm, list(range(1, 36)), 50, 0.0, 50, 1.0, torch.Generator())) <= 40 - 35
+
+
+def test_byte_level_bpe_round_trips_and_counts_the_real_bytes():
+    texts = ["def f(x):\n    return x  # ünïcödé ✓\n", "class A:\n\tpass\r\n"] * 20
+    tokenizer = train_byte_bpe(texts, 300)
+    assert tokenizer.token_to_id("<|endoftext|>") == EOT
+    table = token_bytes(tokenizer)
+    for text in texts[:2]:
+        ids = tokenizer.encode(text).ids
+        assert tokenizer.decode(ids) == text
+        assert b"".join(table[i] for i in ids) == text.encode("utf-8")
+
+
+def test_it_learns_and_evaluates(lm_run, capsys):
+    records = [r for r in runs.read_metrics(lm_run) if "lr" in r]
+    assert records[-1]["loss"] < records[0]["loss"] - 2.0
+    (final,) = [r for r in runs.read_metrics(lm_run) if r.get("split") == "validation"]
+    # 300 steps of a 0.1M-parameter model: far from xz, but far below the 8 bits of a byte too
+    assert final["accuracy"] > 15 and final["bits_per_byte"] < 3.0
+    assert final["perplexity"] == pytest.approx(2.718281828 ** final["loss"], rel=1e-6)
+    code, out, err = tfkit(capsys, "evaluate", str(lm_run), "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) == {"loss", "perplexity", "bits_per_byte", "accuracy", "xz_bits_per_byte", "gzip_bits_per_byte"}
+    assert 1.0 < metrics["xz_bits_per_byte"] < metrics["gzip_bits_per_byte"] < 3.0
+
+
+def test_predict_continues_prompts_with_a_seed_and_reports_bad_lines(lm_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def __init__(self\n\nimport os\\nimport \n", encoding="utf-8")
+    outputs = []
+    for seed in ("1", "1", "2"):
+        code, out, err = tfkit(capsys, "predict", str(lm_run), str(prompts), "--seed", seed, "--max-new-tokens", "20")
+        assert code == 0, err
+        outputs.append(out)
+    assert outputs[0] == outputs[1] != outputs[2]
+    lines = outputs[0].split("\n")
+    assert len(lines) == 4 and lines[0] and lines[1] == "" and lines[2]  # one output line per input line
+    assert "prompts.txt:2: empty line; its output line is left empty" in err
+    code, greedy, _ = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "20")
+    code, again, _ = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "20", "--seed", "9")
+    assert code == 0 and greedy == again  # greedy ignores the seed
+    for args, fragment in [
+        (["--temperature", "-1"], "--temperature must be at least 0"),
+        (["--top-p", "0"], "--top-p must be above 0 and at most 1"),
+        (["--beam", "2"], "--beam does not apply to this recipe"),
+    ]:
+        code, _, err = tfkit(capsys, "predict", str(lm_run), str(prompts), *args)
+        assert code == 2
+        one_error_line(err, fragment)
+
+
+def test_inspect_attention_is_causal(lm_run, tmp_path, capsys):
+    import numpy as np
+
+    code, _, err = tfkit(capsys, "inspect-attention", str(lm_run), "for i in range(10):", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    weights = np.load(tmp_path / "a" / "attention.npz")
+    assert set(weights.files) == {"decoder.layers.0.self_attn", "decoder.layers.1.self_attn"}
+    w = weights["decoder.layers.0.self_attn"]
+    assert np.allclose(np.triu(w, 1), 0) and np.allclose(w.sum(-1), 1, atol=1e-5)
+
+
+def test_user_text_files_and_bad_data(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(200)) + "\n", encoding="utf-8")
+    sets = sum((["--set", s] for s in [*TINY, "data.vocab_size=300", "data.block_size=16"]), [])
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "3", "--out", str(tmp_path / "run"), *sets)
+    assert code == 0, err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x\n\ny\n\nz\n", encoding="utf-8")
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(tiny), "--max-steps", "3", *sets)
+    assert code == 2
+    one_error_line(err, "fewer than one block of data.block_size 16")
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "data.block_size=999")
+    assert code == 2
+    one_error_line(err, "data.block_size 999 is more than model.max_positions 128")
