@@ -49,7 +49,7 @@ def test_recipes_and_components_tables(capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["train", "nmt"], "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, conformer, translation, vit)"),
+        (["train", "nmt"], "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, causal-lm, conformer, translation, vit)"),
         (["train", "translation", "--set", "model.width=3"], "unknown config key 'model.width'"),
         (["train", "translation", "--set", "model.d_model"], "malformed --set 'model.d_model'"),
         (["train", "translation", "--set", "model.heads=four"], "'model.heads' expects an integer"),

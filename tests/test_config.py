@@ -75,7 +75,7 @@ def test_zero_is_accepted_where_it_turns_something_off():
     assert config["train"]["warmup"] == 0 and config["model"]["dropout"] == 0.0
 
 
-@pytest.mark.parametrize("recipe", ["translation", "bert-pretrain", "bert-finetune", "vit", "conformer"])
+@pytest.mark.parametrize("recipe", registry.names("recipe"))
 def test_every_default_config_is_in_range(recipe):
     configs.check_values(registry.get("recipe", recipe).default_config())
 

@@ -19,6 +19,7 @@ from tfkit import registry
 from tfkit import run as runs
 from tfkit.train import start_training
 from test_bert import TINY_FINETUNE, TINY_PRETRAIN
+from test_causal_lm import TINY as TINY_LM
 from test_conformer import TINY_CONFORMER
 from test_vit import TINY_VIT
 
@@ -29,6 +30,7 @@ TINY_RUNS = {
     "bert-pretrain": [*TINY_PRETRAIN, "train.batch_size=16"],
     "bert-finetune": [*TINY_FINETUNE, "model.dropout=0.0", "train.batch_size=16"],
     "vit": [*TINY_VIT, "train.batch_size=32"],
+    "causal-lm": [*TINY_LM, "train.batch_size=8"],
     "conformer": [*TINY_CONFORMER, "data.train_size=60", "data.validation_size=8", "data.test_size=8", "model.dropout=0.0", "train.batch_size=6"],
 }
 
