@@ -95,6 +95,7 @@ SMALL_EVAL_BATCHES = {
     "bert-pretrain": ["train.batch_size=8"],
     "bert-finetune": ["predict.batch_size=8"],
     "vit": ["predict.batch_size=16"],
+    "causal-lm": ["predict.batch_size=256"],
     "conformer": ["decode.batch_size=2"],
 }
 QA = ["task=qa", "data.max_length=64", "data.doc_stride=16"]

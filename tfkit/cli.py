@@ -16,9 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tfkit import config as configs
-from tfkit import registry
+from tfkit import errors, registry
 from tfkit import run as runs
-from tfkit import errors
 from tfkit.errors import TfkitError, UsageError
 
 app = typer.Typer(

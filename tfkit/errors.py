@@ -21,6 +21,11 @@ class UsageError(TfkitError):
     every_rank = True
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of an exception's message: libraries' multi-line reports in one line."""
+    return next((line.strip()[:limit] for line in str(error).splitlines() if line.strip()), "no detail")
+
+
 def report_bad_input(path: Path, error: Exception) -> None:
     """One line on stderr for an input file that failed (its traceback too under --debug), so that the
     caller can go on with the other inputs."""
@@ -29,6 +34,5 @@ def report_bad_input(path: Path, error: Exception) -> None:
     if isinstance(error, UsageError):
         text = str(error) if str(path) in str(error) else f"{path}: {error}"
     else:  # a decoder's own exception, a tensor too large for memory, ...
-        detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "no detail")
-        text = f"{path}: {type(error).__name__}: {detail[:300]}"
+        text = f"{path}: {type(error).__name__}: {first_line(error)}"
     print(f"error: {text}", file=sys.stderr)

@@ -43,7 +43,7 @@ from torch import nn
 
 from tfkit import config as configs
 from tfkit import registry
-from tfkit.errors import TfkitError, UsageError
+from tfkit.errors import TfkitError, UsageError, first_line
 
 if TYPE_CHECKING:
     from tfkit.recipe import Recipe
@@ -113,11 +113,6 @@ def damaged(path: Path, error: BaseException | str, todo: str) -> UsageError:
     """The one-line error for a file of a run that cannot be used: what is wrong, then what to do."""
     what = error if isinstance(error, str) else f"{type(error).__name__}: {first_line(error)}"
     return UsageError(f"{path}: {what} ({todo})")
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:200] if lines else "no detail"
 
 
 # -- the config -------------------------------------------------------------------------------------

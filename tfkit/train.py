@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tfkit import distributed, registry
 from tfkit import run as runs
 from tfkit.distributed import Ranks
-from tfkit.errors import TfkitError, UsageError
+from tfkit.errors import TfkitError, UsageError, first_line
 from tfkit.nn.linear import packed_weights
 from tfkit.recipe import Recipe
 
@@ -209,7 +209,7 @@ class Trainer:
             if "cuda_rng" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another run's state, or one edited by hand
-            raise runs.damaged(path, f"does not fit this run's model and optimiser ({type(e).__name__}: {runs.first_line(e)})",
+            raise runs.damaged(path, f"does not fit this run's model and optimiser ({type(e).__name__}: {first_line(e)})",
                                "was it copied from another run?") from None
         if len(rank_rngs) != self.ranks.world and (self.ranks.active or rank_rngs):
             self.console.print(f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not")
