@@ -194,6 +194,8 @@ class CausalLanguageModel(TokenizerRecipe):
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
+        if data["block_size"] > self.config["model"]["max_positions"]:
+            raise UsageError(f"data.block_size {data['block_size']} is more than model.max_positions {self.config['model']['max_positions']}")
         path = Path(data["name"]).expanduser()
         if path.suffix == ".txt":  # documents between blank lines, not datasets' one row per line
             splits = complete_splits(text_documents(path), seed, data["held_out"])
@@ -210,10 +212,15 @@ class CausalLanguageModel(TokenizerRecipe):
         else:
             self.tokenizer = train_byte_bpe(texts["train"], data["vocab_size"])
         self.streams = {split: self._stream(texts[split]) for split in SPLITS}  # (N,) int32 token ids
-        self.bytes = np.array([len(b) for b in token_bytes(self.tokenizer)], dtype=np.int64)
-        block = data["block_size"]
-        if len(self.streams["train"]) <= block + 1:
-            raise UsageError(f"the training text has {len(self.streams['train'])} tokens, fewer than one block of data.block_size {block}")
+        self.token_bytes = token_bytes(self.tokenizer)
+        self.byte_counts = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+        block, batch = data["block_size"], self.config["train"]["batch_size"]
+        for split in SPLITS:
+            if len(self.streams[split]) <= block + 1:
+                raise UsageError(f"the {split} text has {len(self.streams[split])} tokens, fewer than one block of data.block_size {block}")
+        if len(self._blocks("train")) < batch:
+            raise UsageError(f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
+                             f"fewer than train.batch_size {batch} (lower either)")
 
     def _stream(self, texts: list[str]) -> np.ndarray:
         """The documents' tokens, each followed by END_OF_TEXT, as one array."""
@@ -221,9 +228,7 @@ class CausalLanguageModel(TokenizerRecipe):
         return np.fromiter((i for row in ids for i in row), dtype=np.int32)
 
     def build_model(self) -> nn.Module:
-        m, block = self.config["model"], self.config["data"]["block_size"]
-        if block > m["max_positions"]:
-            raise UsageError(f"data.block_size {block} is more than model.max_positions {m['max_positions']}")
+        m = self.config["model"]
         return CausalLM(self.tokenizer.get_vocab_size(), m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"],
                         m["activation"], m["block"], m["position"], m["max_positions"])
 
@@ -266,7 +271,7 @@ class CausalLanguageModel(TokenizerRecipe):
             nats = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none").view_as(batch["targets"])
             right = logits.argmax(-1) == batch["targets"]
             for row, place in enumerate(places):
-                out[place] = (nats[row].sum().item(), int(right[row].sum()), batch["targets"].size(1), int(self.bytes[batch["targets"][row].numpy()].sum()))
+                out[place] = (nats[row].sum().item(), int(right[row].sum()), batch["targets"].size(1), int(self.byte_counts[batch["targets"][row].numpy()].sum()))
         return out
 
     def score(self, split: str, outputs: list[tuple[float, int, int, int]]) -> dict[str, float]:
@@ -285,7 +290,7 @@ class CausalLanguageModel(TokenizerRecipe):
             self._compressed: dict[str, dict[str, float]] = {}
         if split not in self._compressed:
             starts, block = self._blocks(split), self.config["data"]["block_size"]
-            table = token_bytes(self.tokenizer)
+            table = self.token_bytes
             text = b"".join(table[i] for s in starts for i in self.streams[split][s + 1 : s + block + 1].tolist())
             self._compressed[split] = {
                 "xz_bits_per_byte": 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / max(1, len(text)),

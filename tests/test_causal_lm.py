@@ -176,3 +176,6 @@ def test_user_text_files_and_bad_data(tmp_path, capsys):
     code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "data.block_size=999")
     assert code == 2
     one_error_line(err, "data.block_size 999 is more than model.max_positions 128")
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "train.batch_size=512")
+    assert code == 2
+    one_error_line(err, "blocks of data.block_size 16, fewer than train.batch_size 512 (lower either)")
