@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tfkit import registry
 from tfkit.data import SPLITS, cached, complete_splits, load_splits, read_lines, require_columns
 from tfkit.errors import UsageError
+from tfkit.inspect import capture_attention, head_type_scores
 from tfkit.nn.blocks import CausalDecoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
@@ -327,8 +328,17 @@ class CausalLanguageModel(TokenizerRecipe):
         device = next(model.parameters()).device
         tokens = [self.tokenizer.decode([i]) for i in ids]
         model.eval()
+
+        def head_types() -> dict[str, dict[str, list[float]]]:
+            period = min(50, model.max_positions // 2)
+            probe = torch.randint(1, self.tokenizer.get_vocab_size(), (1, period), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad(), capture_attention(model) as captured:
+                model(probe.repeat(1, 2).to(device))
+            return {name: head_type_scores(w[0].numpy(), period) for name, w in captured.items()}
+
         return AttentionExample(
             run=lambda: model(torch.tensor([ids], device=device)),
             tokens={"tokens": tokens},
             axes=lambda name: ("tokens", "tokens"),
+            head_types=head_types,
         )

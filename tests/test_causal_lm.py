@@ -151,15 +151,39 @@ def test_predict_continues_prompts_with_a_seed_and_reports_bad_lines(lm_run, tmp
         one_error_line(err, fragment)
 
 
-def test_inspect_attention_is_causal(lm_run, tmp_path, capsys):
+def test_inspect_attention_is_causal_and_scores_head_types(lm_run, tmp_path, capsys):
     import numpy as np
 
-    code, _, err = tfkit(capsys, "inspect-attention", str(lm_run), "for i in range(10):", "--out", str(tmp_path / "a"))
+    code, out, err = tfkit(capsys, "inspect-attention", str(lm_run), "for i in range(10):", "--out", str(tmp_path / "a"))
     assert code == 0, err
     weights = np.load(tmp_path / "a" / "attention.npz")
     assert set(weights.files) == {"decoder.layers.0.self_attn", "decoder.layers.1.self_attn"}
     w = weights["decoder.layers.0.self_attn"]
     assert np.allclose(np.triu(w, 1), 0) and np.allclose(w.sum(-1), 1, atol=1e-5)
+    scores = json.loads((tmp_path / "a" / "head_types.json").read_text())
+    assert set(scores) == set(weights.files)
+    assert all(len(kinds[kind]) == 4 and all(0 <= s <= 1 for s in kinds[kind]) for kinds in scores.values() for kind in kinds)
+    assert "head types, on random tokens repeated twice" in out and "induction" in out
+
+
+def test_head_type_scores_tell_induction_from_previous_token_and_uniform_heads():
+    import numpy as np
+
+    from tfkit.inspect import head_type_scores
+
+    period, length = 20, 40
+    causal = np.tril(np.ones((length, length)))
+    uniform = causal / causal.sum(-1, keepdims=True)
+    previous = np.eye(length, k=-1)
+    previous[0, 0] = 1
+    induction = np.eye(length)  # the first repeat attends to itself; the second to the token after its copy
+    for i in range(period, length):
+        induction[i] = 0
+        induction[i, i - period + 1] = 1
+    scores = head_type_scores(np.stack([uniform, previous, induction]), period)
+    assert scores["induction"][2] == 1.0 and scores["induction"][0] < 0.05 and scores["induction"][1] == 0.0
+    assert scores["previous_token"][1] == 1.0 and scores["previous_token"][0] < 0.2
+    assert scores["duplicate_token"] == [pytest.approx(np.mean([1 / (i + 1) for i in range(period, length)])), 0.0, 0.0]
 
 
 def test_user_text_files_and_bad_data(tmp_path, capsys):

@@ -212,7 +212,7 @@ def inspect_attention(
 
     Example: tfkit inspect-attention runs/translation/20261123-101500 "twenty-five"
     """
-    from tfkit.inspect import head_summary, inspect
+    from tfkit.inspect import HEAD_TYPES, INDUCTION_HEAD, head_summary, inspect, write_head_types
     from tfkit.train import pick_device
 
     registry.load_all()
@@ -228,7 +228,17 @@ def inspect_attention(
         for head, entropy, token, weight in head_summary(w, example.tokens[key_axis]):
             table.add_row(str(head), f"{entropy:.2f}", token, f"{weight:.2f}")
         stdout.print(table)
-    stderr.print(f"wrote {folder}/attention.npz, tokens.json and {len(weights)} PNG files")
+    scores = write_head_types(example, folder)
+    if scores:
+        table = Table(title="head types, on random tokens repeated twice (* induction head)")
+        for column in ("module", "head", *HEAD_TYPES):
+            table.add_column(column)
+        for name, kinds in scores.items():
+            for head in range(len(kinds["induction"])):
+                mark = " *" if kinds["induction"][head] > INDUCTION_HEAD else ""
+                table.add_row(name, str(head), *(f"{kinds[kind][head]:.2f}" for kind in HEAD_TYPES[:-1]), f"{kinds['induction'][head]:.2f}{mark}")
+        stdout.print(table)
+    stderr.print(f"wrote {folder}/attention.npz, tokens.json and {len(weights)} PNG files" + (" and head_types.json" if scores else ""))
 
 
 @app.command()

@@ -153,3 +153,30 @@ def head_summary(weights: np.ndarray, keys: list[str]) -> list[tuple[int, float,
         top = int(received.argmax())
         rows.append((h, entropy, keys[top], float(received[top])))
     return rows
+
+
+HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
+INDUCTION_HEAD = 0.4  # an induction score above this marks an induction head
+
+
+def head_type_scores(weights: np.ndarray, period: int) -> dict[str, list[float]]:
+    """Per head of (heads, 2·period, 2·period) causal attention over a sequence of random tokens
+    repeated twice: the mean weight on the previous position (previous-token heads), and, over the
+    second repeat, on the same token's earlier copy (duplicate-token heads) and on the token that
+    followed that copy, which is the one that comes next (induction heads; Olsson et al., 2022)."""
+    positions = np.arange(1, weights.shape[-1])
+    second = np.arange(period, 2 * period)
+    return {
+        "previous_token": weights[:, positions, positions - 1].mean(-1).tolist(),
+        "duplicate_token": weights[:, second, second - period].mean(-1).tolist(),
+        "induction": weights[:, second, second - period + 1].mean(-1).tolist(),
+    }
+
+
+def write_head_types(example: AttentionExample, out_dir: Path) -> dict[str, dict[str, list[float]]] | None:
+    """The example's head-type scores, written to head_types.json; None where the recipe has none."""
+    if example.head_types is None:
+        return None
+    scores = example.head_types()
+    (out_dir / "head_types.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
+    return scores

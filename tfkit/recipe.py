@@ -47,6 +47,8 @@ class AttentionExample:
     ``draw``, when given, replaces the default heatmap grids: it gets the captured weights
     ({module: (heads, query, key)}) and the output folder, and writes its own pictures.
     ``meta`` goes into tokens.json beside the tokens (an image recipe records its patch grid).
+    ``head_types``, when given, measures what kind of head each one is on a probe of the recipe's
+    own ({module: {kind: a score per head}}, see :func:`tfkit.inspect.head_type_scores`).
     """
 
     run: Callable[[], Any]
@@ -54,6 +56,7 @@ class AttentionExample:
     axes: Callable[[str], tuple[str, str]]  # attention module name → (query axis, key axis)
     draw: Callable[[dict[str, np.ndarray], Path], None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    head_types: Callable[[], dict[str, dict[str, list[float]]]] | None = None
 
 
 class Recipe:
