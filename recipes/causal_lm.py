@@ -14,6 +14,7 @@ The built-in corpus is the Python standard library's own source (test suites lef
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
 import math
 import random
@@ -21,12 +22,13 @@ import sys
 import sysconfig
 from functools import cache
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
@@ -41,8 +43,7 @@ from tfkit.nn.losses import linear_cross_entropy
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
 from tfkit.registry import register
 
-END_OF_TEXT = "<|endoftext|>"
-EOT = 0  # the one special token, id 0
+END_OF_TEXT = "<|endoftext|>"  # between documents; tfkit's tokenizers give it id 0, GPT-2's 50256
 SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "__pycache__"}
 
 
@@ -109,7 +110,15 @@ def byte_of_symbol() -> dict[str, int]:
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """The bytes each token id stands for (none for END_OF_TEXT)."""
     symbols = byte_of_symbol()
-    return [b"" if i == EOT else bytes(symbols[c] for c in tokenizer.id_to_token(i)) for i in range(tokenizer.get_vocab_size())]
+    tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+    return [b"" if token == END_OF_TEXT else bytes(symbols[c] for c in token) for token in tokens]
+
+
+def end_of_text(tokenizer: Tokenizer, where: Path | str) -> int:
+    found = tokenizer.token_to_id(END_OF_TEXT)
+    if found is None:
+        raise UsageError(f"the tokenizer of {where} has no {END_OF_TEXT} token (a byte-level BPE as GPT-2's is needed)")
+    return found
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -169,9 +178,9 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, ge
 
 @torch.no_grad()
 def generate(model: CausalLM, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             generator: torch.Generator) -> list[int]:
-    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (fewer at END_OF_TEXT or the model's last
-    position), one forward pass per token over the KV cache."""
+             generator: torch.Generator, stop: int) -> list[int]:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens (fewer at token ``stop``, END_OF_TEXT, or
+    the model's last position), one forward pass per token over the KV cache."""
     device = next(model.parameters()).device
     budget = min(max_new_tokens, model.max_positions - len(prompt))
     cache = model.new_cache(len(prompt) + budget)
@@ -179,7 +188,7 @@ def generate(model: CausalLM, prompt: list[int], max_new_tokens: int, temperatur
     out: list[int] = []
     for _ in range(budget):
         token = sample_next(model.logits(hidden[0, -1]), temperature, top_k, top_p, generator)
-        if token == EOT:
+        if token == stop:
             break
         out.append(token)
         hidden = model(torch.tensor([[token]], device=device), cache)
@@ -211,7 +220,9 @@ class CausalLanguageModel(TokenizerRecipe):
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self.tokenizer = train_byte_bpe(texts["train"], data["vocab_size"])
+            init = self.config["init"]
+            self.tokenizer = gpt2_tokenizer(Path(init)) if init else train_byte_bpe(texts["train"], data["vocab_size"])
+            self.eot = end_of_text(self.tokenizer, init or "this run")
         self.streams = {split: self._stream(texts[split]) for split in SPLITS}  # (N,) int32 token ids
         self.token_bytes = token_bytes(self.tokenizer)
         self.byte_counts = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
@@ -223,9 +234,13 @@ class CausalLanguageModel(TokenizerRecipe):
             raise UsageError(f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
                              f"fewer than train.batch_size {batch} (lower either)")
 
+    def load(self, run_dir: Path) -> None:
+        super().load(run_dir)
+        self.eot = end_of_text(self.tokenizer, run_dir / "tokenizer.json")
+
     def _stream(self, texts: list[str]) -> np.ndarray:
         """The documents' tokens, each followed by END_OF_TEXT, as one array."""
-        ids = [e.ids + [EOT] for e in self.tokenizer.encode_batch(texts)]
+        ids = [e.ids + [self.eot] for e in self.tokenizer.encode_batch(texts)]
         return np.fromiter((i for row in ids for i in row), dtype=np.int32)
 
     def build_model(self) -> nn.Module:
@@ -317,7 +332,7 @@ class CausalLanguageModel(TokenizerRecipe):
                 print(f"warning: {path}:{number}: {why}; its output line is left empty", file=sys.stderr)
                 out.write("\n")
                 continue
-            text = self.tokenizer.decode(generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator))
+            text = self.tokenizer.decode(generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, self.eot))
             out.write(text.replace("\n", "\\n") + "\n")
             out.flush()
 
@@ -342,3 +357,73 @@ class CausalLanguageModel(TokenizerRecipe):
             axes=lambda name: ("tokens", "tokens"),
             head_types=head_types,
         )
+
+    # -- starting from GPT-2 (tfkit train causal-lm --init FOLDER) ----------------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        return {"model": gpt2_config(path)}
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        weights = gpt2_weights(path, len(model.decoder.layers))
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # sizes changed with --set after --init
+            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+
+
+# -- Hugging Face GPT-2 folders ---------------------------------------------------------------------
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def gpt2_config(folder: Path) -> dict[str, Any]:
+    """model.* for a transformers GPT-2 folder's config.json."""
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} could not be read ({type(e).__name__}; is {folder} a GPT-2 folder?)") from None
+    if hf.get("model_type") != "gpt2":
+        raise UsageError(f"{path} describes a '{hf.get('model_type')}' model, not GPT-2")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in GPT2_ACTIVATIONS or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise UsageError(f"{folder}: only GPT-2s with GELU and LayerNorm eps 1e-5 can be imported")
+    return {
+        "block": "gpt", "position": "learned", "d_model": hf["n_embd"], "heads": hf["n_head"], "layers": hf["n_layer"],
+        "d_ff": hf.get("n_inner") or 4 * hf["n_embd"], "activation": GPT2_ACTIVATIONS[activation], "max_positions": hf["n_positions"],
+    }
+
+
+def gpt2_weights(folder: Path, layers: int) -> dict[str, Tensor]:
+    """A transformers GPT-2 checkpoint (GPT2Model or GPT2LMHeadModel, safetensors) in :class:`CausalLM`'s
+    names; GPT-2's Conv1D layers store their weights as (in, out), so they are transposed."""
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{folder} has no model.safetensors (only safetensors weights are loaded)")
+    hf = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
+    try:
+        ours = {"tokens.weight": hf["wte.weight"], "position.table": hf["wpe.weight"],
+                "decoder.norm.weight": hf["ln_f.weight"], "decoder.norm.bias": hf["ln_f.bias"]}
+        for i in range(layers):
+            theirs, mine = f"h.{i}.", f"decoder.layers.{i}."
+            for conv, linear_name in (("attn.c_attn", "self_attn.in_proj"), ("attn.c_proj", "self_attn.out_proj"),
+                                      ("mlp.c_fc", "feed_forward.up"), ("mlp.c_proj", "feed_forward.down")):
+                ours[f"{mine}{linear_name}.weight"] = hf[f"{theirs}{conv}.weight"].t().contiguous()
+                ours[f"{mine}{linear_name}.bias"] = hf[f"{theirs}{conv}.bias"]
+            for norm, mine_norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+                for part in ("weight", "bias"):
+                    ours[f"{mine}{mine_norm}.{part}"] = hf[f"{theirs}{norm}.{part}"]
+    except KeyError as e:
+        raise UsageError(f"{path} is not a transformers GPT-2 checkpoint (no tensor {e})") from None
+    return ours
+
+
+def gpt2_tokenizer(folder: Path) -> Tokenizer:
+    """tokenizer.json, or GPT-2's vocab.json and merges.txt (a byte-level BPE)."""
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tokenizer = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
+    raise UsageError(f"{folder} has no tokenizer.json, nor vocab.json and merges.txt")

@@ -13,7 +13,7 @@ from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.nn.position import RotaryPosition
-from tfkit.recipes.causal_lm import EOT, CausalLM, generate, sample_next, token_bytes, train_byte_bpe
+from tfkit.recipes.causal_lm import END_OF_TEXT, CausalLM, generate, sample_next, token_bytes, train_byte_bpe
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -81,9 +81,9 @@ def test_rotary_scores_depend_only_on_the_distance():
 def test_sampling_is_seeded_and_temperature_zero_is_greedy():
     lm = model()
     prompt = [3, 4, 5]
-    draws = [generate(lm, prompt, 12, 1.0, 50, 1.0, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2)]
+    draws = [generate(lm, prompt, 12, 1.0, 50, 1.0, torch.Generator().manual_seed(seed), 0) for seed in (1, 1, 2)]
     assert draws[0] == draws[1] != draws[2]
-    greedy = generate(lm, prompt, 12, 0.0, 50, 1.0, torch.Generator())
+    greedy = generate(lm, prompt, 12, 0.0, 50, 1.0, torch.Generator(), 0)
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(len(greedy)):
@@ -98,13 +98,13 @@ def test_sampling_is_seeded_and_temperature_zero_is_greedy():
 
 def test_generation_stops_at_the_last_position():
     lm = model()
-    assert len(generate(lm, list(range(1, 36)), 50, 0.0, 50, 1.0, torch.Generator())) <= 40 - 35
+    assert len(generate(lm, list(range(1, 36)), 50, 0.0, 50, 1.0, torch.Generator(), 0)) <= 40 - 35
 
 
 def test_byte_level_bpe_round_trips_and_counts_the_real_bytes():
     texts = ["def f(x):\n    return x  # ünïcödé ✓\n", "class A:\n\tpass\r\n"] * 20
     tokenizer = train_byte_bpe(texts, 300)
-    assert tokenizer.token_to_id("<|endoftext|>") == EOT
+    assert tokenizer.token_to_id(END_OF_TEXT) == 0
     table = token_bytes(tokenizer)
     for text in texts[:2]:
         ids = tokenizer.encode(text).ids
@@ -203,3 +203,29 @@ def test_user_text_files_and_bad_data(tmp_path, capsys):
     code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "train.batch_size=512")
     assert code == 2
     one_error_line(err, "blocks of data.block_size 16, fewer than train.batch_size 512 (lower either)")
+
+
+def test_a_hugging_face_gpt2_folder_gives_the_same_logits_and_greedy_text(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = train_byte_bpe(["def f(x):\n    return x + 1\n", "import os\nimport sys\n"] * 50, 300)
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    tokenizer.model.save(str(folder))  # GPT-2's layout: vocab.json and merges.txt
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)
+    theirs = GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(folder)
+    code, out, err = tfkit(capsys, "train", "causal-lm", "--init", str(folder), "--max-steps", "0", "--out", str(tmp_path / "run"),
+                           "--set", "data.block_size=32", "--set", "predict.batch_size=512")
+    assert code == 0, err
+    recipe, ours = runs.open_run(tmp_path / "run")
+    ids = torch.randint(1, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)), theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        expected = theirs.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert generate(ours, ids[0, :5].tolist(), 12, 0.0, 50, 1.0, torch.Generator(), 0) == [t for t in expected if t != 0][: len(expected)]
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--init", str(tmp_path), "--max-steps", "0")
+    assert code == 2
+    one_error_line(err, "config.json could not be read")

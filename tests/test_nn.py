@@ -229,6 +229,7 @@ ACTIVATIONS = {
     "relu": lambda x: x.clamp(min=0),
     "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
     "swish": lambda x: x * torch.sigmoid(x),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
 }
 
 

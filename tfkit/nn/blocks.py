@@ -20,6 +20,16 @@ from tfkit.registry import register
 register("activation", "relu")(nn.ReLU)
 register("activation", "gelu")(nn.GELU)
 register("activation", "swish")(nn.SiLU)
+
+
+@register("activation", "gelu_tanh")
+class TanhGELU(nn.GELU):
+    """GELU's tanh approximation, 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))), as GPT-2 uses ("gelu_new")."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+
 register("norm", "layer_norm")(nn.LayerNorm)
 register("norm", "rms_norm")(nn.RMSNorm)
 
