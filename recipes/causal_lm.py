@@ -164,6 +164,43 @@ class CausalLM(nn.Module):
         return linear(hidden, self.tokens.weight)
 
 
+class LSTMState:
+    """The recurrent state carried between generation steps: what a KV cache is to the Transformer."""
+
+    def __init__(self) -> None:
+        self.state: tuple[Tensor, Tensor] | None = None
+        self.length = 0
+
+
+class LSTMLanguageModel(nn.Module):
+    """The baseline the course notes read beside GPT: token embeddings, a stack of LSTMs, the same tied
+    output (Merity et al., 2018, without their regularisers). Same interface as :class:`CausalLM`."""
+
+    def __init__(self, vocab_size: int, d_model: int, layers: int, dropout: float, max_positions: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        self.lstm = nn.LSTM(d_model, d_model, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.dropout = Dropout(dropout)
+
+    def new_cache(self, length: int = 16) -> list[LSTMState]:
+        return [LSTMState()]
+
+    def forward(self, token_ids: Tensor, cache: list[LSTMState] | None = None, targets: Tensor | None = None) -> Tensor:
+        state = cache[0] if cache else None
+        hidden, carried = self.lstm(self.dropout(self.tokens(token_ids)), state.state if state else None)
+        if state is not None:
+            state.state, state.length = carried, state.length + token_ids.size(1)
+        hidden = self.dropout(hidden)
+        if targets is None:
+            return hidden
+        return linear_cross_entropy(hidden.flatten(0, 1), self.tokens.weight, targets.flatten())
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return linear(hidden, self.tokens.weight)
+
+
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
     """The next token from (V,) logits: the most likely at temperature 0; else drawn from the softmax at
     ``temperature`` over the ``top_k`` most likely tokens whose cumulative probability first reaches ``top_p``."""
@@ -245,7 +282,12 @@ class CausalLanguageModel(TokenizerRecipe):
 
     def build_model(self) -> nn.Module:
         m = self.config["model"]
-        return CausalLM(self.tokenizer.get_vocab_size(), m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"],
+        vocab = self.tokenizer.get_vocab_size()
+        if m["family"] == "lstm":
+            return LSTMLanguageModel(vocab, m["d_model"], m["layers"], m["dropout"], m["max_positions"])
+        if m["family"] != "transformer":
+            raise UsageError(f"unknown model.family '{m['family']}' (valid: transformer, lstm)")
+        return CausalLM(vocab, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"],
                         m["activation"], m["block"], m["position"], m["max_positions"])
 
     # -- training ---------------------------------------------------------------------------------
