@@ -263,6 +263,7 @@ class CausalLanguageModel(TokenizerRecipe):
         self.streams = {split: self._stream(texts[split]) for split in SPLITS}  # (N,) int32 token ids
         self.token_bytes = token_bytes(self.tokenizer)
         self.byte_counts = np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+        self._compressed: dict[str, dict[str, float]] = {}  # by split: the compressors' figures, measured once
         block, batch = data["block_size"], self.config["train"]["batch_size"]
         for split in SPLITS:
             if len(self.streams[split]) <= block + 1:
@@ -344,8 +345,6 @@ class CausalLanguageModel(TokenizerRecipe):
 
     def compressor_bits_per_byte(self, split: str) -> dict[str, float]:
         """The floor to beat: bits per byte of xz -9e and gzip -9 on the same bytes the model predicts."""
-        if not hasattr(self, "_compressed"):
-            self._compressed: dict[str, dict[str, float]] = {}
         if split not in self._compressed:
             starts, block = self._blocks(split), self.config["data"]["block_size"]
             table = self.token_bytes
