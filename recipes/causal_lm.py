@@ -14,7 +14,6 @@ The built-in corpus is the Python standard library's own source (test suites lef
 from __future__ import annotations
 
 import gzip
-import json
 import lzma
 import math
 import random
@@ -28,13 +27,13 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit.data import SPLITS, cached, complete_splits, load_splits, read_lines, require_columns
 from tfkit.errors import UsageError
+from tfkit.hf import read_config, read_weights
 from tfkit.inspect import capture_attention, head_type_scores
 from tfkit.nn.blocks import CausalDecoder
 from tfkit.nn.dropout import Dropout
@@ -418,13 +417,7 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 
 def gpt2_config(folder: Path) -> dict[str, Any]:
     """model.* for a transformers GPT-2 folder's config.json."""
-    path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} could not be read ({type(e).__name__}; is {folder} a GPT-2 folder?)") from None
-    if hf.get("model_type") != "gpt2":
-        raise UsageError(f"{path} describes a '{hf.get('model_type')}' model, not GPT-2")
+    hf = read_config(folder, "gpt2", "GPT-2")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in GPT2_ACTIVATIONS or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise UsageError(f"{folder}: only GPT-2s with GELU and LayerNorm eps 1e-5 can be imported")
@@ -437,10 +430,7 @@ def gpt2_config(folder: Path) -> dict[str, Any]:
 def gpt2_weights(folder: Path, layers: int) -> dict[str, Tensor]:
     """A transformers GPT-2 checkpoint (GPT2Model or GPT2LMHeadModel, safetensors) in :class:`CausalLM`'s
     names; GPT-2's Conv1D layers store their weights as (in, out), so they are transposed."""
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        raise UsageError(f"{folder} has no model.safetensors (only safetensors weights are loaded)")
-    hf = {key.removeprefix("transformer."): value for key, value in load_file(str(path)).items()}
+    hf = read_weights(folder, "transformer.")
     try:
         ours = {"tokens.weight": hf["wte.weight"], "position.table": hf["wpe.weight"],
                 "decoder.norm.weight": hf["ln_f.weight"], "decoder.norm.bias": hf["ln_f.bias"]}
@@ -454,7 +444,7 @@ def gpt2_weights(folder: Path, layers: int) -> dict[str, Tensor]:
                 for part in ("weight", "bias"):
                     ours[f"{mine}{mine_norm}.{part}"] = hf[f"{theirs}{norm}.{part}"]
     except KeyError as e:
-        raise UsageError(f"{path} is not a transformers GPT-2 checkpoint (no tensor {e})") from None
+        raise UsageError(f"{folder / 'model.safetensors'} is not a transformers GPT-2 checkpoint (no tensor {e})") from None
     return ours
 
 

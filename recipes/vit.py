@@ -22,7 +22,6 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
@@ -30,6 +29,7 @@ from torchvision.transforms import v2
 from tfkit import run as runs
 from tfkit.data import encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
 from tfkit.errors import UsageError
+from tfkit.hf import read_config, read_weights
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.dropout import Dropout
@@ -383,9 +383,7 @@ class ViT(Recipe):
     @classmethod
     def pretrained_config(cls, path: Path) -> dict[str, Any]:
         """The config keys a transformers ViT folder fixes: sizes, image size, channels, normalisation."""
-        hf = _read_json(path / "config.json")
-        if hf.get("model_type") != "vit":
-            raise UsageError(f"{path}/config.json describes a '{hf.get('model_type')}' model, not a ViT")
+        hf = read_config(path, "vit", "a ViT")
         if hf.get("hidden_act", "gelu") != "gelu" or not hf.get("qkv_bias", True):
             raise UsageError(f"{path}: only ViTs with GELU and query/key/value biases can be imported")
         overrides: dict[str, Any] = {
@@ -404,14 +402,11 @@ class ViT(Recipe):
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         """Copy a transformers ViT (ViTModel or ViTForImageClassification) into ``model``. The
         classifier comes along when it has as many classes as this run; otherwise it starts fresh."""
-        weights_path = path / "model.safetensors"
-        if not weights_path.is_file():
-            raise UsageError(f"{path} has no model.safetensors (only safetensors weights are loaded)")
-        hf = {k.removeprefix("vit."): v for k, v in load_file(str(weights_path)).items()}
+        hf = read_weights(path, "vit.")
         try:
             ours = self._renamed(hf, len(model.encoder.layers))
         except KeyError as e:
-            raise UsageError(f"{weights_path} is not a transformers ViT checkpoint (no tensor {e})") from None
+            raise UsageError(f"{path / 'model.safetensors'} is not a transformers ViT checkpoint (no tensor {e})") from None
         head = hf.get("classifier.weight")
         if head is not None and head.shape == model.head.weight.shape:
             ours["head.weight"], ours["head.bias"] = head, hf["classifier.bias"]

@@ -3,25 +3,18 @@ renamed to :class:`~tfkit.recipes.bert.model.Bert`'s."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from tfkit.errors import UsageError
+from tfkit.hf import read_config, read_weights
 
 def bert_config_from_hf(folder: Path) -> dict[str, Any]:
     """model.* overrides for a transformers BERT folder's config.json."""
-    path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} could not be read ({type(e).__name__})") from None
-    if hf.get("model_type") != "bert":
-        raise UsageError(f"{path} describes a '{hf.get('model_type')}' model, not BERT")
+    hf = read_config(folder, "bert", "BERT")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise UsageError(f"{folder}: only BERTs with GELU and absolute positions can be imported")
     return {
@@ -34,13 +27,8 @@ def bert_config_from_hf(folder: Path) -> dict[str, Any]:
 def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:
     """A transformers BERT checkpoint (BertModel or Bert*For*, safetensors) renamed to :class:`Bert`'s
     names; query, key and value fuse into one projection."""
-    path = folder / "model.safetensors"
-    if not path.is_file():
-        raise UsageError(f"{folder} has no model.safetensors (only safetensors weights are loaded)")
-    hf = {}
-    for key, value in load_file(str(path)).items():
-        key = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        hf[key] = value
+    hf = {key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): value
+          for key, value in read_weights(folder, "bert.").items()}
     try:
         ours = {
             "embed.tokens.weight": hf["embeddings.word_embeddings.weight"],
@@ -62,5 +50,5 @@ def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:
                 ours[f"{mine}feed_forward.down.{part}"] = hf[f"{theirs}output.dense.{part}"]
                 ours[f"{mine}norm2.{part}"] = hf[f"{theirs}output.LayerNorm.{part}"]
     except KeyError as e:
-        raise UsageError(f"{path} is not a transformers BERT checkpoint (no tensor {e})") from None
+        raise UsageError(f"{folder / 'model.safetensors'} is not a transformers BERT checkpoint (no tensor {e})") from None
     return ours
