@@ -172,15 +172,19 @@ class LSTMState:
 
 
 class LSTMLanguageModel(nn.Module):
-    """The baseline the course notes read beside GPT: token embeddings, a stack of LSTMs, the same tied
-    output (Merity et al., 2018, without their regularisers). Same interface as :class:`CausalLM`."""
+    """The baseline the course notes read beside GPT: token embeddings, a stack of LSTMs of ``hidden``
+    units whose outputs are projected back to d_model (Sak et al., 2014), the same tied output
+    (Merity et al., 2018, without their regularisers). Same interface as :class:`CausalLM`."""
 
-    def __init__(self, vocab_size: int, d_model: int, layers: int, dropout: float, max_positions: int):
+    def __init__(self, vocab_size: int, d_model: int, hidden: int, layers: int, dropout: float, max_positions: int):
         super().__init__()
+        if hidden < d_model:
+            raise UsageError(f"the LSTM's model.d_ff {hidden} (its hidden units) must be at least model.d_model {d_model}")
         self.max_positions = max_positions
         self.tokens = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.tokens.weight, std=0.02)
-        self.lstm = nn.LSTM(d_model, d_model, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        nn.init.uniform_(self.tokens.weight, -0.1, 0.1)  # as Zaremba et al. and Merity et al.: 0.02 left the tied logits too small to learn
+        self.lstm = nn.LSTM(d_model, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0,
+                            proj_size=d_model if hidden > d_model else 0)
         self.dropout = Dropout(dropout)
 
     def new_cache(self, length: int = 16) -> list[LSTMState]:
@@ -284,7 +288,7 @@ class CausalLanguageModel(TokenizerRecipe):
         m = self.config["model"]
         vocab = self.tokenizer.get_vocab_size()
         if m["family"] == "lstm":
-            return LSTMLanguageModel(vocab, m["d_model"], m["layers"], m["dropout"], m["max_positions"])
+            return LSTMLanguageModel(vocab, m["d_model"], m["d_ff"], m["layers"], m["dropout"], m["max_positions"])
         if m["family"] != "transformer":
             raise UsageError(f"unknown model.family '{m['family']}' (valid: transformer, lstm)")
         return CausalLM(vocab, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"],

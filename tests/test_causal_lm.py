@@ -235,7 +235,7 @@ def test_the_lstm_baseline_carries_its_state_like_a_cache_and_learns(tmp_path):
     from tfkit.recipes.causal_lm import LSTMLanguageModel
 
     torch.manual_seed(0)
-    lstm = LSTMLanguageModel(50, 32, 2, 0.0, 40).eval()
+    lstm = LSTMLanguageModel(50, 32, 64, 2, 0.0, 40).eval()
     ids = torch.randint(1, 50, (1, 12))
     with torch.no_grad():
         full = lstm.logits(lstm(ids))
