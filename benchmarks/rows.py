@@ -33,12 +33,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "vit": dict(image=32, patch=4, d_model=192, depth=6, heads=3, d_ff=768, classes=10, batch=64),
         "conformer": dict(mels=80, frames=400, d_model=144, layers=4, heads=4, d_ff=576, kernel=31, batch=8, vocab=32),
         "bert": dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, dropout=0.1, length=128, batch=16),
+        "gpt": dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, length=128, batch=16, new_tokens=128),
     },
     "base": {
         "seq2seq": dict(vocab=32000, d_model=512, heads=8, d_ff=2048, layers=6, dropout=0.1, length=64, batch=128, decode_batch=64),
         "vit": dict(image=224, patch=16, d_model=768, depth=12, heads=12, d_ff=3072, classes=1000, batch=128),
         "conformer": dict(mels=80, frames=1600, d_model=256, layers=16, heads=4, d_ff=1024, kernel=31, batch=32, vocab=256),
         "bert": dict(vocab=30522, d_model=768, heads=12, d_ff=3072, layers=12, dropout=0.1, length=512, batch=32),
+        "gpt": dict(vocab=50257, d_model=768, heads=12, d_ff=3072, layers=12, length=1024, batch=8, new_tokens=256),
     },
 }
 
@@ -266,6 +268,76 @@ def bert_pretraining() -> Row:
         (d * d + vocab * d, chosen),  # MLM transform and output layer at the chosen positions
     ]
     return Row("BERT pretraining step (MLM+NSP)", ours, peer, flops=train_flops(batch, d, matmuls, [(layers, n, n)]))
+
+
+def gpt_pair() -> tuple[nn.Module, nn.Module]:
+    """tfkit's CausalLM (the recipe's gpt block, dropout 0 as it trains) and transformers' GPT2LMHeadModel
+    (sdpa) of the same sizes, both from seed 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tfkit.recipes.causal_lm import CausalLM
+
+    c = config("gpt")
+    positions = max(c["length"], c["new_tokens"] + 1)
+    torch.manual_seed(0)
+    ours = CausalLM(c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu_tanh", "gpt", "learned", positions)
+    torch.manual_seed(0)
+    gpt2 = GPT2Config(vocab_size=c["vocab"], n_positions=positions, n_embd=c["d_model"], n_layer=c["layers"], n_head=c["heads"],
+                      n_inner=c["d_ff"], activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    return ours, GPT2LMHeadModel(gpt2)
+
+
+@row("GPT training step")
+def gpt_training() -> Row:
+    c = config("gpt")
+    batch, n, d, f, layers = c["batch"], c["length"], c["d_model"], c["d_ff"], c["layers"]
+    (ids,) = on_device(torch.randint(1, c["vocab"], (batch, n + 1)))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def ours_loss(model: nn.Module) -> Tensor:  # as the recipe trains: the tied output layer fused with its loss
+        return model(inputs, targets=targets) / targets.numel()
+
+    def peer_loss(model: nn.Module) -> Tensor:  # the same n predictions (its labels= would shift to n - 1)
+        return F.cross_entropy(model(input_ids=inputs).logits.flatten(0, 1), targets.flatten())
+
+    ours, peer = gpt_pair()
+    matmuls = [(layers * (4 * d * d + 2 * d * f), n), (d * c["vocab"], n)]  # blocks; the tied output layer
+    return Row("GPT training step", training_side("tfkit", ours, ours_loss), training_side("GPT2LMHeadModel", peer, peer_loss),
+               flops=train_flops(batch, d, matmuls, [(layers, n, n)]))
+
+
+def gpt_generation_row(name: str, prompt_length: int, new_tokens: int) -> Row:
+    """One sequence, as ``tfkit predict`` generates: greedy, with the KV cache, an end-of-text id the
+    model never picks (tfkit) or ``min_new_tokens`` (transformers), so both make exactly ``new_tokens``."""
+    from tfkit.recipes.causal_lm import generate
+
+    (prompt,) = on_device(torch.randint(1, config("gpt")["vocab"], (1, prompt_length)))
+    ours_model, peer_model = gpt_pair()
+
+    # unpacked: tfkit.nn.linear packs no one-row product, and tfkit predict packs once for all prompts,
+    # which leaves a prompt's prefill as fast as on the stored weights
+    def ours() -> None:
+        out = generate(ours_model, prompt[0].tolist(), new_tokens, 0.0, 1, 1.0, torch.Generator(), -1)
+        assert len(out) == new_tokens
+
+    def peer() -> None:
+        out = peer_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, prompt_length + new_tokens)
+
+    tokens = prompt_length if new_tokens == 1 else new_tokens
+    return Row(name, decoding_side("tfkit", ours_model, ours), decoding_side("GPT2LMHeadModel", peer_model, peer), tokens=tokens)
+
+
+@row("GPT generation: prefill")
+def gpt_prefill() -> Row:
+    return gpt_generation_row("GPT generation: prefill", config("gpt")["length"], 1)  # the prompt, then the first token
+
+
+@row("GPT generation: decode")
+def gpt_decode() -> Row:
+    return gpt_generation_row("GPT generation: decode", 1, config("gpt")["new_tokens"])  # a one-token prompt: all decode steps
 
 
 def decoding_row(name: str, beam: int) -> Row:

@@ -363,6 +363,10 @@ class Conformer(TokenizerRecipe):
             raise UsageError(f"{path}: the recording is too short to transcribe ({len(features)} frames)")
         return self.transcribe(model, [features], beam)[0]
 
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        raise UsageError("no transformers class matches the Conformer-CTC model (relative-position attention, macaron "
+                         "feed-forwards, convolution modules)")
+
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         path = Path(text)
         features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
@@ -380,10 +384,20 @@ class Conformer(TokenizerRecipe):
             for name, w in weights.items():
                 draw_heads(w, times, times, name, out_dir / f"{name}.png")
 
+        def page(weights: dict[str, np.ndarray]) -> dict:
+            spectrogram = features.T.numpy()[::-1]  # low bins at the bottom
+            spectrogram = (spectrogram - spectrogram.min()) / max(float(np.ptp(spectrogram)), 1e-9)
+            return {"panels": [
+                {"kind": "text", "title": "transcript (greedy)", "lines": [transcript], "place": "above"},
+                {"kind": "image", "title": "log-mel", "pixels": spectrogram, "colormap": "heat", "align": "keys",
+                 "span": len(features) * self.config["features"]["hop_ms"] / 1000 / seconds},  # its frames in encoder frames
+            ]}
+
         return AttentionExample(
             run=lambda: model(features[None].to(device), torch.tensor([len(features)], device=device)),
             tokens={"frames": times},
             axes=lambda name: ("frames", "frames"),
             draw=draw,
+            page=page,
             meta={"frame_seconds": seconds, "transcript": transcript},
         )

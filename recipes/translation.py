@@ -260,4 +260,10 @@ class Translation(TokenizerRecipe):
             return ("target", "source") if name.endswith("cross_attn") else ("target", "target")
 
         tokens = {"source": [self.tokenizer.id_to_token(i) for i in source], "target": [self.tokenizer.id_to_token(i) for i in target]}
-        return AttentionExample(run=lambda: model(src, tgt), tokens=tokens, axes=axes)
+        predicted = [self.tokenizer.id_to_token(i) for i in [*output, EOS]]  # what each decoder position predicts
+
+        def page(weights: dict) -> dict:
+            cross = [name for name in weights if name.endswith("cross_attn")]
+            return {"panels": [{"kind": "alignment", "title": "source × target alignment (cross-attention)", "modules": cross, "rows": predicted}]}
+
+        return AttentionExample(run=lambda: model(src, tgt), tokens=tokens, axes=axes, page=page)

@@ -27,14 +27,15 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from tfkit import run as runs
-from tfkit.data import encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
+from tfkit.data import check_labels, encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
 from tfkit.errors import UsageError
-from tfkit.hf import read_config, read_weights
+from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, labels_config, read_config, read_weights, to_hf, write_folder
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
+from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
@@ -206,13 +207,12 @@ class ViT(Recipe):
             rows = rows.cast_column(image_column, datasets.Image(decode=False))
         base = Path(data["name"]).parent  # paths in a .csv/.jsonl are relative to that file
         index = {name: i for i, name in enumerate(self.labels)}
+        check_labels((names[label] if names is not None else str(label) for label in rows[label_column][:]), index, split)
 
         def decode(batch: dict[str, list], _: list[int]) -> dict[str, list]:
             out: dict[str, list] = {"pixels": [], "target": [], "problem": []}
             for cell, label in zip(batch[image_column], batch[label_column]):
                 label = names[label] if names is not None else str(label)
-                if label not in index:
-                    raise UsageError(f"the {split} data has label '{label}', which the training data does not have")
                 pixels, target, problem = np.zeros(0, np.uint8), index[label], ""
                 try:
                     if isinstance(cell, str):
@@ -362,20 +362,31 @@ class ViT(Recipe):
         tokens = ["[CLS]"] + [f"patch {r},{c}" for r in range(rows) for c in range(cols)]
         picture = image.permute(1, 2, 0).float().numpy() / 255
 
+        def rollout(weights: dict[str, np.ndarray]) -> np.ndarray:
+            return attention_rollout([weights[name] for name in sorted(weights, key=lambda n: int(n.split(".")[2]))])
+
         def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
-            layers = [weights[name] for name in sorted(weights, key=lambda n: int(n.split(".")[2]))]
             for name, w in weights.items():
                 maps = [(f"head {h}", w[h, 0, 1:].reshape(rows, cols)) for h in range(w.shape[0])]
                 draw_overlays(picture, maps, f"{name}: [CLS] → patches", out_dir / f"{name}.png")
-            rollout = attention_rollout(layers)
-            np.save(out_dir / "rollout.npy", rollout)
-            draw_overlays(picture, [("rollout", rollout[0, 1:].reshape(rows, cols))], "attention rollout, [CLS] → patches", out_dir / "rollout.png")
+            flow = rollout(weights)
+            np.save(out_dir / "rollout.npy", flow)
+            draw_overlays(picture, [("rollout", flow[0, 1:].reshape(rows, cols))], "attention rollout, [CLS] → patches", out_dir / "rollout.png")
+
+        def page(weights: dict[str, np.ndarray]) -> dict:
+            return {"panels": [{
+                "kind": "image", "title": "[CLS] → patches over the image, and rollout through all layers",
+                "pixels": picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
+                "overlay": {"query": 0, "keys": [1, 1 + rows * cols], "grid": [rows, cols]},
+                "maps": {"rollout": rollout(weights)[0, 1:].reshape(rows, cols)},
+            }]}
 
         return AttentionExample(
             run=lambda: model(self._normalise(image[None].to(device)), every_position=True),
             tokens={"tokens": tokens},
             axes=lambda name: ("tokens", "tokens"),
             draw=draw,
+            page=page,
             meta={"grid": [rows, cols], "patch": model.patch, "image_size": list(image.shape[1:])},
         )
 
@@ -384,12 +395,13 @@ class ViT(Recipe):
     def pretrained_config(cls, path: Path) -> dict[str, Any]:
         """The config keys a transformers ViT folder fixes: sizes, image size, channels, normalisation."""
         hf = read_config(path, "vit", "a ViT")
-        if hf.get("hidden_act", "gelu") != "gelu" or not hf.get("qkv_bias", True):
-            raise UsageError(f"{path}: only ViTs with GELU and query/key/value biases can be imported")
+        if not hf.get("qkv_bias", True):
+            raise UsageError(f"{path}: only ViTs with query/key/value biases can be imported")
         overrides: dict[str, Any] = {
             "model": {
                 "patch": hf["patch_size"], "d_model": hf["hidden_size"], "depth": hf["num_hidden_layers"],
-                "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"], "activation": "gelu",
+                "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
+                "activation": activation_from_hf(path, hf.get("hidden_act", "gelu")),
                 "block": "pre_ln", "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
             },
             "data": {"image_size": hf["image_size"], "channels": hf.get("num_channels", 3)},
@@ -404,7 +416,8 @@ class ViT(Recipe):
         classifier comes along when it has as many classes as this run; otherwise it starts fresh."""
         hf = read_weights(path, "vit.")
         try:
-            ours = self._renamed(hf, len(model.encoder.layers))
+            ours = from_hf(hf, vit_renames(len(model.encoder.layers)))
+            ours["position"] = ours["position"][0]
         except KeyError as e:
             raise UsageError(f"{path / 'model.safetensors'} is not a transformers ViT checkpoint (no tensor {e})") from None
         head = hf.get("classifier.weight")
@@ -416,28 +429,75 @@ class ViT(Recipe):
         if unexpected or set(missing) - {"head.weight", "head.bias"}:
             raise UsageError(f"{path}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
-    @staticmethod
-    def _renamed(hf: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
-        """transformers ViT tensor names → ours; query, key and value fuse into one projection."""
-        ours: dict[str, Tensor] = {
-            "cls": hf["embeddings.cls_token"].reshape(1, 1, -1),
-            "position": hf["embeddings.position_embeddings"][0],
-            "patches.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
-            "patches.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
-            "encoder.norm.weight": hf["layernorm.weight"],
-            "encoder.norm.bias": hf["layernorm.bias"],
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        """A ViTForImageClassification folder, with the resizing and normalisation in preprocessor_config.json."""
+        m, data = self.config["model"], self.config["data"]
+        if m["block"] != "pre_ln":
+            raise UsageError(f"model.block '{m['block']}' has no transformers ViT equivalent (ViT is pre_ln)")
+        config = {
+            "model_type": "vit", "architectures": ["ViTForImageClassification"], "image_size": data["image_size"],
+            "patch_size": m["patch"], "num_channels": data["channels"], "hidden_size": m["d_model"],
+            "num_hidden_layers": m["depth"], "num_attention_heads": m["heads"], "intermediate_size": m["d_ff"],
+            "hidden_act": activation_to_hf(m["activation"]), "layer_norm_eps": m["norm_eps"], "qkv_bias": True,
+            "hidden_dropout_prob": m["dropout"], "attention_probs_dropout_prob": m["dropout"], **labels_config(self.labels),
         }
-        for i in range(depth):
-            theirs, mine = f"encoder.layer.{i}.", f"encoder.layers.{i}."
-            attention = theirs + "attention.attention."
-            for part in ("weight", "bias"):
-                ours[mine + f"self_attn.in_proj.{part}"] = torch.cat([hf[attention + f"{p}.{part}"] for p in ("query", "key", "value")])
-                ours[mine + f"self_attn.out_proj.{part}"] = hf[theirs + f"attention.output.dense.{part}"]
-                ours[mine + f"feed_forward.up.{part}"] = hf[theirs + f"intermediate.dense.{part}"]
-                ours[mine + f"feed_forward.down.{part}"] = hf[theirs + f"output.dense.{part}"]
-                ours[mine + f"norm1.{part}"] = hf[theirs + f"layernorm_before.{part}"]
-                ours[mine + f"norm2.{part}"] = hf[theirs + f"layernorm_after.{part}"]
-        return ours
+        ours = model.state_dict()
+        hf = {f"vit.{k}": v for k, v in to_hf({**ours, "position": ours["position"][None]}, vit_renames(m["depth"])).items()}
+        write_folder(out, config, {**hf, "classifier.weight": ours["head.weight"], "classifier.bias": ours["head.bias"]})
+        channels = data["channels"]
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "ViTImageProcessor", "do_resize": True,
+            "size": {"height": data["image_size"], "width": data["image_size"]}, "resample": 2,  # bilinear, as torchvision's resize
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": data["mean"] * (channels if len(data["mean"]) == 1 else 1),
+            "image_std": data["std"] * (channels if len(data["std"]) == 1 else 1),
+        }, indent=2) + "\n", encoding="utf-8")
+
+
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """Normalised (B, C, H, W) images at data.image_size → logits (B, classes)."""
+        data = self.config["data"]
+
+        def example(batch: int, length: int) -> dict[str, Tensor]:
+            images = torch.randint(0, 256, (batch, data["channels"], data["image_size"], data["image_size"]),
+                                   dtype=torch.uint8, generator=torch.Generator().manual_seed(batch))
+            return {"pixel_values": self._normalise(images)}
+
+        return [Graph("model", model, example, ["logits"], {"pixel_values": {0: "batch"}})]
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        data, channels = self.config["data"], self.config["data"]["channels"]
+        return {"image_size": data["image_size"], "channels": channels, "labels": self.labels,
+                "mean": data["mean"] * (channels if len(data["mean"]) == 1 else 1),
+                "std": data["std"] * (channels if len(data["std"]) == 1 else 1),
+                "inputs": "pixel_values: the image as L (channels 1) or RGB, transparency over white, its shorter side resized "
+                          "to image_size (bilinear, antialiased) and centre-cropped square, then (pixel / 255 - mean) / std",
+                "outputs": "logits (B, classes): softmax for each label's probability"}
+
+
+def vit_renames(depth: int) -> list[Rename]:
+    """:class:`VisionTransformer`'s tensors and ViTModel's; query, key and value are our one fused
+    projection. (transformers keeps the positions as (1, N, D), we as (N, D).)"""
+    renames = [
+        Rename("cls", "embeddings.cls_token"),
+        Rename("position", "embeddings.position_embeddings"),
+        Rename("patches.proj.weight", "embeddings.patch_embeddings.projection.weight"),
+        Rename("patches.proj.bias", "embeddings.patch_embeddings.projection.bias"),
+        Rename("encoder.norm.weight", "layernorm.weight"),
+        Rename("encoder.norm.bias", "layernorm.bias"),
+    ]
+    for i in range(depth):
+        theirs, mine = f"encoder.layer.{i}.", f"encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            renames += [
+                Rename(f"{mine}self_attn.in_proj.{part}", tuple(f"{theirs}attention.attention.{p}.{part}" for p in ("query", "key", "value"))),
+                Rename(f"{mine}self_attn.out_proj.{part}", f"{theirs}attention.output.dense.{part}"),
+                Rename(f"{mine}feed_forward.up.{part}", f"{theirs}intermediate.dense.{part}"),
+                Rename(f"{mine}feed_forward.down.{part}", f"{theirs}output.dense.{part}"),
+                Rename(f"{mine}norm1.{part}", f"{theirs}layernorm_before.{part}"),
+                Rename(f"{mine}norm2.{part}", f"{theirs}layernorm_after.{part}"),
+            ]
+    return renames
 
 
 def _read_json(path: Path) -> dict[str, Any]:

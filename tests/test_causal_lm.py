@@ -3,17 +3,21 @@ depend only on distance, sampling is seeded, bits per byte count the real bytes,
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import quiet
+from conftest import quiet, straight_and_resumed_losses
 
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.nn.position import RotaryPosition
 from tfkit.recipes.causal_lm import END_OF_TEXT, CausalLM, generate, sample_next, token_bytes, train_byte_bpe
+from tfkit.recipes.causal_lm.generate import penalize_repeats
+from tfkit.recipes.causal_lm.tokens import TextStream
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -249,3 +253,109 @@ def test_the_lstm_baseline_carries_its_state_like_a_cache_and_learns(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] - 0.5  # 60 steps: 6.23 -> 5.42 when written
     recipe, model = runs.open_run(trainer.run_dir)
     assert isinstance(model, LSTMLanguageModel)
+
+
+def test_the_repetition_penalty_makes_tokens_already_seen_less_likely(lm_run, tmp_path, capsys):
+    logits = torch.tensor([2.0, -2.0, 1.0, -0.5])
+    seen = torch.tensor([True, True, False, False])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0, -0.5]  # CTRL: divide positive, multiply negative
+    recipe, lm = runs.open_run(lm_run)
+    prompt = recipe.tokenizer.encode("def __init__(self").ids
+    plain, penalized = (generate(lm, prompt, 40, 0.0, 50, 1.0, torch.Generator(), recipe.eot, penalty) for penalty in (1.0, 1.5))
+    assert len(set(penalized)) > len(set(plain))  # greedy text of a small model repeats itself; less so with a penalty
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def __init__(self\n", encoding="utf-8")
+    code, out, err = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "40", "--repetition-penalty", "1.5")
+    assert code == 0 and out == recipe.tokenizer.decode(penalized).replace("\n", "\\n") + "\n", err
+    code, _, err = tfkit(capsys, "predict", str(lm_run), str(prompts), "--repetition-penalty", "0")
+    assert code == 2
+    one_error_line(err, "--repetition-penalty must be greater than 0")
+
+
+class Terminal(io.StringIO):
+    """A stdout that says it is a terminal, and keeps what had been written at every flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_on_a_terminal_predict_writes_each_token_as_it_is_generated(lm_run, tmp_path):
+    recipe, lm = runs.open_run(lm_run)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def __init__(self\nimport os\\nimport \n", encoding="utf-8")
+    piped, terminal = io.StringIO(), Terminal()
+    for out in (piped, terminal):
+        recipe.predict_file(lm, prompts, out, temperature=0.0, max_new_tokens=20)
+    assert terminal.getvalue() == piped.getvalue() and piped.getvalue().count("\n") == 2
+    assert len(set(terminal.flushed)) > 20  # it grew token by token, not a line at a time
+
+
+def test_streamed_text_holds_back_a_character_split_over_byte_tokens():
+    tokenizer = train_byte_bpe(["def f(x):\n    return x\n"] * 20, 300)  # no token for é, ✓ or 😀: they are split into bytes
+    text = "café ✓ 😀 done"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # token by token, decode would write broken characters
+    stream = TextStream(token_bytes(tokenizer))
+    pieces = [stream.add(i) for i in ids]
+    assert "".join(pieces) + stream.end() == text and not any("\ufffd" in p for p in pieces)
+    cut = TextStream(token_bytes(tokenizer))
+    assert "".join(cut.add(i) for i in tokenizer.encode("✓").ids[:-1]) + cut.end() == tokenizer.decode(tokenizer.encode("✓").ids[:-1])
+
+
+def test_a_sliding_window_scores_the_same_tokens_with_more_context(lm_run, capsys):
+    recipe, lm = runs.open_run(lm_run)
+    recipe.prepare(lm_run)
+    block = recipe.config["data"]["block_size"]
+    stream = torch.from_numpy(np.asarray(recipe.streams["validation"], dtype=np.int64))
+    count = (len(stream) - 1) // block
+    rows = stream[: count * block + 1].unfold(0, block + 1, block)  # (blocks, block + 1): today's blocks, by hand
+    with torch.no_grad():
+        blocks_loss = float(torch.nn.functional.cross_entropy(lm.logits(lm(rows[:, :-1])).flatten(0, 1), rows[:, 1:].flatten()))
+    whole = recipe.evaluate(lm, "validation", stride=block)
+    assert whole["loss"] == pytest.approx(blocks_loss, rel=1e-5)
+    code, out, err = tfkit(capsys, "evaluate", str(lm_run), "--split", "validation", "--stride", str(block // 2), "--json")
+    assert code == 0, err
+    sliding = json.loads(out)
+    assert sliding["loss"] < whole["loss"]  # every scored token sees 32 to 63 tokens before it, not 0 to 63
+    # the same tokens are scored, so the same bytes: loss and bits per byte keep their ratio
+    assert sliding["bits_per_byte"] / sliding["loss"] == pytest.approx(whole["bits_per_byte"] / whole["loss"])
+    code, _, err = tfkit(capsys, "evaluate", str(lm_run), "--stride", str(block + 1))
+    assert code == 2
+    one_error_line(err, f"--stride {block + 1} is more than data.block_size {block}")
+
+
+def test_a_folder_of_text_files_is_one_document_each_read_from_a_memory_mapped_stream(tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    texts = [f"def f{i}(x):\n    return x + {i}\n\n\nclass C{i}:  # ✓\n    pass\n" * 3 for i in range(60)]
+    for i, text in enumerate(texts):  # blank lines inside each: a .txt file would make several documents of it
+        (folder / ("sub" if i % 2 else "") / f"{i}.txt").write_text(text, encoding="utf-8")
+    config = lm_config(f"data.name={folder}", "data.vocab_size=300", "data.block_size=16", "train.steps=6",
+                       "train.log_every=1", "train.save_every=3")
+    recipe = registry.get("recipe", "causal-lm")(config)
+    recipe.prepare()
+    streams = recipe.streams.values()
+    assert all(isinstance(s, np.memmap) for s in streams)
+    assert sum(int((s == recipe.eot).sum()) for s in streams) == 60  # one document per file
+    documents = [d for s in streams for d in np.split(np.asarray(s), np.flatnonzero(s == recipe.eot) + 1) if len(d)]
+    assert sorted(recipe.tokenizer.decode(d.tolist()) for d in documents) == sorted(texts)  # whole files, as they are
+    straight, resumed = straight_and_resumed_losses(config, tmp_path)
+    assert len(straight) == 6 and resumed == straight  # resumed from step 3, the same losses
+    again = registry.get("recipe", "causal-lm")(config)
+    again.prepare(tmp_path / "straight")
+    assert again.streams["train"].filename == recipe.streams["train"].filename  # encoded once
+    (tmp_path / "empty").mkdir()
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(tmp_path / "empty"), "--max-steps", "1")
+    assert code == 2
+    one_error_line(err, "holds no .txt files (one document each) and no train file")
+    (folder / "7.txt").write_bytes(b"caf\xe9\n")
+    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(folder), "--max-steps", "1", "--set", "data.vocab_size=300")
+    assert code == 2
+    one_error_line(err, "7.txt: not UTF-8 text (byte 3)")

@@ -32,7 +32,7 @@ def one_error_line(err: str, fragment: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "inspect-attention", "recipes", "components"])
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "export", "inspect-attention", "recipes", "components"])
 def test_every_command_has_help_with_an_example(capsys, command):
     code, out, _ = tfkit(capsys, command, "--help")
     assert code == 0 and "Example: tfkit " in out

@@ -380,7 +380,8 @@ def test_packed_weights_last_for_one_block_and_leave_autograd_alone(monkeypatch)
     assert packing._packs is None
 
 
-def test_small_weights_are_not_packed():
+def test_small_weights_and_one_row_products_are_not_packed():
     with torch.no_grad(), packing.packed_weights():
         packing.linear(torch.randn(2, 16), torch.randn(8, 16))
+        packing.linear(torch.randn(1, 1, 512), torch.randn(512, 512))  # one sequence's decoding step
         assert packing._packs == {} or not packing._packing_available()

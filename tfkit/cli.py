@@ -131,6 +131,7 @@ def predict(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (causal-lm)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the likeliest tokens that reach this probability (causal-lm)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate per prompt (causal-lm)."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Above 1: tokens already in the text are less likely (CTRL; causal-lm)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same text (causal-lm)."),
     checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -145,7 +146,7 @@ def predict(
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
     options = _options(recipe.predict_file, beam=beam, top_k=top_k, temperature=temperature, top_p=top_p,
-                       max_new_tokens=max_new_tokens, seed=seed)
+                       max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty)
     failed = 0
     try:
         sink = open(out, "w", encoding="utf-8") if out else sys.stdout
@@ -170,15 +171,20 @@ def predict(
 def evaluate(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
     split: str = typer.Option("test", "--split", help="test or validation."),
+    data: Optional[str] = typer.Option(None, "--data", help="Score on this data instead, in any of the recipe's training formats: all of a file, or the --split of a source that has splits."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window perplexity: windows of data.block_size tokens this many apart, only the new ones scored (causal-lm)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Score a trained run on its held-out split.
+    """Score a trained run on its held-out split, or on other data (--data).
 
     Example: tfkit evaluate runs/translation/20261123-101500 --json
     """
+    from contextlib import nullcontext
+
+    from tfkit.data import evaluation_data
     from tfkit.nn.linear import packed_weights
     from tfkit.train import pick_device
 
@@ -186,11 +192,18 @@ def evaluate(
         raise UsageError(f"unknown split '{split}' (valid: test, validation)")
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
-    recipe.prepare(run_dir)
+    if data is not None:
+        recipe.config["data"]["name"] = data
+    with evaluation_data(split) if data is not None else nullcontext():
+        recipe.prepare(run_dir)
     with packed_weights():
-        metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam))
+        metrics = recipe.evaluate(model, split, **_options(recipe.eval_outputs, beam=beam, stride=stride))
+    peers = recipe.baselines(split)
     if as_json:
-        print(json.dumps(metrics))
+        print(json.dumps({**metrics, "baselines": peers} if peers else metrics))
+        return
+    if peers:
+        stdout.print(_comparison(f"{run_dir} ({split})", {"this run": metrics, **peers}, recipe.reference))
         return
     table = Table(title=f"{run_dir} ({split})")
     table.add_column("metric")
@@ -198,6 +211,42 @@ def evaluate(
     for name, value in metrics.items():
         table.add_row(name, f"{value:.2f}")
     stdout.print(table)
+
+
+def _comparison(title: str, rows: dict[str, dict[str, float]], reference: str | None) -> Table:
+    """One row per model, one column per metric, each value with its change against ``reference``."""
+    table = Table(title=title + (f"; in brackets, the change against {reference}" if reference else ""))
+    metrics = list(next(iter(rows.values())))
+    table.add_column("model")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    base = rows.get(reference) if reference else None
+    for name, values in rows.items():
+        cells = []
+        for metric in metrics:
+            cell = f"{values[metric]:.3f}"
+            if base is not None and name != reference and base[metric]:
+                cell += f" ({100 * (values[metric] - base[metric]) / abs(base[metric]):+.1f}%)"
+            cells.append(cell)
+        table.add_row(name, *cells)
+    return table
+
+
+@app.command("export")
+def export_(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The folder to write (new or empty)."),
+    to: str = typer.Option(..., "--to", help="hf: a folder transformers' Auto classes load; onnx: the inference graph(s) and their pre- and post-processing."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
+) -> None:
+    """Write a trained run as a transformers model folder (--to hf) or as ONNX (--to onnx).
+
+    Example: tfkit export runs/bert-finetune/20261123-101500 my-classifier --to hf
+    """
+    from tfkit.export import export
+
+    registry.load_all()
+    stderr.print(export(run_dir, out, to, checkpoint))
 
 
 @app.command("inspect-attention")
@@ -208,11 +257,12 @@ def inspect_attention(
     checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Dump every attention head for one input: attention.npz, tokens.json and PNG heatmaps.
+    """Dump every attention head for one input: attention.npz, tokens.json, PNG heatmaps and report.html.
 
     Example: tfkit inspect-attention runs/translation/20261123-101500 "twenty-five"
     """
     from tfkit.inspect import HEAD_TYPES, INDUCTION_HEAD, head_summary, inspect, write_head_types
+    from tfkit.report import CAP, write_report
     from tfkit.train import pick_device
 
     registry.load_all()
@@ -238,7 +288,10 @@ def inspect_attention(
                 mark = " *" if kinds["induction"][head] > INDUCTION_HEAD else ""
                 table.add_row(name, str(head), *(f"{kinds[kind][head]:.2f}" for kind in HEAD_TYPES[:-1]), f"{kinds['induction'][head]:.2f}{mark}")
         stdout.print(table)
-    stderr.print(f"wrote {folder}/attention.npz, tokens.json and {len(weights)} PNG files" + (" and head_types.json" if scores else ""))
+    left_out = write_report(folder / "report.html", f"{recipe.config['recipe']}: {text}", example, weights, scores)
+    if left_out:
+        stderr.print(f"note: report.html holds at most {CAP:,} weights; the matrices of {len(left_out)} modules (from {left_out[0]} on) are in attention.npz only")
+    stderr.print(f"wrote {folder}/attention.npz, tokens.json, {len(list(folder.glob('*.png')))} PNG files, report.html" + (" and head_types.json" if scores else ""))
 
 
 @app.command()

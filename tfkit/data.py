@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import datasets
 import pyarrow as pa
@@ -29,6 +30,7 @@ from torch import Tensor
 from tfkit.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
+T = TypeVar("T")
 _BUILDERS = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text", ".conll": "conll"}
 _FORMATS = ", ".join(_BUILDERS)
 
@@ -50,7 +52,7 @@ def load_splits(
     document rather than by row carves its own). ``split_names`` maps train/validation/test to the
     source's own split names (librispeech_asr's "train.100")."""
     if spec == "builtin":
-        return builtin()
+        return as_evaluation(builtin()) or builtin()
     path = Path(spec).expanduser()
     if path.is_dir():
         files = {s: f for s in SPLITS for f in sorted(path.glob(f"{s}.*")) if f.suffix in _BUILDERS}
@@ -73,6 +75,9 @@ def load_splits(
             raise UsageError(f"could not load dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if split_names:
         loaded = datasets.DatasetDict({ours: loaded[split_names.get(ours, ours)] for ours in SPLITS if split_names.get(ours, ours) in loaded})
+    evaluated = as_evaluation(loaded)
+    if evaluated is not None:
+        return evaluated
     if not carve:
         if "train" not in loaded:
             raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
@@ -80,9 +85,58 @@ def load_splits(
     return complete_splits(loaded, seed, held_out)
 
 
+_evaluated_split: str | None = None  # inside evaluation_data(): the split that tfkit evaluate --data scores
+
+
+@contextmanager
+def evaluation_data(split: str) -> Iterator[None]:
+    """Within this block the data a recipe reads is one set to score, whole (``tfkit evaluate RUN
+    --data PATH``, through the recipe's own readers): every split it asks for is the source's
+    ``split``, or the source's only split (a single file), and nothing is carved from it."""
+    global _evaluated_split
+    _evaluated_split = split
+    try:
+        yield
+    finally:
+        _evaluated_split = None
+
+
+def as_evaluation(loaded: Mapping[str, T]) -> Mapping[str, T] | None:
+    """``loaded`` (split → rows, or questions, or documents) as every split inside
+    :func:`evaluation_data`; None outside it, where splits are carved as usual."""
+    if _evaluated_split is None:
+        return None
+    if _evaluated_split in loaded:
+        chosen = loaded[_evaluated_split]
+    elif len(loaded) == 1:
+        (chosen,) = loaded.values()
+    else:
+        raise UsageError(f"the data has no {_evaluated_split} split (it has: {', '.join(loaded)}; pick one with --split)")
+    return type(loaded)({split: chosen for split in SPLITS})
+
+
+def check_labels(found: Iterable[str], known: Iterable[str], split: str, what: str = "label") -> None:
+    """Every label of ``split`` must be one the model has an output for; the error counts and names
+    the others (at most five, the most frequent first)."""
+    index = set(known)
+    unseen = Counter(label for label in found if label not in index)
+    if unseen:
+        named = ", ".join(f"'{name}' ({count})" for name, count in unseen.most_common(5))
+        more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
+        count = f"{sum(unseen.values())} {what}s"
+        if _evaluated_split is not None:  # every split is the data being scored
+            raise UsageError(f"the data has {count} that the run was never trained on: {named}{more} (the model has no output for them)")
+        raise UsageError(f"the {split} data has {count} that the training data does not have: {named}{more}")
+
+
+def cache_dir() -> Path:
+    """Where tfkit keeps what it builds once: $TFKIT_CACHE, default ~/.cache/tfkit."""
+    return Path(os.environ.get("TFKIT_CACHE", Path.home() / ".cache" / "tfkit"))
+
+
 def cached(name: str, key: dict, build: Callable[[], datasets.DatasetDict]) -> datasets.DatasetDict:
-    """Build a generated dataset once and keep it under $TFKIT_CACHE (default ~/.cache/tfkit)."""
-    root = Path(os.environ.get("TFKIT_CACHE", Path.home() / ".cache" / "tfkit"))
+    """Build a generated dataset once and keep it under :func:`cache_dir`."""
+    root = cache_dir()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = root / f"{name}-{digest}"
     if path.is_dir():
@@ -120,6 +174,9 @@ def _load_image_folder(path: Path) -> datasets.DatasetDict:
 
 def complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) -> datasets.DatasetDict:
     """The validation and test splits ``loaded`` lacks, each carved from its train split (``held_out`` of its rows)."""
+    evaluated = as_evaluation(loaded)
+    if evaluated is not None:
+        return evaluated
     if "train" not in loaded:
         raise UsageError(f"the dataset has no train split (it has: {', '.join(loaded)})")
     out = dict(loaded)
@@ -189,14 +246,19 @@ def read_conll(path: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"tokens": [w for w, _ in sentences], "tags": [t for _, t in sentences]})
 
 
-def read_lines(path: Path) -> list[str]:
-    """A user's UTF-8 text file as lines; a missing, empty or undecodable file is a UsageError."""
+def read_text(path: Path) -> str:
+    """A user's UTF-8 text file, as it is; a missing or undecodable file is a UsageError."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """A user's UTF-8 text file as lines; a missing, empty or undecodable file is a UsageError."""
+    text = read_text(path)
     if not text.strip():
         raise UsageError(f"{path}: the file is empty")
     return text.splitlines()

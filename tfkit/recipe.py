@@ -48,7 +48,32 @@ class AttentionExample:
     ({module: (heads, query, key)}) and the output folder, and writes its own pictures.
     ``meta`` goes into tokens.json beside the tokens (an image recipe records its patch grid).
     ``head_types``, when given, measures what kind of head each one is on a probe of the recipe's
-    own ({module: {kind: a score per head}}, see :func:`tfkit.inspect.head_type_scores`).
+    own ({module: {kind: a score per head}}, see :func:`tfkit.inspect.head_type_scores`); the scores
+    also become columns of report.html's per-head table.
+
+    ``page``, when given, adds the recipe's own views to report.html (:mod:`tfkit.report`) with no
+    page code of its own: it gets the captured weights and returns data,
+    ``{"panels": [panel, ...], "boundaries": {axis: index}}`` (both keys optional). ``boundaries``
+    draws a line before that token wherever the axis is shown (BERT's second segment). Each panel is
+    a dict with a ``kind`` and a ``title``; numpy arrays anywhere in it are sent in 8 bits over their
+    own range. The kinds the page draws:
+
+    - ``text``: ``lines`` (a list of strings), e.g. a transcript.
+    - ``table``: ``columns`` and ``rows`` (lists of str/numbers); sortable by column.
+    - ``image``: ``pixels`` (h, w) or (h, w, 3) in [0, 1], ``colormap`` "gray" (default) or "heat".
+      Optional ``overlay`` ``{"query": q, "keys": [start, stop], "grid": [rows, cols]}`` lays the
+      chosen head's row q, keys start..stop, over the image as a rows × cols map (ViT's [CLS] →
+      patches); optional ``maps`` ``{label: 2-D array}`` are laid over it too (rollout).
+    - ``plot``: ``lines`` ``{name: [value per x]}``, drawn as lines (a series, per-step importance).
+    - ``alignment``: ``modules`` (names) and ``rows`` (a label per query): the chosen one of those
+      modules (else the last) with its rows relabelled, each row's largest weight boxed and written
+      as Pharaoh ``key-query`` pairs (translation's cross-attention).
+
+    ``"place": "above"`` puts a panel above the heatmap instead of below it; an ``image`` or ``plot``
+    with ``"align": "keys"`` is drawn inside the heatmap, right above it on the same key axis,
+    stretched over ``span`` keys (default: all of them; a spectrogram's frames past the last
+    encoder frame make it a little more), and with ``"axis": name`` only over modules whose keys are
+    that axis.
     """
 
     run: Callable[[], Any]
@@ -57,6 +82,7 @@ class AttentionExample:
     draw: Callable[[dict[str, np.ndarray], Path], None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     head_types: Callable[[], dict[str, dict[str, list[float]]]] | None = None
+    page: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None
 
 
 class Recipe:
@@ -118,6 +144,13 @@ class Recipe:
         """The metrics of ``split`` from the outputs of all its items, in order."""
         raise NotImplementedError
 
+    reference: str | None = None  # the baseline ``evaluate`` measures every row against, in percent
+
+    def baselines(self, split: str) -> dict[str, dict[str, float]]:
+        """Peer models fitted on the same training data and scored on ``split`` with the same metrics
+        ({name: metrics}), printed by ``evaluate`` beside the model's own row; none by default."""
+        return {}
+
     # -- using a trained run ----------------------------------------------------------------------
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, **options: Any) -> None:
         """Write predictions for one input file; raise :class:`tfkit.errors.UsageError` for a bad file."""
@@ -134,6 +167,23 @@ class Recipe:
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         raise UsageError(f"recipe '{self.config['recipe']}' cannot start from pretrained weights (--init)")
+
+    # -- taking a trained model elsewhere (``tfkit export``) ----------------------------------------
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        """Write ``model`` into the folder ``out`` as ``transformers`` saves its counterpart: config.json,
+        model.safetensors, and the tokenizer or preprocessor_config.json; raise a UsageError that names
+        the config key where the model has no counterpart."""
+        onnx = type(self).onnx_graphs is not Recipe.onnx_graphs
+        raise UsageError(f"recipe '{self.config['recipe']}' has no transformers equivalent" + (" (export it with --to onnx)" if onnx else ""))
+
+    def onnx_graphs(self, model: nn.Module) -> list[Any]:
+        """The inference graphs of ``model`` as :class:`tfkit.onnx.Graph` objects."""
+        raise UsageError(f"recipe '{self.config['recipe']}' cannot be exported to ONNX")
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        """What a user of the graphs must do before and after them, for onnx.json; files it names
+        (a tokenizer) are written into ``out``."""
+        return {}
 
 
 class TokenizerRecipe(Recipe):

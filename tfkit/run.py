@@ -220,7 +220,7 @@ def better(config: dict[str, Any]) -> Callable[[float, float], bool]:
     picks min for losses and error rates, max for the rest."""
     metric, mode = config["train"]["keep_best"], config["train"]["best_mode"]
     if mode == "auto":
-        lower = ("loss", "cer", "wer", "perplexity", "bits_per_byte", "error", "mae", "mse", "rmse")
+        lower = ("loss", "cer", "wer", "perplexity", "bits_per_byte", "error", "mae", "mse", "rmse", "mase", "smape")
         mode = "min" if any(metric.endswith(word) for word in lower) else "max"
     return (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
 

@@ -3,6 +3,7 @@ run or a Hugging Face BERT folder) for classify, classify-pair, tag or qa."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -12,9 +13,11 @@ from torch import Tensor, nn
 from tfkit import run as runs
 from tfkit.data import SPLITS, train_wordpiece
 from tfkit.errors import UsageError
+from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss, batch_ranges
 from tfkit.recipes.bert.base import BertRecipe
-from tfkit.recipes.bert.hf import bert_config_from_hf, bert_weights_from_hf
+from tfkit.hf import labels_config, read_config, write_folder
+from tfkit.recipes.bert.hf import TASK_HEADS, bert_config_from_hf, bert_config_to_hf, bert_head_from_hf, bert_weights_from_hf, bert_weights_to_hf
 from tfkit.recipes.bert.model import BertWithHead, build_bert
 from tfkit.recipes.bert.qa import QuestionAnswering
 from tfkit.recipes.bert.tasks import Classify, ClassifyPair, Tag
@@ -112,6 +115,44 @@ class BertFinetune(BertRecipe):
         else:
             weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
         try:
-            model.bert.load_state_dict(weights)
+            missing, _ = model.bert.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # sizes changed with --set after --init
             raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+        if set(missing) - {"pooler.weight", "pooler.bias"}:  # a per-token task model has no pooler: ours starts fresh
+            raise UsageError(f"the weights in {path} lack {len(missing)} of the encoder's tensors, e.g. {missing[0]}")
+        if (path / "config.json").is_file():
+            self._load_hf_head(model, path)
+
+    def _load_hf_head(self, model: nn.Module, path: Path) -> None:
+        """A transformers task model's head comes along when it is this task's, for the same labels in
+        the same order (a folder ``tfkit export`` wrote): the run then starts from the same outputs."""
+        hf = read_config(path, "bert", "BERT")
+        names = [name for _, name in sorted((hf.get("id2label") or {}).items(), key=lambda item: int(item[0]))]
+        head = bert_head_from_hf(path, TASK_HEADS[self.task.hf_class]) if self.task.hf_class in hf.get("architectures", []) else None
+        if head is None or names != self.labels or head["head.weight"].shape != model.head.weight.shape:
+            return
+        model.head.load_state_dict({key.removeprefix("head."): value for key, value in head.items()})
+        print(f"note: the {self.task.hf_class} head of {path} comes along (the same {len(names)} labels)", file=sys.stderr)
+
+    # -- taking the model elsewhere -----------------------------------------------------------------
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """The encoder with its head: (B, T) token and segment ids → logits, (B, labels) or per token (B, T, labels)."""
+        axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
+        return [Graph("model", model, self.onnx_example, ["logits"], axes, limits={"length": self.config["model"]["max_positions"]})]
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        outputs = {"classify": "logits (B, labels): softmax for each label's probability",
+                   "classify-pair": "logits (B, labels): softmax for each label's probability",
+                   "tag": "logits (B, T, labels): each word's label is read at its first sub-token",
+                   "qa": "logits (B, T, 2): start and end logits per token; the answer is the context span with the highest "
+                         "start + end, at most data.max_answer_length tokens"}
+        data = self.config["data"]
+        return {**super().onnx_processing(out), "task": self.config["task"], "labels": self.labels, "outputs": outputs[self.config["task"]],
+                **({"doc_stride": data["doc_stride"], "max_answer_length": data["max_answer_length"]} if self.config["task"] == "qa" else {})}
+
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        config = {**bert_config_to_hf(self.config["model"], self.tokenizer.get_vocab_size()), "architectures": [self.task.hf_class],
+                  **labels_config(self.labels)}
+        weights = bert_weights_to_hf(model.state_dict(), len(model.bert.encoder.layers), TASK_HEADS[self.task.hf_class], pooler=not self.task.per_token)
+        write_folder(out, config, weights)
+        self.write_hf_tokenizer(out)

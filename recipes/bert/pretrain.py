@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 import datasets
 import numpy as np
@@ -17,11 +17,14 @@ from torch import Tensor, nn
 
 from tfkit.data import encode_once, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_wordpiece
 from tfkit.errors import UsageError
+from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss
 from tfkit.recipes.bert.base import BertRecipe
 from tfkit.recipes.bert.corpus import pretraining_corpus, sentences
+from tfkit.hf import write_folder
+from tfkit.recipes.bert.hf import PRETRAINING_HEADS, bert_config_from_hf, bert_config_to_hf, bert_head_from_hf, bert_weights_from_hf, bert_weights_to_hf
 from tfkit.recipes.bert.model import BertForPretraining, build_bert
-from tfkit.recipes.bert.tokens import MASK, PAD, SPECIALS, pair_ids
+from tfkit.recipes.bert.tokens import MASK, PAD, SPECIALS, check_specials, load_tokenizer, pair_ids
 from tfkit.registry import register
 
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
@@ -124,6 +127,20 @@ def nsp_pairs(documents: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return a, b, label
 
 
+class EveryPosition(nn.Module):
+    """BertForPretraining with its masked-LM logits at every position, as a graph without the flat
+    positions input (B, T, V)."""
+
+    def __init__(self, model: BertForPretraining):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(token_ids.numel(), device=token_ids.device)
+        mlm, nsp = self.model(token_ids, segment_ids, positions)
+        return mlm.view(*token_ids.shape, -1), nsp
+
+
 @register("recipe", "bert-pretrain")
 class BertPretrain(BertRecipe):
     """BERT pretraining: masked LM (15%, 80/10/10) and next-sentence prediction, WordPiece."""
@@ -141,6 +158,9 @@ class BertPretrain(BertRecipe):
             texts[split] = texts["train"]
         if run_dir is not None:
             self.load(run_dir)
+        elif self.config["init"]:
+            self.tokenizer = load_tokenizer(Path(self.config["init"]))
+            check_specials(self.tokenizer, self.config["init"])
         else:
             self.tokenizer = train_wordpiece(TableText(texts["train"], self.documents["train"]), data["vocab_size"], SPECIALS)
         self.ids, self.lengths = {}, {}
@@ -258,7 +278,6 @@ class BertPretrain(BertRecipe):
         tab-separated "token probability" fields, masks separated by a "|" field."""
         top_k = top_k or self.config["predict"]["top_k"]
         model.eval()
-        device = next(model.parameters()).device
         for number, line in enumerate(read_lines(path), 1):
             parts = line.split("\t", 1)
             ids, segments = self.encode(parts[0], parts[1] if len(parts) > 1 else None)
@@ -267,10 +286,62 @@ class BertPretrain(BertRecipe):
                 print(f"warning: {path}:{number}: no [MASK] in the line, its output is left empty", file=sys.stderr)
                 out.write("\n")
                 continue
-            mlm_logits, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device), torch.tensor(positions, device=device))
-            probs, tokens = mlm_logits.float().softmax(-1).topk(top_k, dim=-1)
-            fillings = [
-                "\t".join(f"{self.tokenizer.id_to_token(t)} {p:.3f}" for p, t in zip(row_p.tolist(), row_t.tolist()))
-                for row_p, row_t in zip(probs, tokens)
-            ]
+            fillings = ["\t".join(f"{token} {p:.3f}" for token, p in mask) for mask in self.fill_masks(model, ids, segments, positions, top_k)]
             out.write("\t|\t".join(fillings) + "\n")
+
+    @torch.no_grad()
+    def fill_masks(self, model: nn.Module, ids: list[int], segments: list[int], positions: list[int], top_k: int) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` likeliest (token, probability) fillings of each masked position."""
+        device = next(model.parameters()).device
+        mlm_logits, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device), torch.tensor(positions, device=device))
+        probs, tokens = mlm_logits.float().softmax(-1).topk(top_k, dim=-1)
+        return [[(self.tokenizer.id_to_token(t), p) for p, t in zip(row_p.tolist(), row_t.tolist())] for row_p, row_t in zip(probs, tokens)]
+
+    def page_panels(self, model: nn.Module, ids: list[int], segments: list[int]) -> list[dict]:
+        """Fill-mask predictions when the input has [MASK]."""
+        positions = [i for i, t in enumerate(ids) if t == MASK]
+        if not positions:
+            return []
+        fillings = self.fill_masks(model, ids, segments, positions, self.config["predict"]["top_k"])
+        rows = [[position, rank + 1, token, round(p, 4)] for position, mask in zip(positions, fillings) for rank, (token, p) in enumerate(mask)]
+        return [{"kind": "table", "title": "fill-mask: the likeliest tokens at each [MASK]", "columns": ["position", "rank", "token", "probability"], "rows": rows}]
+
+    # -- starting from a transformers BERT, and going back to one ---------------------------------
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        model = bert_config_from_hf(path)
+        if model["activation"] != "gelu":  # our masked-LM head's transform is GELU whatever the encoder's activation
+            raise UsageError(f"{path}: only BERTs with GELU can be pretrained further (its masked-LM head would differ)")
+        return {"model": model}
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        """The encoder, and the masked-LM and next-sentence heads where the folder has them
+        (BertForPreTraining); from a BertModel they start fresh."""
+        weights = {f"bert.{k}": v for k, v in bert_weights_from_hf(path, len(model.bert.encoder.layers)).items()}
+        heads = bert_head_from_hf(path, PRETRAINING_HEADS)
+        if heads is None:
+            print(f"note: {path} has no pretraining heads; they start fresh", file=sys.stderr)
+        try:
+            missing, _ = model.load_state_dict({**weights, **(heads or {})}, strict=False)
+        except RuntimeError as e:  # sizes changed with --set after --init
+            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+        if "bert.pooler.weight" in missing:
+            raise UsageError(f"{path} has no pooler, which next-sentence prediction needs (a BertModel or BertForPreTraining is)")
+
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """(B, T) token and segment ids → masked-LM logits at every position (B, T, V) and NSP logits (B, 2)."""
+        axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
+        return [Graph("model", EveryPosition(model), self.onnx_example, ["mlm_logits", "nsp_logits"], axes,
+                      limits={"length": self.config["model"]["max_positions"]})]
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        return {**super().onnx_processing(out), "outputs": "mlm_logits (B, T, V): a filling for each [MASK] position; "
+                "nsp_logits (B, 2): 0 is next sentence, 1 is not"}
+
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        m = self.config["model"]
+        if m["activation"] != "gelu":
+            raise UsageError(f"model.activation '{m['activation']}': BertForPreTraining's masked-LM head would use it where ours uses GELU")
+        config = {**bert_config_to_hf(m, self.tokenizer.get_vocab_size()), "architectures": ["BertForPreTraining"]}
+        write_folder(out, config, bert_weights_to_hf(model.state_dict(), len(model.bert.encoder.layers), PRETRAINING_HEADS))
+        self.write_hf_tokenizer(out)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.data import SPLITS, load_splits, pad_rows, read_lines, require_columns
+from tfkit.data import SPLITS, as_evaluation, load_splits, pad_rows, read_lines, require_columns
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
 from tfkit.recipes.bert.corpus import qa_corpus
@@ -95,6 +95,9 @@ def carve_by_context(questions: dict[str, list[Question]], seed: int, held_out: 
     """The validation and test splits a source lacks, carved from its training questions a
     ``held_out`` share of the contexts each: unlike rows carved by load_splits, no held-out question
     is then about a context trained on."""
+    evaluated = as_evaluation(questions)
+    if evaluated is not None:
+        return evaluated
     train, missing = questions["train"], [split for split in SPLITS if split not in questions]
     if not missing:
         return questions
@@ -191,6 +194,7 @@ class QuestionAnswering(Task):
     scored by exact match and F1."""
 
     per_token = True
+    hf_class = "BertForQuestionAnswering"
 
     def read(self, seed: int) -> tuple[dict[str, list], list[str]]:
         data = self.config["data"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.data import SPLITS, label_names, load_splits, pad_rows, read_lines, require_columns
+from tfkit.data import SPLITS, check_labels, label_names, load_splits, pad_rows, read_lines, require_columns
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
 from tfkit.recipes.bert.corpus import classify_corpus, pair_corpus, tag_corpus
@@ -53,6 +53,7 @@ class Task:
     ``eval_outputs``, ``score`` and ``predict_file``."""
 
     per_token = False
+    hf_class = "BertForSequenceClassification"  # the transformers model of the same task (tfkit export)
 
     def __init__(self, recipe: BertFinetune):
         self.recipe, self.config = recipe, recipe.config
@@ -96,12 +97,8 @@ class Classify(Task):
 
     def encode(self, rows: list[tuple[list[str], str]], split: str) -> list[tuple[list[int], list[int], int]]:
         index = {name: i for i, name in enumerate(self.recipe.labels)}
-        out = []
-        for i, (fields, name) in enumerate(rows):
-            if name not in index:
-                raise UsageError(f"the {split} data's row {i + 1} has label '{name}', which the training data does not have")
-            out.append((*self.recipe.encode(*fields), index[name]))
-        return out
+        check_labels((name for _, name in rows), index, split)
+        return [(*self.recipe.encode(*fields), index[name]) for fields, name in rows]
 
     def batch(self, examples: list[tuple[list[int], list[int], int]]) -> Batch:
         return {
@@ -161,6 +158,7 @@ class Tag(Task):
     """A label per word, read at its first sub-token: word/TAG predictions, entity F1."""
 
     per_token = True
+    hf_class = "BertForTokenClassification"
 
     def read(self, seed: int) -> tuple[dict[str, list], list[str]]:
         data = self.config["data"]
@@ -199,11 +197,9 @@ class Tag(Task):
 
     def encode(self, rows: list[tuple[list[str], list[str]]], split: str) -> list[tuple[list[int], list[int], list[int]]]:
         index = {name: i for i, name in enumerate(self.recipe.labels)}
+        check_labels((tag for _, tags in rows for tag in tags), index, split, "tag")
         out = []
-        for i, (words, tags) in enumerate(rows):
-            unknown = set(tags) - set(index)
-            if unknown:
-                raise UsageError(f"the {split} data's sentence {i + 1} has tags {sorted(unknown)} that the training data does not have")
+        for words, tags in rows:
             ids, firsts = self._encode_words(words)
             out.append((ids, [0] * len(ids), [IGNORE if w == IGNORE else index[tags[w]] for w in firsts]))
         return out

@@ -38,7 +38,7 @@ class ScaledDotProductAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         dropout = self.dropout if self.training else 0.0
         tq, tk = q.size(-2), k.size(-2)
-        causal = causal and tq > 1  # one query is the last, which sees every key: no mask (each decoding step)
+        causal = causal and bool(tq > 1)  # one query is the last, which sees every key: no mask (each decoding step)
         # with dropout on the CPU PyTorch runs its unfused path anyway, with slower masks than ours
         if not self.explicit and not (dropout and q.device.type == "cpu"):
             if causal and (mask is not None or tq != tk):

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 # a packed product costs ~20 µs more per call to start; below this many weights that is more than it saves
 PACK_ABOVE = 1 << 16
+# nor at one or two rows (a causal LM's decoding step), where MKL's matrix-vector product packs
+# nothing: 256→768 at 1 row took 20 µs as stored, 40 packed; 256→8000 at 4 rows 909 µs, 480 packed
+PACK_ROWS = 4
 # weight id and rows → (the weight, kept so its id stays its own, and its packed copy)
 _packs: dict[tuple[int, int | None, int | None], tuple[Tensor, Tensor]] | None = None
 
@@ -68,7 +71,7 @@ def linear(
     if (
         _packs is None or fused is None or torch.is_grad_enabled() or x.device.type != "cpu"
         or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-        or weight.numel() <= PACK_ABOVE
+        or weight.numel() <= PACK_ABOVE or x.numel() < PACK_ROWS * x.size(-1)
     ):
         out = F.linear(x, weight, bias)
         return out if activation is None else activation(out)

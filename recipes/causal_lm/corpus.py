@@ -1,0 +1,133 @@
+"""The text a causal LM reads, as documents, and the token stream they make.
+
+Documents: the built-in corpus, the Python standard library's own source files (test suites left out),
+split 90/5/5 by file so held-out files are never seen; a user's .txt file, whose documents are
+separated by blank lines; a folder of .txt files, one document per file; .jsonl/.csv rows or a Hugging
+Face dataset, one document per row. Each split's documents, each followed by END_OF_TEXT, are encoded
+once into a file of int32 token ids under the cache folder and memory-mapped, so a corpus larger than
+memory trains; the file is named by the tokenizer and the documents' text, so a resumed run (or another
+rank) reads the very same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from tokenizers import Tokenizer
+
+from tfkit.data import SPLITS, cache_dir, cached, complete_splits, load_splits, read_lines, read_text, require_columns
+from tfkit.errors import UsageError
+
+SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "__pycache__"}
+CHUNK = 1000  # documents read (and encoded) at a time
+
+
+def stdlib_source(seed: int) -> datasets.DatasetDict:
+    """The standard library's .py files (one document each, test suites left out), split 90/5/5 by file."""
+
+    def build() -> datasets.DatasetDict:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        texts = []
+        for path in sorted(root.rglob("*.py")):
+            if SKIPPED_PACKAGES & set(path.relative_to(root).parts):
+                continue
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError):
+                continue
+        random.Random(seed).shuffle(texts)
+        cut = len(texts) // 20
+        parts = {"validation": texts[:cut], "test": texts[cut : 2 * cut], "train": texts[2 * cut :]}
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": t}) for s, t in parts.items()})
+
+    return cached("stdlib-source", {"seed": seed, "python": sys.version.split()[0]}, build)
+
+
+def text_documents(path: Path) -> datasets.DatasetDict:
+    """A .txt file as documents separated by blank lines."""
+    lines = read_lines(path)
+    documents, current = [], []
+    for line in [*lines, ""]:
+        if line.strip():
+            current.append(line)
+        elif current:
+            documents.append("\n".join(current))
+            current = []
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": documents})})
+
+
+class Documents:
+    """One split's documents, read ``CHUNK`` at a time: the text of a row's ``column``, or of the file
+    it names; empty ones are left out."""
+
+    def __init__(self, rows: datasets.Dataset, column: str, files: bool = False):
+        self.rows, self.column, self.files = rows, column, files
+
+    def chunks(self) -> Iterator[list[str]]:
+        for chunk in self.rows.iter(batch_size=CHUNK):
+            texts = [read_text(Path(v)) for v in chunk[self.column]] if self.files else chunk[self.column]
+            yield [t for t in texts if isinstance(t, str) and t.strip()]
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.chunks():
+            yield from chunk
+
+
+def read_documents(data: dict[str, Any], seed: int) -> dict[str, Documents]:
+    """``data.name`` as each split's documents; splits the source lacks are carved from its train
+    documents (``data.held_out`` each), so no document is split between them."""
+    path, held_out = Path(data["name"]).expanduser(), data["held_out"]
+    if path.suffix == ".txt":
+        splits = complete_splits(text_documents(path), seed, held_out)
+        return {s: Documents(splits[s], "text") for s in SPLITS}
+    if path.is_dir() and not any(f for s in SPLITS for f in path.glob(f"{s}.*")):
+        files = sorted(str(f) for f in path.rglob("*.txt") if f.is_file())
+        if not files:
+            raise UsageError(f"data folder {path} holds no .txt files (one document each) and no train file")
+        splits = complete_splits(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"path": files})}), seed, held_out)
+        return {s: Documents(splits[s], "path", files=True) for s in SPLITS}
+    split_texts = {s: f for s in SPLITS if (f := path / f"{s}.txt").is_file()} if path.is_dir() else {}
+    if split_texts:  # train.txt and the others: documents between blank lines, as in one .txt file
+        splits = complete_splits(datasets.DatasetDict({s: text_documents(f)["train"] for s, f in split_texts.items()}), seed, held_out)
+        return {s: Documents(splits[s], "text") for s in SPLITS}
+    splits = load_splits(data["name"], lambda: stdlib_source(seed), seed, held_out=held_out, hub_config=data["hub_config"])
+    for split in SPLITS:
+        require_columns(splits[split], split, [data["text_column"]], "data.text_column")
+    return {s: Documents(splits[s], data["text_column"]) for s in SPLITS}
+
+
+def token_stream(documents: Documents, tokenizer: Tokenizer, end_of_text: int, split: str) -> np.ndarray:
+    """The documents' tokens, each followed by ``end_of_text``, as a read-only memory-mapped (N,) int32
+    array; encoded once per tokenizer and text."""
+    digest = hashlib.sha1(tokenizer.to_str().encode())
+    for text in documents:  # reading is fast next to encoding: name the file by the text itself
+        digest.update(len(text).to_bytes(8, "little") + text.encode("utf-8", "surrogatepass"))
+    path = cache_dir() / f"causal-lm-tokens-{digest.hexdigest()[:20]}.i32"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        count = 0
+        try:
+            with open(partial, "wb") as f:
+                for chunk in documents.chunks():
+                    for encoding in tokenizer.encode_batch(chunk):
+                        f.write(np.asarray([*encoding.ids, end_of_text], dtype="<i4").tobytes())
+                    count += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())  # whole on disk before it is named: a resumed run must read this very stream
+            if count == 0:
+                raise UsageError(f"the {split} data holds no text")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return np.memmap(path, dtype="<i4", mode="r")
+

@@ -1,0 +1,292 @@
+"""The ``forecast`` recipe: windows of a series in time order, the backtest, predict and inspection.
+
+The series splits by time: train, then the last ``validation_size`` steps before the test part, then
+the last ``test_size`` steps. Scaling statistics come from the training part alone. A forecast made
+at origin ``o`` sees steps ``o − context .. o − 1`` and forecasts ``o .. o + horizon − 1``; training
+uses every origin whose horizon lies in the training part, the backtest every ``origin_stride``-th
+origin of the validation or test part (its history may reach back into the parts before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tfkit import run as runs
+from tfkit.errors import UsageError
+from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
+from tfkit.recipes.forecast import baselines as peers
+from tfkit.recipes.forecast import importance
+from tfkit.recipes.forecast.metrics import pinball, scores, seasonal_scale
+from tfkit.recipes.forecast.model import DLinear, InstanceNorm, LSTMForecaster, PatchTransformer
+from tfkit.recipes.forecast.series import Series, make_series, read_frame
+from tfkit.registry import register
+
+SERIES_FILE = "series.json"  # the variables, their roles and the training part's statistics
+BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second evaluate costs nothing
+
+
+@register("recipe", "forecast")
+class Forecast(Recipe):
+    """Multivariate forecasting: patch Transformer (PatchTST), backtest against ARIMA, DLinear, LSTM."""
+
+    config_file = "forecast.yaml"
+    unit = "win"
+    facts: dict[str, Any]  # what series.json holds
+
+    # -- data -------------------------------------------------------------------------------------
+    def prepare(self, run_dir: Path | None = None) -> None:
+        data = self.config["data"]
+        frame, roles = read_frame(data["name"], data["hub_config"])
+        if run_dir is not None:
+            self.load(run_dir)
+            self.series = make_series(frame, {}, self._data_of_run(), data["name"], self.facts["names"])
+        else:
+            self.series = make_series(frame, roles, data, data["name"])
+        self.bounds = self._bounds(len(self.series))
+        if run_dir is None:
+            train = self.series.values[: self.bounds[0]]
+            std = train.std(0)
+            self.facts = {
+                "names": self.series.names, "targets": self.series.targets, "frequency": self.series.frequency,
+                "season": self.series.season, "time_column": self.series.time_column,
+                "mean": train.mean(0).tolist(), "std": np.where(std > 0, std, 1.0).tolist(),
+                "mase_scale": np.maximum(seasonal_scale(train[:, : self.series.targets], self.series.season), 1e-12).tolist(),
+            }
+        self.scaled = torch.tensor(self._scale(self.series.values), dtype=torch.float32)
+        n_train, n_validation = self.bounds
+        context, horizon, stride = data["context"], data["horizon"], data["origin_stride"]
+        self.origins = {
+            "train": np.arange(context, n_train - horizon + 1),
+            "validation": np.arange(max(n_train, context), n_validation - horizon + 1, stride),
+            "test": np.arange(n_validation, len(self.series) - horizon + 1, stride),
+        }
+
+    def _bounds(self, steps: int) -> tuple[int, int]:
+        """Where the training part ends and where the validation part ends."""
+        data = self.config["data"]
+        n_validation = steps - data["test_size"]
+        n_train = n_validation - data["validation_size"]
+        need = data["context"] + data["horizon"]
+        if data["test_size"] < data["horizon"] or data["validation_size"] < data["horizon"]:
+            raise UsageError(f"data.test_size ({data['test_size']}) and data.validation_size ({data['validation_size']}) "
+                             f"must each hold at least one horizon (data.horizon {data['horizon']})")
+        if n_train < need:
+            raise UsageError(f"the series has {steps} steps: after the last {data['test_size']} for test and "
+                             f"{data['validation_size']} for validation, {max(n_train, 0)} are left to train on, fewer than one "
+                             f"window (data.context + data.horizon = {need}); shorten them")
+        return n_train, n_validation
+
+    def _data_of_run(self) -> dict[str, Any]:
+        """The data section with the column roles and frequency the run was trained with."""
+        facts = self.facts
+        return {**self.config["data"], "time_column": facts["time_column"], "targets": facts["names"][: facts["targets"]],
+                "covariates": facts["names"][facts["targets"]:], "frequency": facts["frequency"], "season": facts["season"]}
+
+    def _scale(self, values: np.ndarray) -> np.ndarray:
+        return (values - np.array(self.facts["mean"])) / np.array(self.facts["std"])
+
+    def _unscale(self, scaled: np.ndarray) -> np.ndarray:
+        """(..., T) or (..., T, Q) scaled target values → the targets' own units."""
+        t = self.facts["targets"]
+        mean, std = np.array(self.facts["mean"][:t]), np.array(self.facts["std"][:t])
+        if scaled.shape[-1] != t:
+            return scaled * std[:, None] + mean[:, None]
+        return scaled * std + mean
+
+    def save(self, run_dir: Path) -> None:
+        runs.write_json(run_dir, SERIES_FILE, self.facts)
+
+    def load(self, run_dir: Path) -> None:
+        self.facts = runs.read_json(run_dir, SERIES_FILE)
+        self.run_dir = run_dir
+
+    @property
+    def quantiles(self) -> list[float] | None:
+        levels = self.config["model"]["quantiles"]
+        if levels is not None and (0.5 not in levels or sorted(levels) != levels or not all(0 < q < 1 for q in levels)):
+            raise UsageError(f"model.quantiles must rise, lie between 0 and 1 and include 0.5, got {levels}")
+        return levels
+
+    def build_model(self) -> nn.Module:
+        m, data = self.config["model"], self.config["data"]
+        variables, targets = len(self.facts["names"]), self.facts["targets"]
+        if m["patch"] > data["context"]:
+            raise UsageError(f"model.patch ({m['patch']}) is longer than data.context ({data['context']})")
+        forecaster = PatchTransformer(
+            variables, targets, data["context"], data["horizon"], len(self.quantiles or [0.5]), m["patch"], m["stride"],
+            m["d_model"], m["heads"], m["layers"], m["d_ff"], m["dropout"], m["activation"], m["block"], m["position"],
+            m["cross_variable"],
+        )
+        return InstanceNorm(forecaster, targets)
+
+    # -- training ---------------------------------------------------------------------------------
+    def windows(self, origins: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The contexts (B, L, V) and the target futures (B, H, T) at ``origins``, scaled."""
+        data = self.config["data"]
+        origins = torch.as_tensor(origins)
+        past = origins[:, None] + torch.arange(-data["context"], 0)
+        future = origins[:, None] + torch.arange(data["horizon"])
+        return self.scaled[past], self.scaled[future][..., : self.facts["targets"]]
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        size = self.config["train"]["batch_size"]
+        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+        origins = self.origins["train"][torch.randperm(len(self.origins["train"]), generator=generator).numpy()]
+        for start in range(0, len(origins), size):
+            context, future = self.windows(origins[start : start + size])
+            yield {"context": context, "future": future}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Loss:
+        return Loss([(self._loss_sum(model, batch), batch["future"].numel())], len(batch["context"]))
+
+    def _loss_sum(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Summed squared error of the point forecast, or the summed pinball loss of the quantiles."""
+        forecast = model(batch["context"]).float()
+        if self.quantiles:
+            return pinball(forecast, batch["future"], self.quantiles)
+        return F.mse_loss(forecast[..., 0], batch["future"], reduction="sum")
+
+    # -- the backtest -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forecast(self, model: nn.Module, contexts: Tensor) -> np.ndarray:
+        """(B, L, V) scaled contexts → (B, H, T, Q) forecasts in the targets' units. The quantiles are
+        sorted, so that they never cross: the rearrangement never raises the pinball loss (Chernozhukov,
+        Fernández-Val and Galichon 2010)."""
+        model.eval()
+        device = next(model.parameters()).device
+        size = self.config["predict"]["batch_size"]
+        parts = [model(contexts[i : i + size].to(device)).float().cpu() for i in range(0, len(contexts), size)]
+        return self._unscale(torch.cat(parts).sort(dim=-1).values.numpy())
+
+    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per origin of ``split``: its forecast (H, T, Q) and the truth (H, T)."""
+        origins, out = self.origins[split], {}
+        for places in batch_ranges(len(origins), self.config["predict"]["batch_size"], rank, world):
+            context, future = self.windows(origins[places.start : places.stop])
+            forecasts, truths = self.forecast(model, context), self._unscale(future.numpy())
+            out.update(zip(places, zip(forecasts, truths)))
+        return out
+
+    def score(self, split: str, outputs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        forecasts, truths = np.stack([f for f, _ in outputs]), np.stack([t for _, t in outputs])
+        return self._scores(forecasts, truths)
+
+    def _scores(self, forecasts: np.ndarray, truths: np.ndarray) -> dict[str, float]:
+        t = self.facts["targets"]
+        return scores(forecasts, truths, np.array(self.facts["mase_scale"]), np.array(self.facts["std"][:t]), self.quantiles)
+
+    reference = "arima"  # the row the evaluate table measures the others against, in percent
+
+    def baselines(self, split: str) -> dict[str, dict[str, float]]:
+        """The peers' scores on the origins of ``split``; kept in the run directory, keyed by what
+        they depend on, so only the first evaluate pays for fitting them."""
+        key = hashlib.sha1(json.dumps([split, self.config["seed"], self.config["data"], self.config["baselines"],
+                                       self.config["model"]["quantiles"], self.config["train"]["batch_size"]],
+                                      sort_keys=True).encode()).hexdigest()[:16]
+        kept = runs.read_json(self.run_dir, BASELINES_FILE) if (self.run_dir / BASELINES_FILE).is_file() else {}
+        if key not in kept:
+            kept[key] = self._fit_baselines(split)
+            runs.write_json(self.run_dir, BASELINES_FILE, kept)
+        return kept[key]
+
+    def _fit_baselines(self, split: str) -> dict[str, dict[str, float]]:
+        data, cfg = self.config["data"], self.config["baselines"]
+        origins, t = self.origins[split], self.facts["targets"]
+        truths = self._unscale(self.windows(origins)[1].numpy())
+        values = self.series.values[:, :t]
+        quantiles = len(self.quantiles or [0.5])  # a point forecast carries no interval: each quantile is the point
+        naive = np.repeat(peers.seasonal_naive(values, origins, data["horizon"], self.series.season), quantiles, -1)
+        arima, orders = peers.arima(self.scaled[:, :t].double().numpy(), self.bounds[0], origins, data["horizon"], cfg["arima_orders"])
+        arima = np.repeat(self._unscale(arima), quantiles, -1)
+        print(f"note: ARIMA orders by AIC: {', '.join(f'{n} {o}' for n, o in zip(self.facts['names'], orders))}", file=sys.stderr)
+        out = {"seasonal naive": self._scores(naive, truths), "arima": self._scores(arima, truths)}
+        size = sum(p.numel() for p in self.build_model().parameters())
+        variables, horizon = len(self.facts["names"]), data["horizon"]
+        hidden = cfg["lstm_hidden"] or peers.lstm_hidden(size, variables, horizon * t * quantiles, cfg["lstm_layers"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config["seed"])
+            for name, forecaster in (("dlinear", DLinear(t, data["context"], horizon, quantiles)),
+                                     ("lstm", LSTMForecaster(variables, t, horizon, quantiles, hidden, cfg["lstm_layers"]))):
+                model = self._train_baseline(InstanceNorm(forecaster, t))
+                out[name] = self._scores(self.forecast(model, self.windows(origins)[0]), truths)
+        return out
+
+    def _train_baseline(self, model: nn.Module) -> nn.Module:
+        def validate(candidate: nn.Module) -> float:
+            outputs = self.eval_outputs(candidate, "validation")
+            return self.score("validation", [outputs[i] for i in sorted(outputs)])["mase"]
+
+        def loss(candidate: nn.Module, batch: Batch) -> Tensor:
+            return self._loss_sum(candidate, batch) / batch["future"].numel()
+
+        return peers.fit(model, self.train_batches, loss, self.config["baselines"]["steps"], self.config["train"]["lr"], validate)
+
+    # -- using a trained run ----------------------------------------------------------------------
+    def read_history(self, path: Path) -> Series:
+        """A user's history file, checked against the run's variables; at least one context long."""
+        frame, _ = read_frame(str(path))
+        series = make_series(frame, {}, self._data_of_run(), str(path), self.facts["names"])
+        if len(series) < self.config["data"]["context"]:
+            raise UsageError(f"{path} has {len(series)} steps, fewer than the {self.config['data']['context']} the model reads (data.context)")
+        return series
+
+    def predict_file(self, model: nn.Module, path: Path, out: TextIO) -> None:
+        """CSV of the ``horizon`` steps after the file's last row (time, variable, forecast, quantiles)
+        and a PNG of history, forecast and interval in RUN/forecasts/."""
+        series = self.read_history(path)
+        context = torch.tensor(self._scale(series.values[-self.config["data"]["context"]:]), dtype=torch.float32)
+        (forecast,) = self.forecast(model, context[None])  # (H, T, Q)
+        point = forecast[..., self.quantiles.index(0.5)] if self.quantiles else forecast[..., 0]
+        times = series.future_times(len(forecast))
+        levels = [f"q{q:g}" for q in self.quantiles or []]
+        out.write(",".join(["time", "variable", "forecast", *levels]) + "\n")
+        for h, time in enumerate(times):
+            for t, name in enumerate(self.facts["names"][: self.facts["targets"]]):
+                cells = [time, name, f"{point[h, t]:.6g}", *(f"{v:.6g}" for v in (forecast[h, t] if levels else []))]
+                out.write(",".join(cells) + "\n")
+        picture = self.run_dir / "forecasts" / f"{path.stem}.png"
+        runs.make_dir(picture.parent)
+        importance.draw_forecast(series, forecast, point, self.facts["names"][: self.facts["targets"]], picture)
+        print(f"wrote {picture}", file=sys.stderr)
+
+    def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
+        """The last context window of the history file ``text``; ``draw`` adds the time-step and
+        variable importances (importance.npz, PNGs, a printed ranking)."""
+        path = Path(text)
+        series = self.read_history(path)
+        data, m = self.config["data"], self.config["model"]
+        context = torch.tensor(self._scale(series.values[-data["context"]:]), dtype=torch.float32)
+        device = next(model.parameters()).device
+        labels = series.labels()[-data["context"]:]
+        patches = [f"{labels[min(i * m['stride'], len(labels) - 1)]}" for i in range(model.forecaster.count)]
+
+        found: dict[str, np.ndarray] = {}
+
+        def measured(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # once, for the pictures and the page
+            if not found:
+                found.update(importance.measure(self, model, series, weights))
+            return found
+
+        def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
+            importance.explain(self, series, weights, measured(weights), out_dir)
+
+        return AttentionExample(
+            run=lambda: model(context[None].to(device)),
+            tokens={"patches": patches, "variables": self.facts["names"]},
+            axes=lambda name: ("variables", "variables") if name.startswith("forecaster.across") else ("patches", "patches"),
+            draw=draw,
+            page=lambda weights: importance.page(self, series, measured(weights)),
+            meta={"patch": m["patch"], "stride": m["stride"], "context": data["context"], "times": labels,
+                  "temporal attention": f"of the first target, {self.facts['names'][0]}",
+                  "across attention": "at the first patch (importance.npz averages over patches)"},
+        )
+
