@@ -35,6 +35,7 @@ from tfkit.errors import UsageError
 from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
+from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
@@ -95,6 +96,7 @@ def _number_text(rng: random.Random) -> str:
 
 
 MAX_SECONDS = 300  # the longest recording read: 7,500 encoder frames, whose attention maps take 900 MB per layer
+MAX_INSPECT_SECONDS = 60  # inspect-attention keeps every layer's maps: 1,500 frames, 36 MB a layer of 4 heads
 
 
 def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) -> Tensor:
@@ -116,6 +118,8 @@ def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) ->
     if samples.shape[0] == 0:
         raise UsageError(f"{path}: the audio is empty")
     mono = torch.from_numpy(samples.mean(axis=1))
+    if not torch.isfinite(mono).all():  # a float file can hold them; they would make every feature NaN
+        raise UsageError(f"{path}: the audio holds {int((~torch.isfinite(mono)).sum())} non-finite samples (NaN or Inf)")
     if mono.abs().max() < 1e-4:
         raise UsageError(f"{path}: the audio is silent")
     return torchaudio.functional.resample(mono, rate, sample_rate) if rate != sample_rate else mono
@@ -367,6 +371,32 @@ class Conformer(TokenizerRecipe):
         raise UsageError("no transformers class matches the Conformer-CTC model (relative-position attention, macaron "
                          "feed-forwards, convolution modules)")
 
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """Normalised log-mel features (B, T, n_mels), zero after each utterance's length, and the
+        lengths → CTC log-probabilities (B, T', vocabulary) and their lengths T'."""
+        n_mels = self.config["features"]["n_mels"]
+
+        def example(batch: int, length: int) -> dict[str, Tensor]:
+            frames = 16 * length  # the lengths Graph checks at are token counts: 80 to 176 frames here
+            lengths = torch.linspace(frames, frames * 0.6, batch).long()  # padded rows, so the masks matter
+            features = torch.randn(batch, frames, n_mels, generator=torch.Generator().manual_seed(batch * 1000 + length))
+            return {"features": features * frame_mask(lengths, frames)[..., None], "lengths": lengths}
+
+        return [Graph("model", model, example, ["log_probs", "output_lengths"], {"features": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}},
+                      limits={"frames": {"min": 16}})]  # the two stride-2 convolutions leave 3 frames
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        self.tokenizer.save(str(out / "tokenizer.json"))
+        data, f = self.config["data"], self.config["features"]
+        return {"tokenizer": "tokenizer.json", "sample_rate": data["sample_rate"], "n_mels": f["n_mels"],
+                "window_ms": f["window_ms"], "hop_ms": f["hop_ms"], "blank_id": BLANK, "lowercase": data["lowercase"],
+                "inputs": "features: mono audio at sample_rate, torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, "
+                          "hop_length=hop, n_mels) with window and hop the milliseconds in samples, log(x + 1e-6), then each "
+                          "mel bin less its mean over the utterance, divided by its standard deviation + 1e-5; zero-padded to "
+                          "the longest in the batch, with lengths its real frames",
+                "outputs": "log_probs (B, T', V): per 40 ms frame; greedy CTC: the best id per frame up to output_lengths, "
+                           "repeats merged, blank_id removed, the rest decoded by tokenizer.json"}
+
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         path = Path(text)
         features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
@@ -376,6 +406,9 @@ class Conformer(TokenizerRecipe):
         if frames < 1:
             raise UsageError(f"{path}: the recording is too short to inspect ({len(features)} frames)")
         seconds = 4 * self.config["features"]["hop_ms"] / 1000  # one encoder frame after 4× subsampling
+        if frames * seconds > MAX_INSPECT_SECONDS:
+            raise UsageError(f"{path}: the recording is {frames * seconds:.0f} s long; inspect-attention keeps every frame × frame "
+                             f"map of every layer, so it reads at most {MAX_INSPECT_SECONDS} s (cut out the part to look at)")
         times = [f"{t * seconds:.2f}s" for t in range(frames)]
         transcript = self.transcribe(model, [features])[0]
 

@@ -28,6 +28,7 @@ from tfkit.nn.blocks import Decoder, Encoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
+from tfkit.onnx import GivenCache, Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
 from tfkit.registry import register
 
@@ -118,6 +119,28 @@ class Seq2SeqTransformer(nn.Module):
             return self.decode(tgt, memory, mask)
         hidden = self.decoder(self._embed(tgt), memory, mask)
         return linear_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), PAD, label_smoothing)
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: Seq2SeqTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, source_ids: Tensor) -> Tensor:
+        return self.model.encode(source_ids)[0]
+
+
+class DecoderStep(nn.Module):
+    """One step of incremental decoding with the self-attention cache as tensors (layers, B, H, T, d_k)."""
+
+    def __init__(self, model: Seq2SeqTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: Tensor, memory: Tensor, source_ids: Tensor, past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        caches = [(GivenCache(k, v), None) for k, v in zip(past_keys.unbind(0), past_values.unbind(0))]
+        logits = self.model.decode(token_ids, memory, (source_ids != PAD)[:, None, None, :], caches, offset=past_keys.size(3))
+        return logits[:, -1], torch.stack([c.k for c, _ in caches]), torch.stack([c.v for c, _ in caches])
 
 
 @register("recipe", "translation")
@@ -242,6 +265,50 @@ class Translation(TokenizerRecipe):
         translations = {line: translated[place] for place, line in enumerate(filled)}
         for i in range(len(lines)):
             out.write(translations.get(i, "") + "\n")
+
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """The encoder, (B, S) source ids → memory (B, S, D); and one decoder step, the last target
+        token (B, 1), the memory, the source ids (for its padding) and the self-attention keys and
+        values of the T tokens before → the next token's logits (B, V) and the keys and values of T + 1.
+        Cross-attention's keys and values are computed from the memory inside each step."""
+        m, vocab = self.config["model"], self.tokenizer.get_vocab_size()
+        layers, heads, d_model = m["decoder"]["layers"], m["heads"], m["d_model"]
+
+        def sources(batch: int, length: int, generator: torch.Generator) -> Tensor:
+            ids = torch.randint(4, vocab, (batch, length), generator=generator)
+            ids[1:, length // 2 :] = PAD  # padded rows, so the masks matter
+            return ids
+
+        def encoder_example(batch: int, length: int) -> dict[str, Tensor]:
+            return {"source_ids": sources(batch, length, torch.Generator().manual_seed(batch * 1000 + length))}
+
+        def step_example(batch: int, length: int) -> dict[str, Tensor]:
+            generator = torch.Generator().manual_seed(batch * 1000 + length)
+            source_ids = sources(batch, length + 3, generator)
+            past = torch.randn(2, layers, batch, heads, length, d_model // heads, generator=generator)
+            return {"token_ids": torch.randint(4, vocab, (batch, 1), generator=generator),
+                    "memory": torch.randn(batch, length + 3, d_model, generator=generator), "source_ids": source_ids,
+                    "past_keys": past[0], "past_values": past[1]}
+
+        source = {0: "batch", 1: "source"}
+        past = {1: "batch", 3: "past"}
+        return [
+            Graph("encoder", EncoderGraph(model), encoder_example, ["memory"], {"source_ids": source},
+                  limits={"source": {"max": MAX_POSITIONS}}),
+            Graph("decoder_step", DecoderStep(model), step_example, ["logits", "present_keys", "present_values"],
+                  {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
+                  limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
+        ]
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        self.tokenizer.save(str(out / "tokenizer.json"))
+        decode = self.config["decode"]
+        return {"tokenizer": "tokenizer.json", "pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "max_tokens": self.config["data"]["max_tokens"],
+                "max_len_a": decode["max_len_a"], "max_len_b": decode["max_len_b"],
+                "inputs": "source_ids: the source's ids from tokenizer.json, then eos_id, padded with pad_id",
+                "outputs": "greedy: run the encoder once; start with token_ids [[bos_id]] and past keys and values with 0 positions "
+                           "(layers, B, heads, 0, d_model / heads); each step's argmax is the next token and its present keys and "
+                           "values the next past, until eos_id or max_len_a * source length + max_len_b tokens"}
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         if not text.strip():

@@ -32,7 +32,7 @@ def one_error_line(err: str, fragment: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "export", "inspect-attention", "recipes", "components"])
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "export", "inspect-attention", "report", "recipes", "components"])
 def test_every_command_has_help_with_an_example(capsys, command):
     code, out, _ = tfkit(capsys, command, "--help")
     assert code == 0 and "Example: tfkit " in out
@@ -49,7 +49,7 @@ def test_recipes_and_components_tables(capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["train", "nmt"], "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, causal-lm, conformer, translation, vit)"),
+        (["train", "nmt"], "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, causal-lm, conformer, forecast, translation, vit)"),
         (["train", "translation", "--set", "model.width=3"], "unknown config key 'model.width'"),
         (["train", "translation", "--set", "model.d_model"], "malformed --set 'model.d_model'"),
         (["train", "translation", "--set", "model.heads=four"], "'model.heads' expects an integer"),

@@ -354,21 +354,24 @@ def test_predict_on_wav_and_flac_and_bad_files(capsys, conformer_run, tmp_path):
     soundfile.write(click, np.ones(1, dtype=np.float32) * 0.5, 16000)
     long = tmp_path / "long.wav"  # over MAX_SECONDS (a low rate keeps the file small)
     soundfile.write(long, np.full(301 * 200, 0.1, dtype=np.float32), 200)
+    nan = tmp_path / "nan.wav"  # a float WAV can hold NaN and Inf
+    soundfile.write(nan, np.r_[np.full(8000, 0.1), [np.nan, np.inf], np.full(8000, 0.1)].astype(np.float32), 16000, subtype="FLOAT")
     code, out, err = tfkit(capsys, "predict", str(conformer_run), str(wav), str(broken), str(empty), str(silent), str(click),
-                           str(long), str(flac))
+                           str(long), str(nan), str(flac))
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 5 and "Traceback" not in err
+    assert len(errors) == 6 and "Traceback" not in err
     assert "broken.wav: not a readable audio file" in errors[0]
     assert "empty.wav: the audio is empty" in errors[1] and "silent.wav: the audio is silent" in errors[2]
     assert "click.wav: the recording is too short to transcribe" in errors[3]
     assert "long.wav: the recording is 301 s long, more than the 300 s tfkit transcribes at once" in errors[4]
+    assert "nan.wav: the audio holds 2 non-finite samples (NaN or Inf)" in errors[5]
     lines = [line.split("\t") for line in out.splitlines()]
     assert [line[0] for line in lines] == [str(wav), str(flac)]
     assert all(line[1].strip() for line in lines)
     code, out, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path))  # a folder: the same files, sorted
     assert code == 2 and [line.split("\t")[0] for line in out.splitlines()] == [str(wav), str(flac)]
-    assert err.count("error: ") == 6 and "5 of 7 audio files could not be read" in err
+    assert err.count("error: ") == 7 and "6 of 8 audio files could not be read" in err
     code, beam_out, _ = tfkit(capsys, "predict", str(conformer_run), str(flac), "--beam", "4")
     assert code == 0 and beam_out.split("\t")[0] == str(flac)
     code, _, err = tfkit(capsys, "predict", str(conformer_run), str(tmp_path / "missing.wav"))
@@ -393,6 +396,32 @@ def test_inspect_attention_on_a_recording(capsys, conformer_run, tmp_path):
     code, _, err = tfkit(capsys, "inspect-attention", str(conformer_run), str(tmp_path / "none.wav"))
     assert code == 2
     one_error_line(err, "none.wav: no such file")
+    minute = tmp_path / "minute.wav"  # past what inspect-attention holds in memory, though predict reads it
+    soundfile.write(minute, (0.1 * np.sin(np.arange(61 * 16000) / 10)).astype(np.float32), 16000)
+    code, _, err = tfkit(capsys, "inspect-attention", str(conformer_run), str(minute), "--out", str(tmp_path / "minute"))
+    assert code == 2
+    one_error_line(err, "minute.wav: the recording is 61 s long; inspect-attention keeps every frame × frame map of every layer, so it reads at most 60 s")
+
+
+def test_the_onnx_export_transcribes_two_recordings_as_tfkit_does(capsys, conformer_run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from tokenizers import Tokenizer
+
+    code, _, err = tfkit(capsys, "export", str(conformer_run), str(tmp_path / "onnx"), "--to", "onnx")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    assert meta["graphs"]["model"]["outputs"] == ["log_probs", "output_lengths"] and meta["n_mels"] == 80
+    recipe, model = runs.open_run(conformer_run)
+    paths, _ = write_test_audio(conformer_run, tmp_path)
+    features = [recipe._log_mel()(recipe_module.read_audio(p, None, meta["sample_rate"])) for p in paths]
+    assert len(features[0]) != len(features[1])  # one is padded
+    batch, lengths = recipe_module.pad_features(features)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    log_probs, out_lengths = session.run(None, {"features": batch.numpy(), "lengths": lengths.numpy()})
+    tokenizer = Tokenizer.from_file(str(tmp_path / "onnx" / meta["tokenizer"]))
+    theirs = tokenizer.decode_batch(ctc_greedy(torch.from_numpy(log_probs), torch.from_numpy(out_lengths), meta["blank_id"]))
+    ours = recipe.transcribe(model, features, beam=1)
+    assert theirs == [ours[0], ours[1]] and all(theirs)
 
 
 def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conformer_run, tmp_path):

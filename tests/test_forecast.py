@@ -4,6 +4,7 @@ the planted answer, predict writes the forecast of each file and bad series are 
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -161,13 +162,33 @@ def test_predict_writes_the_dated_steps_after_each_file_with_intervals(dated_run
     code, out, err = tfkit(capsys, "predict", str(dated_run), str(short), str(good))
     assert code == 2  # the bad file is reported, the good one still forecast
     assert "short.csv has 20 steps, fewer than the 28 the model reads (data.context)" in err
-    rows = pd.read_csv(pd.io.common.StringIO(out))
-    assert list(rows.columns) == ["time", "variable", "forecast", "q0.1", "q0.5", "q0.9"]
+    rows = pd.read_csv(io.StringIO(out))
+    assert list(rows.columns) == ["file", "time", "variable", "forecast", "q0.1", "q0.5", "q0.9"]
     last = pd.Timestamp(daily_frame(60, seed=1)["date"].iloc[-1])
     assert list(rows["time"].unique()) == [str((last + pd.Timedelta(days=d)).date()) for d in range(1, 8)]
-    assert list(rows["variable"].unique()) == ["sales", "visits"] and len(rows) == 14
+    assert list(rows["variable"].unique()) == ["sales", "visits"] and len(rows) == 14 and set(rows["file"]) == {str(good)}
+    code, out, _ = tfkit(capsys, "predict", str(dated_run), str(good), str(good))
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == 28  # one header, each file's rows
     assert (rows["q0.1"] <= rows["q0.9"]).all() and np.allclose(rows["forecast"], rows["q0.5"])
     assert (dated_run / "forecasts" / "recent.png").stat().st_size > 0
+
+
+def test_the_onnx_graph_forecasts_in_the_series_units_as_predict_does(dated_run, tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    recent = tmp_path / "recent.csv"
+    daily_frame(60, seed=1).to_csv(recent, index=False)
+    code, out, err = tfkit(capsys, "predict", str(dated_run), str(recent))
+    assert code == 0, err
+    predicted = pd.read_csv(io.StringIO(out))[["q0.1", "q0.5", "q0.9"]].to_numpy()
+    code, _, err = tfkit(capsys, "export", str(dated_run), str(tmp_path / "onnx"), "--to", "onnx")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
+    assert meta["variables"] == ["sales", "visits", "temperature"] and meta["quantiles"] == [0.1, 0.5, 0.9]
+    values = daily_frame(60, seed=1)[meta["variables"]].to_numpy(np.float32)[-meta["context"]:]
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (forecasts,) = session.run(None, {"values": np.stack([values, values * 1.1])})
+    assert forecasts.shape == (2, 7, 2, 3)
+    np.testing.assert_allclose(forecasts[0].reshape(-1, 3), predicted, rtol=1e-4)
 
 
 def test_training_resumes_exactly(daily_csv, tmp_path):

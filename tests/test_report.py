@@ -20,6 +20,7 @@ import soundfile
 from PIL import Image
 
 from tfkit import report
+from tfkit import run as runs
 from tfkit.cli import main
 from tfkit.inspect import attention_rollout
 from tfkit.recipe import AttentionExample
@@ -445,3 +446,54 @@ def test_a_new_recipe_gets_its_views_from_data_alone(browser, tmp_path):
     assert page.text_content("#panels tbody tr:first-child td") == "price"
     assert opened.errors == [] and opened.requests == [opened.url]
     page.close()
+
+
+# -- tfkit report: what training did ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two short translation runs that differ in one key, the second resumed once (its clock must go on)."""
+    root = tmp_path_factory.mktemp("curves")
+    base = ["data.train_size=200", "model.d_model=32", "model.d_ff=64", "train.eval_every=5", "train.log_every=2", "train.save_every=5"]
+    cli("train", "translation", *sets(*base, "train.steps=10"), "--out", str(root / "a"))
+    cli("train", "translation", *sets(*base, "train.steps=5", "model.dropout=0.2"), "--out", str(root / "b"))
+    cli("train", "--resume", str(root / "b"), "--max-steps", "10")
+    return root / "a", root / "b"
+
+
+def colours(png: Path) -> set[tuple[int, int, int]]:
+    return {tuple(int(c) for c in pixel) for pixel in np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)}
+
+
+def test_report_draws_one_curve_per_run_and_names_the_key_that_differs(two_runs, tmp_path, capsys):
+    a, b = two_runs
+    cli("report", str(a), str(b), "--out", str(tmp_path / "both"))
+    page = (tmp_path / "both" / "report.html").read_text(encoding="utf-8")
+    loss = re.search(r"<section class='card figure' id='training_loss' data-runs='([^']*)'", page)
+    assert loss and loss.group(1).split("\n") == ["a", "b"]
+    drawn = colours(tmp_path / "both" / "training_loss.png")
+    assert (31, 119, 180) in drawn and (255, 127, 14) in drawn  # matplotlib's first two line colours: both runs
+    assert "id='validation_bleu'" in page and (tmp_path / "both" / "validation_chrf.png").is_file()
+    config = re.search(r"<table id='config'>(.*?)</table>", page, re.S).group(1)
+    assert "model.dropout" in config and "train.steps" not in config  # b was resumed to 10 steps: the same config
+    logged = [r for r in runs.read_metrics(b) if "lr" in r]
+    assert [r["step"] for r in logged] == [2, 4, 5, 6, 8, 10]  # each session also logs its last step
+    seconds = [r["seconds"] for r in logged]
+    assert seconds == sorted(seconds)  # the resumed session's clock went on from the first's
+    cli("report", str(a))
+    assert (a / "report" / "report.html").is_file() and "model.dropout" in (a / "report" / "report.html").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"{tmp_path} is not a run directory (it has no metrics.jsonl)" in capsys.readouterr().err
+
+
+def test_the_training_report_opens_with_no_error_and_no_request(browser, two_runs, tmp_path):
+    cli("report", *map(str, two_runs), "--out", str(tmp_path / "page"))
+    page, problems = browser.new_page(), []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("request", lambda request: request.url.startswith(("file:", "data:")) or problems.append(request.url))
+    page.goto((tmp_path / "page" / "report.html").resolve().as_uri())
+    assert page.locator(".figure img").count() >= 5 and not problems
+    assert all(page.eval_on_selector_all(".figure img", "images => images.map(i => i.naturalWidth > 0)"))
+    assert not_blank(page.screenshot(full_page=True))

@@ -154,6 +154,9 @@ def predict(
         raise UsageError(f"cannot write --out {out} ({e.strerror})") from None
     with packed_weights():
         try:
+            header = recipe.predict_header()
+            if header is not None:
+                sink.write(header + "\n")
             for path in files:
                 try:
                     recipe.predict_file(model, path, sink, **options)
@@ -292,6 +295,23 @@ def inspect_attention(
     if left_out:
         stderr.print(f"note: report.html holds at most {CAP:,} weights; the matrices of {len(left_out)} modules (from {left_out[0]} on) are in attention.npz only")
     stderr.print(f"wrote {folder}/attention.npz, tokens.json, {len(list(folder.glob('*.png')))} PNG files, report.html" + (" and head_types.json" if scores else ""))
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN...", help="One or more run directories written by tfkit train."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/report for one run, ./report for several)."),
+) -> None:
+    """Draw what training did: every logged quantity against step and time, one line per run, the last
+    figures and the config keys that differ, as report.html and PNGs.
+
+    Example: tfkit report runs/translation/20261123-101500 runs/translation/20261124-090000
+    """
+    from tfkit.curves import write_report
+
+    registry.load_all()
+    target = out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report"))
+    stderr.print(f"wrote {write_report(run_dirs, target)}")
 
 
 @app.command()

@@ -30,7 +30,7 @@ class Graph:
     """One graph: ``module(*inputs)`` returns its outputs, in ``outputs``' order. ``example(batch,
     length)`` makes its inputs by name; ``lengths`` are three lengths to export at (the last) and check
     at; ``axes`` names each input's dynamic axes ({input: {axis: name}}), and ``limits`` bounds some
-    ({name: most}, a model's positions)."""
+    ({name: {"max": most}} for a model's positions, {"min": least} where a model needs a few frames)."""
 
     name: str
     module: nn.Module
@@ -38,13 +38,32 @@ class Graph:
     outputs: list[str]
     axes: dict[str, dict[int, str]]
     lengths: tuple[int, int, int] = (5, 11, 8)
-    limits: dict[str, int] | None = None
+    limits: dict[str, dict[str, int]] | None = None
+
+
+class GivenCache:
+    """A :class:`~tfkit.nn.attention.KVCache` for a graph: the past keys and values (B, H, T, d_k) come
+    in as inputs, and the grown ones, new positions appended, go out as outputs."""
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def length(self) -> int:
+        return self.k.size(2)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        return self.k, self.v
+
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        return self.k, self.v
 
 
 def _dims(graph: Graph, inputs: list[str]) -> tuple[dict[int, Any], ...]:
     """torch.export's dynamic shapes, one per input in order (the module's own argument names may differ)."""
     limits = graph.limits or {}
-    made = {name: torch.export.Dim(name, **({"max": limits[name]} if name in limits else {}))
+    made = {name: torch.export.Dim(name, **limits.get(name, {}))
             for axes in graph.axes.values() for name in axes.values()}
     return tuple({axis: made[name] for axis, name in graph.axes.get(inp, {}).items()} for inp in inputs)
 

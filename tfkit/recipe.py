@@ -156,6 +156,10 @@ class Recipe:
         """Write predictions for one input file; raise :class:`tfkit.errors.UsageError` for a bad file."""
         raise NotImplementedError
 
+    def predict_header(self) -> str | None:
+        """The header line of a table that every file's predictions add rows to, written once."""
+        return None
+
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         raise NotImplementedError
 

@@ -146,6 +146,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.console = console if ranks.main and console is not None else Console(stderr=True, quiet=not ranks.main)
         self.step = self.epoch = self.batch_in_epoch = 0
+        self._clock = time.perf_counter()  # training time is now minus this, over every resume (tfkit report)
         self.best: dict[str, Any] | None = None  # the best validation record of train.keep_best so far
         self.evals_since_best = 0  # validation records since it, for train.patience
         self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
@@ -153,6 +154,10 @@ class Trainer:
         self._stop: int | None = None  # the signal all ranks stop for, agreed at the end of a step
 
     # -- state ------------------------------------------------------------------------------------
+    def seconds(self) -> float:
+        """Wall-clock seconds of training so far, resumed runs' earlier sessions included."""
+        return time.perf_counter() - self._clock
+
     def _rng(self) -> dict[str, Tensor]:
         rng = {"rng": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -168,6 +173,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "window": dict(self.window),
+            "seconds": self.seconds(),
             "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -203,6 +209,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.window = dict(state["window"])
+            self._clock = time.perf_counter() - state.get("seconds", 0.0)  # checkpoints before it kept no clock
             rank_rngs = state.get("rank_rngs", [])
             rng = rank_rngs[self.ranks.rank] if self.ranks.rank < len(rank_rngs) else state
             torch.set_rng_state(rng["rng"])
@@ -333,7 +340,7 @@ class Trainer:
         if not self.ranks.main:
             return {}
         metrics = self.recipe.score(split, [merged[place] for place in sorted(merged)])
-        runs.append_metrics(self.run_dir, {"step": self.step, "split": split, **metrics}, durable=True)
+        runs.append_metrics(self.run_dir, {"step": self.step, "seconds": round(self.seconds(), 3), "split": split, **metrics}, durable=True)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.console.print(f"step {self.step} {split}: {shown}")
         return metrics
@@ -367,6 +374,7 @@ class Trainer:
                         "loss": self.window["loss"] / self.window["steps"],
                         "lr": self.scheduler.get_last_lr()[0],
                         "items_per_s": self.window["items"] / max(elapsed, 1e-9),
+                        "seconds": round(self.seconds(), 3),
                     }
                     if self.ranks.main:
                         runs.append_metrics(self.run_dir, record)

@@ -138,7 +138,7 @@ class BertFinetune(BertRecipe):
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
         """The encoder with its head: (B, T) token and segment ids → logits, (B, labels) or per token (B, T, labels)."""
         axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
-        return [Graph("model", model, self.onnx_example, ["logits"], axes, limits={"length": self.config["model"]["max_positions"]})]
+        return [Graph("model", model, self.onnx_example, ["logits"], axes, limits={"length": {"max": self.config["model"]["max_positions"]}})]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         outputs = {"classify": "logits (B, labels): softmax for each label's probability",

@@ -332,7 +332,7 @@ class BertPretrain(BertRecipe):
         """(B, T) token and segment ids → masked-LM logits at every position (B, T, V) and NSP logits (B, 2)."""
         axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
         return [Graph("model", EveryPosition(model), self.onnx_example, ["mlm_logits", "nsp_logits"], axes,
-                      limits={"length": self.config["model"]["max_positions"]})]
+                      limits={"length": {"max": self.config["model"]["max_positions"]}})]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         return {**super().onnx_processing(out), "outputs": "mlm_logits (B, T, V): a filling for each [MASK] position; "

@@ -237,7 +237,7 @@ class CausalLanguageModel(TokenizerRecipe):
             return {"token_ids": torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch * 1000 + length))}
 
         return [Graph("model", NextTokenLogits(model), example, ["logits"], {"token_ids": {0: "batch", 1: "length"}},
-                      limits={"length": self.config["model"]["max_positions"]})]
+                      limits={"length": {"max": self.config["model"]["max_positions"]}})]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         self.tokenizer.save(str(out / "tokenizer.json"))

@@ -9,7 +9,9 @@ origin of the validation or test part (its history may reach back into the parts
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from tfkit import run as runs
 from tfkit.errors import UsageError
+from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.recipes.forecast import baselines as peers
 from tfkit.recipes.forecast import importance
@@ -32,6 +35,20 @@ from tfkit.registry import register
 
 SERIES_FILE = "series.json"  # the variables, their roles and the training part's statistics
 BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second evaluate costs nothing
+
+
+class InUnits(nn.Module):
+    """A forecaster with the training part's scaling around it, and its quantiles sorted."""
+
+    def __init__(self, model: nn.Module, facts: dict[str, Any]):
+        super().__init__()
+        self.model, self.t = model, facts["targets"]
+        self.register_buffer("mean", torch.tensor(facts["mean"], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(facts["std"], dtype=torch.float32))
+
+    def forward(self, values: Tensor) -> Tensor:
+        scaled = self.model((values - self.mean) / self.std).sort(dim=-1).values
+        return scaled * self.std[: self.t, None] + self.mean[: self.t, None]
 
 
 @register("recipe", "forecast")
@@ -239,24 +256,47 @@ class Forecast(Recipe):
             raise UsageError(f"{path} has {len(series)} steps, fewer than the {self.config['data']['context']} the model reads (data.context)")
         return series
 
+    def predict_header(self) -> str:
+        return ",".join(["file", "time", "variable", "forecast", *(f"q{q:g}" for q in self.quantiles or [])])
+
     def predict_file(self, model: nn.Module, path: Path, out: TextIO) -> None:
-        """CSV of the ``horizon`` steps after the file's last row (time, variable, forecast, quantiles)
-        and a PNG of history, forecast and interval in RUN/forecasts/."""
+        """CSV rows of the ``horizon`` steps after the file's last row (file, time, variable, forecast,
+        quantiles) and a PNG of history, forecast and interval in RUN/forecasts/."""
         series = self.read_history(path)
         context = torch.tensor(self._scale(series.values[-self.config["data"]["context"]:]), dtype=torch.float32)
         (forecast,) = self.forecast(model, context[None])  # (H, T, Q)
         point = forecast[..., self.quantiles.index(0.5)] if self.quantiles else forecast[..., 0]
         times = series.future_times(len(forecast))
-        levels = [f"q{q:g}" for q in self.quantiles or []]
-        out.write(",".join(["time", "variable", "forecast", *levels]) + "\n")
+        rows = io.StringIO()
+        writer = csv.writer(rows, lineterminator="\n")  # quotes a file name with a comma in it
         for h, time in enumerate(times):
             for t, name in enumerate(self.facts["names"][: self.facts["targets"]]):
-                cells = [time, name, f"{point[h, t]:.6g}", *(f"{v:.6g}" for v in (forecast[h, t] if levels else []))]
-                out.write(",".join(cells) + "\n")
+                writer.writerow([str(path), time, name, f"{point[h, t]:.6g}", *(f"{v:.6g}" for v in (forecast[h, t] if self.quantiles else []))])
+        out.write(rows.getvalue())
         picture = self.run_dir / "forecasts" / f"{path.stem}.png"
         runs.make_dir(picture.parent)
         importance.draw_forecast(series, forecast, point, self.facts["names"][: self.facts["targets"]], picture)
         print(f"wrote {picture}", file=sys.stderr)
+
+    def onnx_graphs(self, model: nn.Module) -> list[Graph]:
+        """The last data.context steps of every variable (B, context, variables), in their own units →
+        forecasts (B, horizon, targets, quantiles) in the targets' units, quantiles sorted: the
+        training part's scaling is inside the graph."""
+        context, variables = self.config["data"]["context"], len(self.facts["names"])
+
+        def example(batch: int, length: int) -> dict[str, Tensor]:
+            scaled = torch.randn(batch, context, variables, generator=torch.Generator().manual_seed(batch * 1000 + length))
+            return {"values": scaled * torch.tensor(self.facts["std"]) + torch.tensor(self.facts["mean"])}
+
+        return [Graph("model", InUnits(model, self.facts), example, ["forecasts"], {"values": {0: "batch"}})]
+
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        data = self.config["data"]
+        return {"variables": self.facts["names"], "targets": self.facts["names"][: self.facts["targets"]],
+                "context": data["context"], "horizon": data["horizon"], "quantiles": self.quantiles or [0.5],
+                "frequency": self.facts["frequency"],
+                "inputs": "values (B, context, variables): the last context steps of each variable in this order, no gaps",
+                "outputs": "forecasts (B, horizon, targets, quantiles): the point forecast is the 0.5 quantile"}
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         """The last context window of the history file ``text``; ``draw`` adds the time-step and

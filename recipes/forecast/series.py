@@ -47,12 +47,12 @@ class Series:
         """The labels of the ``steps`` steps after the last row."""
         if self.times is None:
             return [str(len(self) + i) for i in range(steps)]
-        return [str(t.date() if t == t.normalize() else t) for t in pd.date_range(self.times[-1], periods=steps + 1, freq=self.frequency)[1:]]
+        return [_when(t) for t in pd.date_range(self.times[-1], periods=steps + 1, freq=self.frequency)[1:]]
 
     def labels(self) -> list[str]:
         if self.times is None:
             return [str(i) for i in range(len(self))]
-        return [str(t.date() if t == t.normalize() else t) for t in self.times]
+        return [_when(t) for t in self.times]
 
 
 # -- the built-in series ----------------------------------------------------------------------------

@@ -163,6 +163,9 @@ def _by_key(by_distance: Tensor) -> Tensor:
     ``by_distance`` must start its storage, as a fresh product does: reading storage_offset() would
     break torch.compile's graph, and an offset slice would leave the window's gradient outside it."""
     *lead, length, _ = by_distance.shape
+    if torch.compiler.is_exporting():  # a graph (ONNX) has no strided views of symbolic sizes: gather the same cells
+        rows, columns = torch.arange(length, device=by_distance.device), torch.arange(length, device=by_distance.device)
+        return by_distance.gather(-1, (length - 1 - rows[:, None] + columns).expand(*lead, length, length))
     *lead_strides, row, column = by_distance.stride()
     return by_distance.as_strided((*lead, length, length), (*lead_strides, row - column, column), (length - 1) * column)
 

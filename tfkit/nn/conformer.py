@@ -53,6 +53,9 @@ class ConvolutionSubsampling(nn.Module):
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, F) features and their lengths → (B, T', d_model) and the new lengths."""
         first, relu, second, _ = self.conv
+        if torch.compiler.is_exporting():  # a graph has no layouts to win, and the plain convolution keeps frames symbolic
+            x = self.proj(relu(second(relu(first(features[:, None])))).permute(0, 2, 1, 3).flatten(2))
+            return self.dropout(x), self.output_lengths(lengths)
         # One input channel makes the first convolution a (9 -> C) product over the 3×3 patches. That
         # takes half mkldnn's time, and the output comes out channels-last, the layout in which mkldnn
         # runs the second convolution about 1.5× faster (forward and backward; cuDNN is unmeasured).

@@ -29,7 +29,7 @@ def sinusoids_at(positions: Tensor, d_model: int) -> Tensor:
     position = positions.float()[:, None]
     exponents = torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device)
     frequency = torch.exp(exponents * (-math.log(10000.0) / d_model))
-    table = position.new_zeros(len(positions), d_model)
+    table = position.new_zeros(positions.size(0), d_model)  # size(0), not len(): a graph export keeps it symbolic
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
     return table
