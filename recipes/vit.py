@@ -14,7 +14,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 import datasets
 import numpy as np
@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
-from torchvision.ops import roi_align
-from torchvision.transforms import v2
 
 from tfkit import run as runs
 from tfkit.data import check_labels, encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
@@ -38,6 +36,12 @@ from tfkit.nn.position import resize_grid
 from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
 from tfkit.registry import register
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+# torchvision is imported where it is used: importing it costs 2 s, which every other recipe's
+# start-up (and each resume after a crash) would pay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 READ_AHEAD_PIXELS = 1 << 22  # ~4 MB of uint8 pixels (×8 in float while cropping): a whole epoch of 8×8 digits
@@ -114,6 +118,8 @@ def random_resized_crops(images: Tensor, boxes: Tensor, size: tuple[int, int]) -
     ``size``, all by one bilinear ``roi_align`` instead of a resize per image, which costs several
     times more in Python. Unlike resizing the cut-out box, which repeats the box's edge beyond it,
     samples near the edge blend in the pixels just outside the box (TensorFlow's crop_and_resize)."""
+    from torchvision.ops import roi_align
+
     boxes = torch.cat([torch.arange(len(images), dtype=torch.float32)[:, None], boxes], 1)
     out = roi_align(images.float(), boxes, list(size), sampling_ratio=1, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)
@@ -240,6 +246,8 @@ class ViT(Recipe):
         return list_column(rows, "pixels")[0].view(-1, channels, size, size)
 
     def _resize(self, image: Image.Image) -> Tensor:
+        from torchvision.transforms import v2
+
         size = self.config["data"]["image_size"]
         tensor = v2.functional.pil_to_tensor(image)
         tensor = v2.functional.resize(tensor, size, antialias=True)
@@ -269,6 +277,8 @@ class ViT(Recipe):
     def _augmentation(self) -> tuple[v2.RandomResizedCrop, v2.Transform | None, v2.Transform | None]:
         """The random crop, the other per-image transforms and the batch-level mix (MixUp/CutMix);
         None for those that are off."""
+        from torchvision.transforms import v2
+
         aug, size = self.config["augment"], self.config["data"]["image_size"]
         crop = v2.RandomResizedCrop(size, scale=tuple(aug["crop_scale"]), antialias=True)
         per_image: list[v2.Transform] = []

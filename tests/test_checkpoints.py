@@ -25,6 +25,7 @@ from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
 # a model small enough that a step and its save take a few milliseconds; a checkpoint every step
+KILLS = 12
 KILLED = [*TINY, "data.train_size=600", "train.steps=120", "train.log_every=1", "train.save_every=1", "train.warmup=20"]
 
 
@@ -53,9 +54,13 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
     rng = random.Random(0)
     run_dir = tmp_path / "killed"
     kills = inside_save = last_step = 0
-    for attempt in range(60):
+    for attempt in range(KILLS + 1):
         process = subprocess.Popen(train_command(run_dir, resume=attempt > 0), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
+        if attempt == KILLS:  # enough: the last resume runs to the end (each kill costs a start-up of seconds)
+            _, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err[-2000:]
+            break
         if attempt % 4 == 3:  # now and then while it starts up (reading the run, building the model)
             time.sleep(rng.uniform(0.5, 4.0))
         else:  # otherwise once it trains again: in a step, a save, or removing an old checkpoint
@@ -81,7 +86,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
     else:
         pytest.fail("training never finished")
 
-    assert kills >= 15, f"only {kills} kills before training finished"
+    assert kills >= KILLS // 2, f"only {kills} kills before training finished"
     print(f"\nsurvived {kills} SIGKILLs, {inside_save} of them inside a save")
     got = training_losses(run_dir)
     assert sorted(got) == sorted(expected)

@@ -4,7 +4,7 @@ Every quantity in metrics.jsonl (the training loss, the learning rate, the throu
 validation metric) is drawn against the step and against the training time, one line per run, so
 that two runs (two attention variants, a Transformer and its baseline) are compared in one picture.
 A table gives each run's last values, and the config keys that differ between the runs (all of them
-for one run). The figures are inline SVG and the page loads nothing (the same Content-Security-Policy
+for one run). The figures are inline PNGs (data: URLs) and the page loads nothing (the same Content-Security-Policy
 as the inspection page's, with no script at all); each figure is also written as a PNG beside it.
 """
 
