@@ -24,6 +24,7 @@ from tfkit import run as runs
 from tfkit.cli import main
 from tfkit.inspect import attention_rollout
 from tfkit.recipe import AttentionExample
+from tfkit.recipes.forecast.series import planted
 
 
 def cli(*args: str) -> None:
@@ -56,7 +57,9 @@ def pages(tmp_path_factory, trained_run) -> dict[str, Path]:
         soundfile.write(root / "audio" / f"u{i}.wav", (0.3 * np.sin(2 * np.pi * (300 + 400 * i * t) * t)).astype(np.float32), 16000)
     for split in ("train", "validation", "test"):
         (root / "audio" / f"{split}.csv").write_text("audio,text\n" + "".join(f"u{i}.wav,{'one two three'[: 3 + 2 * i]}\n" for i in range(4)))
+    planted()[0].iloc[-200:].to_csv(root / "history.csv", index=False)
     tiny = {
+        "forecast": sets("data.name=planted", "model.d_model=16", "model.d_ff=32", "model.layers=1", "model.cross_variable=true"),
         "causal-lm": ["--data", str(corpus), *sets("data.vocab_size=300", "data.block_size=16", "model.d_model=32", "model.heads=4",
                                                     "model.d_ff=64", "model.layers=2", "model.max_positions=64", "train.batch_size=8")],
         "bert-pretrain": ["--data", str(prose), *sets("data.vocab_size=200", "model.d_model=32", "model.d_ff=64", "model.layers=2", "train.batch_size=8")],
@@ -65,7 +68,7 @@ def pages(tmp_path_factory, trained_run) -> dict[str, Path]:
         "conformer": ["--data", str(root / "audio"), *sets("model.layers=2", "model.d_model=32", "model.d_ff=64", "model.heads=4", "train.batch_size=4")],
     }
     inputs = {"translation": "fünfundzwanzig", "causal-lm": "def f(x):", "bert-pretrain": "Sentence [MASK] of story.\tIt talks about item.",
-              "vit": str(root / "images" / "c0" / "0.png"), "conformer": str(root / "audio" / "u3.wav")}
+              "vit": str(root / "images" / "c0" / "0.png"), "conformer": str(root / "audio" / "u3.wav"), "forecast": str(root / "history.csv")}
     folders = {}
     for recipe, text in inputs.items():
         run = trained_run if recipe == "translation" else root / recipe
@@ -213,6 +216,9 @@ def test_a_recipe_panel_of_an_unknown_kind_is_a_usage_error(tmp_path):
     example.page = lambda weights: {"panels": [{"kind": "video", "title": "x"}]}
     with pytest.raises(report.TfkitError, match="panel kind 'video' is not one of text, table, image, plot, alignment"):
         report.write_report(tmp_path / "report.html", "bad", example, weights)
+    example.page = lambda weights: {"panels": [{"kind": "plot", "title": "series", "lines": {"load": np.zeros(4)}}]}
+    with pytest.raises(report.TfkitError, match="the plot panel 'series' needs its lines as lists of numbers"):
+        report.write_report(tmp_path / "report.html", "bad", example, weights)
 
 
 # -- in a real browser -----------------------------------------------------------------------------
@@ -276,6 +282,16 @@ def not_blank(png: bytes) -> bool:
     return np.asarray(Image.open(io.BytesIO(png)).convert("L")).std() > 5
 
 
+def keep_screenshot(page, name: str) -> None:
+    """With TFKIT_SCREENSHOTS=DIR (how the README's pictures are made), the page's first screen,
+    scaled to 60% and cut to 64 colours so that it stays small in the repository."""
+    folder = os.environ.get("TFKIT_SCREENSHOTS")
+    if folder:
+        image = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+        image = image.resize((image.width * 3 // 5, image.height * 3 // 5), Image.LANCZOS).quantize(64)
+        image.save(Path(folder) / f"{name}.png", optimize=True)
+
+
 def test_views_render_and_react(browser, pages):
     folder = pages["translation"]
     weights, data = np.load(folder / "attention.npz"), data_of(folder)
@@ -285,6 +301,7 @@ def test_views_render_and_react(browser, pages):
     before = opened.pixels("#heatmap")
     opened.select(cross, 2)
     assert opened.pixels("#heatmap") != before
+    keep_screenshot(page, "translation")
     w = weights["decoder.layers.1.cross_attn"][2]
     # the value under the pointer is the npz entry
     layout = page.evaluate("heatmapLayout(state.current)")
@@ -374,6 +391,7 @@ def test_the_policy_blocks_remote_loads(browser, pages):
     ("conformer", "#heatmap"),  # the spectrogram is drawn into the heatmap, over the frame axis
     ("bert-pretrain", "#panels table"),  # fill-mask
     ("causal-lm", "#heads th:has-text('induction')"),
+    ("forecast", "#panels th:has-text('permutation')"),  # the variable ranking, under the series and step importance
 ])
 def test_each_modality_shows_its_own_view(browser, pages, recipe, view, tmp_path):
     opened = Opened(browser, pages[recipe] / "report.html")
@@ -381,6 +399,7 @@ def test_each_modality_shows_its_own_view(browser, pages, recipe, view, tmp_path
     assert page.locator(view).count() == 1
     shot = page.screenshot(full_page=True)
     assert not_blank(shot)
+    keep_screenshot(page, recipe)
     if recipe == "vit":
         before = opened.pixels("#panel-0")
         opened.select(1, 3)
@@ -497,3 +516,4 @@ def test_the_training_report_opens_with_no_error_and_no_request(browser, two_run
     assert page.locator(".figure img").count() >= 5 and not problems
     assert all(page.eval_on_selector_all(".figure img", "images => images.map(i => i.naturalWidth > 0)"))
     assert not_blank(page.screenshot(full_page=True))
+    keep_screenshot(page, "report")

@@ -106,6 +106,8 @@ def page_data(
     for panel in extra.get("panels", []):
         if panel.get("kind") not in PANEL_KINDS:
             raise TfkitError(f"the recipe's page panel kind {panel.get('kind')!r} is not one of {', '.join(PANEL_KINDS)}")
+        if panel["kind"] == "plot" and not all(isinstance(line, list) for line in panel["lines"].values()):
+            raise TfkitError(f"the plot panel {panel.get('title')!r} needs its lines as lists of numbers")
     return {
         "title": title,
         "axes": example.tokens,

@@ -135,12 +135,13 @@ def page(recipe: Forecast, series: Series, found: dict[str, np.ndarray]) -> dict
     data, m, names = recipe.config["data"], recipe.config["model"], recipe.facts["names"]
     context = recipe._scale(series.values[-data["context"]:])
     span = data["context"] / m["stride"]  # the context's steps in patches (the last patch is padding)
-    steps = {label: found[key] / max(float(found[key].max()), 1e-12)
+    # a plot's lines are plain lists of numbers (arrays go to the page as 8-bit images)
+    steps = {label: np.round(found[key] / max(float(found[key].max()), 1e-12), 5).tolist()
              for key, label in (("steps_occlusion", "occlusion"), ("steps_rollout", "rollout"))}
     key, ranked = ranking(found)
     order = np.argsort(-ranked[key])
     return {"panels": [
-        {"kind": "plot", "title": "context (scaled)", "lines": {n: context[:, v] for v, n in enumerate(names)},
+        {"kind": "plot", "title": "context (scaled)", "lines": {n: np.round(context[:, v], 5).tolist() for v, n in enumerate(names)},
          "align": "keys", "axis": "patches", "span": span},
         {"kind": "plot", "title": "step importance", "lines": steps, "align": "keys", "axis": "patches", "span": span},
         {"kind": "table", "title": f"variables ranked by {key} importance", "columns": ["rank", "variable", *ranked],
