@@ -110,6 +110,17 @@ def parse_set(item: str) -> dict[str, Any]:
     return nested
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"d_model": 64}} → {"model.d_model": 64}."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_values(config: dict[str, Any], prefix: str = "") -> None:
     """Every key named after a registry kind names a registered component, and every number under a
     name in ``RANGES`` (each item, for a list such as ``betas``) lies in that name's range."""

@@ -23,22 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tfkit import run as runs  # noqa: E402
+from tfkit.config import flatten  # noqa: E402
 from tfkit.errors import UsageError  # noqa: E402
 from tfkit.report import _asset, _sha256  # noqa: E402
 
 TRAINING = {"loss": "training loss", "lr": "learning rate", "items_per_s": "throughput (items/s)"}
 NOT_DRAWN = {"step", "seconds", "split"}
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"d_model": 64}} → {"model.d_model": 64}."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float | None, float]]]:
