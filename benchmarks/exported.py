@@ -21,12 +21,12 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor, nn
+from torch import Tensor
 
 from harness import timed
 from rows import SIZES
 
-from tfkit.onnx import Graph, _onnxruntime, export_graph
+from tfkit.onnx import Graph, export_graph
 
 
 def bert_classifier() -> tuple[str, Graph, int, int]:
@@ -64,7 +64,8 @@ def gpt() -> tuple[str, Graph, int, int]:
 
 
 def measure(graph: Graph, batch: int, length: int, threads: int, warmup: int, iters: int, folder: Path) -> dict[str, Any]:
-    onnxruntime = _onnxruntime()
+    import onnxruntime
+
     path = folder / f"{graph.name}.onnx"
     worst = export_graph(graph, path)
     options = onnxruntime.SessionOptions()

@@ -30,6 +30,7 @@ from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
 from tfkit.onnx import GivenCache, Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
+from tfkit.recipes.marian import export_marian
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -299,6 +300,10 @@ class Translation(TokenizerRecipe):
                   {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
                   limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
         ]
+
+    def export_hf(self, model: nn.Module, out: Path) -> None:
+        export_marian(self.config["model"], model.state_dict(), self.tokenizer, {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
+                      MAX_POSITIONS, self.config["data"]["max_tokens"], out)
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         self.tokenizer.save(str(out / "tokenizer.json"))

@@ -68,10 +68,25 @@ def train_two(recipe: str, run_dir: Path, *more: str) -> subprocess.CompletedPro
     return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
 
 
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """recipe → its one-process run, trained once for both strategies."""
+    made: dict[str, Path] = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in made:
+            made[recipe] = tmp_path_factory.mktemp(f"one-{recipe}")
+            one_process(recipe, made[recipe])
+        return made[recipe]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("recipe", list(TINY_RUNS))
-def test_two_processes_take_the_steps_of_one(recipe, strategy, tmp_path):
-    single = one_process(recipe, tmp_path / "one")
+def test_two_processes_take_the_steps_of_one(recipe, strategy, single_run, tmp_path):
+    one = single_run(recipe)
+    single = losses(one)
     done = train_two(recipe, tmp_path / "two", f"train.strategy={strategy}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == str(tmp_path / "two")  # rank 0 alone prints the run directory
@@ -83,10 +98,10 @@ def test_two_processes_take_the_steps_of_one(recipe, strategy, tmp_path):
     # the checkpoint holds whole (unsharded) weights that predict and evaluate can read
     assert runs.weights_step(runs.last_checkpoint(tmp_path / "two")) == STEPS
     weights = runs.open_run(tmp_path / "two")[1].state_dict()
-    assert weights.keys() == runs.open_run(tmp_path / "one")[1].state_dict().keys()
+    assert weights.keys() == runs.open_run(one)[1].state_dict().keys()
     # the final evaluation, whose batches the ranks shared, scores as one process's
-    (metrics,), (expected,) = ([{k: v for k, v in r.items() if k not in ("split", "seconds")} for r in runs.read_metrics(tmp_path / name)
-                                if r.get("split") == "validation"] for name in ("two", "one"))
+    (metrics,), (expected,) = ([{k: v for k, v in r.items() if k not in ("split", "seconds")} for r in runs.read_metrics(run)
+                                if r.get("split") == "validation"] for run in (tmp_path / "two", one))
     assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 

@@ -326,3 +326,28 @@ def test_the_translation_graphs_translate_the_test_split_as_tfkit_does(capsys, t
     theirs = recipe.tokenizer.decode_batch(onnx_greedy(tmp_path / "onnx", sources))
     assert theirs == [ours[i] for i in range(len(sources))]
     assert sum(t == ref for t, (_, ref) in zip(theirs, recipe.pairs["test"])) >= 10  # a model that translates, not noise
+
+
+def test_the_marian_export_translates_the_test_split_as_tfkit_does(capsys, trained_run, tmp_path):
+    code, _, err = tfkit(capsys, "export", str(trained_run), str(tmp_path / "hf"), "--to", "hf")
+    assert code == 0, err
+    recipe, model = runs.open_run(trained_run)
+    recipe.prepare(trained_run)
+    texts, sources = [src for src, _ in recipe.pairs["test"][:50]], recipe.sources["test"][:50]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    marian = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(marian).__name__ == "MarianMTModel"
+    assert tokenizer(texts).input_ids == sources  # the same ids, </s> at the end
+    ours = recipe.translate(model, sources, beam=1)
+    width, decode = max(map(len, sources)), recipe.config["decode"]
+    with torch.no_grad():
+        out = marian.generate(**tokenizer(texts, return_tensors="pt", padding=True), num_beams=1, do_sample=False,
+                              max_new_tokens=int(decode["max_len_a"] * width + decode["max_len_b"]))
+    assert tokenizer.batch_decode(out, skip_special_tokens=True) == [ours[i] for i in range(len(sources))]
+
+
+def test_a_translation_model_marian_cannot_hold_is_named(trained_run, tmp_path):
+    recipe, model = runs.open_run(trained_run)
+    recipe.config["model"]["encoder"]["block"] = "pre_ln"
+    with pytest.raises(UsageError, match="model.encoder.block 'pre_ln' has no transformers Marian equivalent"):
+        recipe.export_hf(model, tmp_path)

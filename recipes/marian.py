@@ -1,0 +1,105 @@
+"""translation's model as a transformers ``MarianMTModel`` folder (``tfkit export RUN OUT --to hf``).
+
+Marian is the original Transformer as transformers has it: post-LN blocks, sinusoidal positions,
+embeddings scaled by √d_model and shared by the encoder, the decoder and the output layer. One
+difference is only a layout: tfkit interleaves the sines and cosines of a position (dimension 2i a
+sine, 2i + 1 its cosine), Marian puts all sines first and the cosines after them. Permuting the
+residual stream's dimensions the same way in every tensor that reads or writes it gives the same
+function exactly (layer norms and attention do not care about the order of dimensions), so the
+export permutes instead of approximating.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
+from torch import Tensor
+
+from tfkit.errors import UsageError
+from tfkit.hf import Rename, activation_to_hf, to_hf, write_folder, write_tokenizer
+from tfkit.nn.position import sinusoids
+
+# tfkit's tensors whose first axis (else their second) is the residual stream
+READ_BY_COLUMNS = ("embed.weight", "in_proj.weight", "up.weight")
+
+
+def marian_renames(encoder_layers: int, decoder_layers: int) -> list[Rename]:
+    def attention(mine: str, theirs: str) -> list[Rename]:
+        return [Rename(f"{mine}.in_proj.{part}", tuple(f"{theirs}.{p}_proj.{part}" for p in "qkv")) for part in ("weight", "bias")] + [
+            Rename(f"{mine}.out_proj.{part}", f"{theirs}.out_proj.{part}") for part in ("weight", "bias")]
+
+    def linear_and_norms(mine: str, theirs: str, norms: dict[str, str]) -> list[Rename]:
+        out = [Rename(f"{mine}.feed_forward.{ours}.{part}", f"{theirs}.{fc}.{part}") for ours, fc in (("up", "fc1"), ("down", "fc2"))
+               for part in ("weight", "bias")]
+        return out + [Rename(f"{mine}.{ours}.{part}", f"{theirs}.{norm}.{part}") for ours, norm in norms.items() for part in ("weight", "bias")]
+
+    renames = [Rename("embed.weight", "model.shared.weight")]
+    for i in range(encoder_layers):
+        mine, theirs = f"encoder.layers.{i}", f"model.encoder.layers.{i}"
+        renames += attention(f"{mine}.self_attn", f"{theirs}.self_attn")
+        renames += linear_and_norms(mine, theirs, {"norm1": "self_attn_layer_norm", "norm2": "final_layer_norm"})
+    for i in range(decoder_layers):
+        mine, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
+        renames += attention(f"{mine}.self_attn", f"{theirs}.self_attn") + attention(f"{mine}.cross_attn", f"{theirs}.encoder_attn")
+        renames += linear_and_norms(mine, theirs, {"norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm", "norm3": "final_layer_norm"})
+    return renames
+
+
+def sines_first(d_model: int) -> Tensor:
+    """Marian's dimension j is tfkit's dimension sines_first(d)[j]: the even ones (sines), then the odd."""
+    return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)])
+
+
+def permuted(weights: dict[str, Tensor], d_model: int) -> dict[str, Tensor]:
+    order = sines_first(d_model)
+    out = {}
+    for name, tensor in weights.items():
+        if name.endswith(READ_BY_COLUMNS):
+            out[name] = tensor[:, order]
+        elif name.endswith("in_proj.bias") or name.endswith("up.bias"):
+            out[name] = tensor
+        else:  # out_proj and down (their rows write the stream), and the norms
+            out[name] = tensor[order]
+    return out
+
+
+def check_exportable(model: dict[str, Any]) -> None:
+    wanted = {"position": "sinusoidal", "encoder.block": "post_ln", "decoder.block": "post_ln_decoder"}
+    found = {"position": model["position"], "encoder.block": model["encoder"]["block"], "decoder.block": model["decoder"]["block"]}
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise UsageError(f"model.{key} '{found[key]}' has no transformers Marian equivalent (MarianMTModel has {value})")
+
+
+def export_marian(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: Tokenizer, specials: dict[str, int],
+                  max_positions: int, max_tokens: int, out: Path) -> None:
+    """``specials``: pad, unk, bos and eos → their ids."""
+    check_exportable(model)
+    d, vocab = model["d_model"], tokenizer.get_vocab_size()
+    encoder_layers, decoder_layers = model["encoder"]["layers"], model["decoder"]["layers"]
+    config = {
+        "model_type": "marian", "architectures": ["MarianMTModel"], "vocab_size": vocab, "decoder_vocab_size": vocab,
+        "d_model": d, "encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
+        "encoder_attention_heads": model["heads"], "decoder_attention_heads": model["heads"],
+        "encoder_ffn_dim": model["d_ff"], "decoder_ffn_dim": model["d_ff"], "activation_function": activation_to_hf(model["activation"]),
+        "max_position_embeddings": max_positions, "scale_embedding": True, "share_encoder_decoder_embeddings": True,
+        "tie_word_embeddings": True, "dropout": model["dropout"], "attention_dropout": 0.0, "activation_dropout": 0.0,
+        "pad_token_id": specials["pad"], "eos_token_id": specials["eos"], "bos_token_id": specials["bos"],
+        "decoder_start_token_id": specials["bos"], "forced_eos_token_id": None, "normalize_before": False,
+    }
+    hf = to_hf(permuted(weights, d), marian_renames(encoder_layers, decoder_layers))
+    table = sinusoids(max_positions, d)[:, sines_first(d)]
+    hf.update({"model.encoder.embed_positions.weight": table, "model.decoder.embed_positions.weight": table.clone(),
+               "final_logits_bias": torch.zeros(1, vocab)})
+    write_folder(out, config, hf)
+    # the source as tfkit encodes it: its tokens, then </s>
+    exported = Tokenizer.from_str(tokenizer.to_str())
+    eos = tokenizer.id_to_token(specials["eos"])
+    exported.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, specials["eos"])])
+    names = {"pad": "pad_token", "unk": "unk_token", "bos": "bos_token", "eos": "eos_token"}
+    write_tokenizer(out, exported, max_tokens, {**{names[k]: tokenizer.id_to_token(i) for k, i in specials.items()},
+                                                "clean_up_tokenization_spaces": False})  # decode as tfkit does
