@@ -1,4 +1,5 @@
-"""translation's model as a transformers ``MarianMTModel`` folder (``tfkit export RUN OUT --to hf``).
+"""translation's model as a transformers ``MarianMTModel`` folder (``tfkit export RUN OUT --to hf``),
+and back (``tfkit train translation --init FOLDER``).
 
 Marian is the original Transformer as transformers has it: post-LN blocks, sinusoidal positions,
 embeddings scaled by √d_model and shared by the encoder, the decoder and the output layer. One
@@ -11,6 +12,7 @@ export permutes instead of approximating.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
 from tfkit.errors import UsageError
-from tfkit.hf import Rename, activation_to_hf, to_hf, write_folder, write_tokenizer
+from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, read_config, read_weights, to_hf, write_folder, write_tokenizer
 from tfkit.nn.position import sinusoids
 
 # tfkit's tensors whose first axis (else their second) is the residual stream
@@ -54,8 +56,9 @@ def sines_first(d_model: int) -> Tensor:
     return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)])
 
 
-def permuted(weights: dict[str, Tensor], d_model: int) -> dict[str, Tensor]:
-    order = sines_first(d_model)
+def permuted(weights: dict[str, Tensor], d_model: int, order: Tensor | None = None) -> dict[str, Tensor]:
+    """tfkit's tensors with the residual stream's dimensions reordered (default: to Marian's)."""
+    order = sines_first(d_model) if order is None else order
     out = {}
     for name, tensor in weights.items():
         if name.endswith(READ_BY_COLUMNS):
@@ -103,3 +106,45 @@ def export_marian(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: 
     names = {"pad": "pad_token", "unk": "unk_token", "bos": "bos_token", "eos": "eos_token"}
     write_tokenizer(out, exported, max_tokens, {**{names[k]: tokenizer.id_to_token(i) for k, i in specials.items()},
                                                 "clean_up_tokenization_spaces": False})  # decode as tfkit does
+
+
+# -- back: tfkit train translation --init FOLDER -----------------------------------------------------
+def config_from_marian(folder: Path) -> dict[str, Any]:
+    """model.* for a Marian folder's config.json; a Marian that tfkit's model cannot be is one line."""
+    hf = read_config(folder, "marian", "Marian")
+    same = [("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")]
+    for ours, theirs in same:
+        if hf.get(ours) != hf.get(theirs):
+            raise UsageError(f"{folder}: {ours} {hf.get(ours)} and {theirs} {hf.get(theirs)} differ (tfkit's translation model has one of each)")
+    for key, wanted in (("scale_embedding", True), ("normalize_before", False), ("share_encoder_decoder_embeddings", True)):
+        if hf.get(key, wanted) != wanted:
+            raise UsageError(f"{folder}: only Marian models with {key}={wanted} can be imported")
+    return {
+        "d_model": hf["d_model"], "heads": hf["encoder_attention_heads"], "d_ff": hf["encoder_ffn_dim"], "position": "sinusoidal",
+        "activation": activation_from_hf(folder, hf.get("activation_function", "swish")),
+        "encoder": {"block": "post_ln", "layers": hf["encoder_layers"]}, "decoder": {"block": "post_ln_decoder", "layers": hf["decoder_layers"]},
+    }
+
+
+def weights_from_marian(folder: Path, d_model: int, encoder_layers: int, decoder_layers: int) -> dict[str, Tensor]:
+    """The folder's tensors in tfkit's names and dimension order (the inverse of the export)."""
+    try:
+        ours = from_hf(read_weights(folder, ""), marian_renames(encoder_layers, decoder_layers))
+    except KeyError as e:
+        raise UsageError(f"{folder / 'model.safetensors'} is not a transformers Marian checkpoint (no tensor {e})") from None
+    return permuted(ours, d_model, order=torch.argsort(sines_first(d_model)))
+
+
+def tokenizer_from_marian(folder: Path, specials: list[str]) -> Tokenizer:
+    """The folder's tokenizer.json without its post-processor (tfkit appends </s> itself); its
+    first ids must be tfkit's special tokens."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UsageError(f"{folder} has no tokenizer.json (a sentencepiece-only Marian tokenizer cannot be read)")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["post_processor"] = None
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    found = [tokenizer.id_to_token(i) for i in range(len(specials))]
+    if found != specials:
+        raise UsageError(f"{path}: ids 0-{len(specials) - 1} are {found}, not tfkit's {specials}")
+    return tokenizer

@@ -30,7 +30,7 @@ from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
 from tfkit.onnx import GivenCache, Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
-from tfkit.recipes.marian import export_marian
+from tfkit.recipes.marian import config_from_marian, export_marian, tokenizer_from_marian, weights_from_marian
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -166,7 +166,8 @@ class Translation(TokenizerRecipe):
         else:
             texts = (text for start in range(0, len(train), 10_000)
                      for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
-            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+            init = self.config["init"]
+            self.tokenizer = tokenizer_from_marian(Path(init), SPECIALS) if init else train_bpe(texts, data["vocab_size"], SPECIALS)
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
         self.train = encode_once(train, self._encode, settings)
@@ -300,6 +301,17 @@ class Translation(TokenizerRecipe):
                   {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
                   limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
         ]
+
+    @classmethod
+    def pretrained_config(cls, path: Path) -> dict[str, Any]:
+        return {"model": config_from_marian(path)}
+
+    def load_pretrained(self, model: nn.Module, path: Path) -> None:
+        m = self.config["model"]
+        try:
+            model.load_state_dict(weights_from_marian(path, m["d_model"], m["encoder"]["layers"], m["decoder"]["layers"]))
+        except RuntimeError as e:  # sizes changed with --set after --init
+            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
         export_marian(self.config["model"], model.state_dict(), self.tokenizer, {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},

@@ -344,6 +344,14 @@ def test_the_marian_export_translates_the_test_split_as_tfkit_does(capsys, train
         out = marian.generate(**tokenizer(texts, return_tensors="pt", padding=True), num_beams=1, do_sample=False,
                               max_new_tokens=int(decode["max_len_a"] * width + decode["max_len_b"]))
     assert tokenizer.batch_decode(out, skip_special_tokens=True) == [ours[i] for i in range(len(sources))]
+    # and back: --init of the export is the run again, its tokenizer giving the same ids
+    code, _, err = tfkit(capsys, "train", "translation", "--init", str(tmp_path / "hf"), "--max-steps", "0", "--out", str(tmp_path / "back"))
+    assert code == 0, err
+    back, again = runs.open_run(tmp_path / "back")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=1e-6)
+    back.prepare(tmp_path / "back")
+    assert back._source_ids(texts) == sources
 
 
 def test_a_translation_model_marian_cannot_hold_is_named(trained_run, tmp_path):
