@@ -363,7 +363,10 @@ def test_init_from_a_folder_that_is_not_a_vit(capsys, tmp_path):
     one_error_line(err, "describes a 'bert' model, not a ViT")
     code, _, err = tfkit(capsys, "train", "translation", "--init", str(tmp_path))
     assert code == 2
-    one_error_line(err, "cannot start from pretrained weights")
+    one_error_line(err, "describes a 'bert' model, not Marian")
+    code, _, err = tfkit(capsys, "train", "conformer", "--init", str(tmp_path))
+    assert code == 2
+    one_error_line(err, "recipe 'conformer' cannot start from pretrained weights (--init)")
 
 
 def test_augmented_vit_resumes_exactly(tmp_path):
