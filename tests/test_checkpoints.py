@@ -25,7 +25,7 @@ from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
 # a model small enough that a step and its save take a few milliseconds; a checkpoint every step
-KILLS = 12
+KILLS = 10
 KILLED = [*TINY, "data.train_size=600", "train.steps=120", "train.log_every=1", "train.save_every=1", "train.warmup=20"]
 
 

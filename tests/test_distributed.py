@@ -82,8 +82,13 @@ def single_run(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("recipe", list(TINY_RUNS))
+# FSDP where a model has what sharding could get wrong: tied weights and gradient accumulation
+# (translation), tied weights (causal-lm), batch-norm statistics (conformer); the others are plain
+# stacks of the same blocks, wrapped by the same code
+PARITY = [(recipe, "ddp") for recipe in TINY_RUNS] + [(recipe, "fsdp") for recipe in ("translation", "causal-lm", "conformer")]
+
+
+@pytest.mark.parametrize("recipe, strategy", PARITY, ids=[f"{r}-{s}" for r, s in PARITY])
 def test_two_processes_take_the_steps_of_one(recipe, strategy, single_run, tmp_path):
     one = single_run(recipe)
     single = losses(one)
@@ -143,7 +148,8 @@ def launch_until(command: list[str], run_dir: Path, steps: int) -> subprocess.Po
     return launcher
 
 
-@pytest.mark.parametrize("strategy, signalled", [("ddp", "torchrun"), ("fsdp", "torchrun"), ("ddp", "rank 1")])
+# torchrun signalled (its workers stopped in order) with the sharded checkpoint, and one rank dying alone
+@pytest.mark.parametrize("strategy, signalled", [("fsdp", "torchrun"), ("ddp", "rank 1")])
 def test_an_interrupted_two_process_run_resumes_exactly(strategy, signalled, tmp_path):
     steps = 30
     more = [f"train.steps={steps}"]

@@ -42,6 +42,9 @@ RANGES = _ranges(
     ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
 )
 
+# keys with a fixed set of values, checked with the rest of the config, before any data is read
+CHOICES = {"train.strategy": ("ddp", "fsdp")}
+
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
@@ -122,8 +125,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_values(config: dict[str, Any], prefix: str = "") -> None:
-    """Every key named after a registry kind names a registered component, and every number under a
-    name in ``RANGES`` (each item, for a list such as ``betas``) lies in that name's range."""
+    """Every key named after a registry kind names a registered component, every key in ``CHOICES``
+    holds one of its values, and every number under a name in ``RANGES`` (each item, for a list such
+    as ``betas``) lies in that name's range."""
     kinds = set(registry.kinds())
     for key, value in config.items():
         if isinstance(value, dict):
@@ -133,6 +137,9 @@ def check_values(config: dict[str, Any], prefix: str = "") -> None:
                 registry.get(key, value)
             except UsageError as e:
                 raise UsageError(f"config key '{prefix}{key}': {e}") from None
+        elif f"{prefix}{key}" in CHOICES:
+            if value not in CHOICES[f"{prefix}{key}"]:
+                raise UsageError(f"unknown {prefix}{key} {value!r} (valid: {', '.join(CHOICES[f'{prefix}{key}'])})")
         elif key in RANGES:
             words, test = RANGES[key]
             numbers = value if isinstance(value, list) else [value]

@@ -149,8 +149,6 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
 def wrap(model: nn.Module, ranks: Ranks, strategy: str, device: torch.device, block_types: tuple[type, ...]) -> nn.Module:
     """The module the training step runs: the model itself on one process; DDP replicas, or with
     ``fsdp`` the model sharded in place by ``fully_shard``, one unit per block and one for the rest."""
-    if strategy not in ("ddp", "fsdp"):
-        raise UsageError(f"unknown train.strategy '{strategy}' (valid: ddp, fsdp)")
     if not ranks.active:
         return model
     if strategy == "ddp":
