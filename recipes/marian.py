@@ -25,7 +25,8 @@ from tfkit.errors import UsageError
 from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, read_config, read_weights, to_hf, write_folder, write_tokenizer
 from tfkit.nn.position import sinusoids
 
-# tfkit's tensors whose first axis (else their second) is the residual stream
+# tfkit's tensors that read the residual stream (its dimensions are their columns); the others that
+# touch it write it or scale it (its dimensions are their first axis)
 READ_BY_COLUMNS = ("embed.weight", "in_proj.weight", "up.weight")
 
 
