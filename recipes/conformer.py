@@ -386,9 +386,8 @@ class Conformer(TokenizerRecipe):
                       limits={"frames": {"min": 16}})]  # the two stride-2 convolutions leave 3 frames
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        self.tokenizer.save(str(out / "tokenizer.json"))
         data, f = self.config["data"], self.config["features"]
-        return {"tokenizer": "tokenizer.json", "sample_rate": data["sample_rate"], "n_mels": f["n_mels"],
+        return {**super().onnx_processing(out), "sample_rate": data["sample_rate"], "n_mels": f["n_mels"],
                 "window_ms": f["window_ms"], "hop_ms": f["hop_ms"], "blank_id": BLANK, "lowercase": data["lowercase"],
                 "inputs": "features: mono audio at sample_rate, torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, "
                           "hop_length=hop, n_mels) with window and hop the milliseconds in samples, log(x + 1e-6), then each "

@@ -318,9 +318,8 @@ class Translation(TokenizerRecipe):
                       MAX_POSITIONS, self.config["data"]["max_tokens"], out)
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        self.tokenizer.save(str(out / "tokenizer.json"))
         decode = self.config["decode"]
-        return {"tokenizer": "tokenizer.json", "pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "max_tokens": self.config["data"]["max_tokens"],
+        return {**super().onnx_processing(out), "pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "max_tokens": self.config["data"]["max_tokens"],
                 "max_len_a": decode["max_len_a"], "max_len_b": decode["max_len_b"],
                 "inputs": "source_ids: the source's ids from tokenizer.json, then eos_id, padded with pad_id",
                 "outputs": "greedy: run the encoder once; start with token_ids [[bos_id]] and past keys and values with 0 positions "

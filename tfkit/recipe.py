@@ -201,6 +201,10 @@ class TokenizerRecipe(Recipe):
     def load(self, run_dir: Path) -> None:
         self.tokenizer = runs.read_tokenizer(run_dir)
 
+    def onnx_processing(self, out: Path) -> dict[str, Any]:
+        self.tokenizer.save(str(out / "tokenizer.json"))
+        return {"tokenizer": "tokenizer.json"}
+
 
 def batch_ranges(count: int, size: int, rank: int = 0, world: int = 1) -> Iterator[range]:
     """The places of the batches of ``size`` over ``count`` items that process ``rank`` of ``world``

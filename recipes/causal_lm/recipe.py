@@ -240,8 +240,7 @@ class CausalLanguageModel(TokenizerRecipe):
                       limits={"length": {"max": self.config["model"]["max_positions"]}})]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        self.tokenizer.save(str(out / "tokenizer.json"))
-        return {"tokenizer": "tokenizer.json", "end_of_text": self.eot, "max_positions": self.config["model"]["max_positions"],
+        return {**super().onnx_processing(out), "end_of_text": self.eot, "max_positions": self.config["model"]["max_positions"],
                 "outputs": "logits (B, T, V): position t's scores for token t + 1; generate by appending the chosen token and running again"}
 
 
