@@ -42,6 +42,7 @@ from tfkit.registry import register
 SPECIALS = ["<blank>", "<unk>"]
 BLANK = 0
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+BUILTIN_STEPS = 1000
 DIGITS = "zero one two three four five six seven eight nine".split()
 BUILTIN_VOICES = ("en-us", "en")  # American and British English; each utterance adds a variant
 
@@ -225,6 +226,11 @@ class Conformer(TokenizerRecipe):
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
         self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
         self._drop_unalignable([frames[i] for i in self.train_rows])
+        self.settle_steps(len(self.train_rows), BUILTIN_STEPS if data["name"] == "builtin" else None)
+
+    def imitate_builtin_data(self) -> None:
+        rng = random.Random(0)
+        self.tokenizer = train_bpe([_number_text(rng) for _ in range(1000)], 0, SPECIALS)
 
     def _drop_unalignable(self, frames: list[int]) -> None:
         """CTC needs at least one output frame per label: shorter training utterances are dropped."""

@@ -21,7 +21,10 @@ from num2words import num2words
 from torch import Tensor, nn
 
 from tfkit import registry
-from tfkit.data import SPLITS, cached, encode_once, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_bpe
+from tfkit.data import (
+    SPLITS, VOCAB_SAMPLE, cached, choose_vocab_size, encode_once, length_buckets, length_limit, load_splits, pad_rows, read_lines,
+    require_columns, train_bpe,
+)
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Decoder, Encoder
@@ -29,13 +32,14 @@ from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
 from tfkit.onnx import GivenCache, Graph
-from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
+from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, Vocabulary, batch_ranges
 from tfkit.recipes.marian import config_from_marian, export_marian, tokenizer_from_marian, weights_from_marian
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PAD, UNK, BOS, EOS = range(len(SPECIALS))
 MAX_POSITIONS = 1024
+BUILTIN_SIZES = {"data.vocab_size": 400, "data.max_tokens": 128, "train.steps": 3000}  # what the numbers corpus needs
 
 
 def numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
@@ -161,17 +165,34 @@ class Translation(TokenizerRecipe):
         # size costs memory only for its lengths
         self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
         train = splits["train"]
+        builtin = BUILTIN_SIZES if data["name"] == "builtin" else {}
         if run_dir is not None:
             self.load(run_dir)
+        elif self.config["init"]:
+            self.tokenizer = tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
+            sample = [text for pair in self._pairs(self._sample(train), "train") for text in pair]
+            fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
+            self.settle("data.vocab_size", builtin.get("data.vocab_size"), lambda: choose_vocab_size(sample, fit, 2 * len(train)))
             texts = (text for start in range(0, len(train), 10_000)
                      for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
-            init = self.config["init"]
-            self.tokenizer = tokenizer_from_marian(Path(init), SPECIALS) if init else train_bpe(texts, data["vocab_size"], SPECIALS)
+            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+        self.settle("data.max_tokens", builtin.get("data.max_tokens"), lambda: length_limit(
+            len(e.ids) for e in self.tokenizer.encode_batch([t for pair in self._pairs(self._sample(train), "train") for t in pair])))
+        self.settle_steps(len(train), builtin.get("train.steps"))
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
         self.train = encode_once(train, self._encode, settings)
         self.train_lengths: list[int] = self.train["length"][:]  # a list: a Column reads Arrow item by item
+
+    def imitate_builtin_data(self) -> None:
+        self.tokenizer = Vocabulary(BUILTIN_SIZES["data.vocab_size"])
+
+    @staticmethod
+    def _sample(rows: datasets.Dataset) -> dict[str, list]:
+        """At most VOCAB_SAMPLE / 2 rows, evenly spaced, as {column: values}: what sizes are measured on."""
+        step = max(1, math.ceil(2 * len(rows) / VOCAB_SAMPLE))
+        return rows[::step] if step > 1 else rows[:]
 
     def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
         """The (source, target) texts of rows given as {column: values}; they are rows first, first + 1, ..."""

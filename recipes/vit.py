@@ -125,6 +125,17 @@ def random_resized_crops(images: Tensor, boxes: Tensor, size: tuple[int, int]) -
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
+BUILTIN_SIZES = {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}  # the 8×8 digits
+MAX_GRID = 14  # patches a side at most: ViT-B/16's 14×14 at 224 pixels
+
+
+def patch_for(image_size: int) -> tuple[int, str]:
+    """The smallest patch that divides ``image_size`` into at most MAX_GRID × MAX_GRID patches."""
+    patch = next(p for p in range(2, image_size + 1) if image_size % p == 0 and image_size // p <= MAX_GRID)
+    grid = image_size // patch
+    return patch, f"the smallest patch that cuts {image_size} px into at most {MAX_GRID}×{MAX_GRID}: {grid}×{grid} patches"
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, image_size: int, channels: int, classes: int, patch: int, d_model: int, depth: int,
                  heads: int, d_ff: int, dropout: float, drop_path: float, activation: str, block: str, norm_eps: float):
@@ -184,6 +195,10 @@ class ViT(Recipe):
             self.load(run_dir)
         else:
             self.labels = label_names(splits["train"], data["label_column"])
+        builtin = BUILTIN_SIZES if data["name"] == "builtin" else {}
+        self.settle("data.image_size", builtin.get("data.image_size"), lambda: self._image_size(splits["train"]))
+        self.settle("model.patch", builtin.get("model.patch"), lambda: patch_for(data["image_size"]))
+        self.settle_steps(len(splits["train"]), builtin.get("train.steps"))
         # validation and test images are held in memory; the training split's go into an Arrow table
         # (in datasets' cache when the images come from files), read a few batches at a time, so a
         # corpus of any size costs memory only for its labels
@@ -197,6 +212,33 @@ class ViT(Recipe):
             held = self._decode(splits[split], split).filter(lambda target: target >= 0, input_columns="target")
             self.images[split] = self._pixels(held.with_format("arrow")[:])
             self.targets[split] = torch.tensor(held["target"][:])
+
+    def imitate_builtin_data(self) -> None:
+        self.labels = [str(digit) for digit in range(10)]
+        for key, value in BUILTIN_SIZES.items():
+            self.settle(key, value, None)
+
+    def _image_size(self, rows: datasets.Dataset) -> tuple[int, str]:
+        """The median shorter side of up to 200 training images, in multiples of 8, at most
+        data.max_image_size; and why."""
+        data = self.config["data"]
+        column, cap = data["image_column"], data["max_image_size"]
+        if isinstance(rows.features[column], datasets.Image):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+        sides = []
+        for cell in rows.select(range(0, len(rows), max(1, len(rows) // 200)))[column]:
+            source = Path(data["name"]).parent / cell if isinstance(cell, str) else (cell.get("path") if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
+            try:
+                with Image.open(source) as image:  # reads the header only
+                    sides.append(min(image.size))
+            except (OSError, ValueError):
+                continue  # an unreadable image is reported when the images are decoded
+        if not sides:
+            raise UsageError("none of the training images sampled for data.image_size could be read")
+        median = int(np.median(sides))
+        size = max(8, min(median, cap) // 8 * 8)
+        capped = f", capped at data.max_image_size {cap} (--preset small or base allow more)" if median > cap else ""
+        return size, f"the median shorter side of {len(sides)} training images is {median} px{capped}"
 
     def _require_columns(self, rows: datasets.Dataset, split: str) -> None:
         data = self.config["data"]

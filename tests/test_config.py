@@ -32,7 +32,7 @@ def test_an_integer_is_accepted_where_a_float_is_expected():
 def test_unknown_key_names_the_valid_ones():
     with pytest.raises(UsageError, match=r"unknown config key 'model.dmodel' \(valid keys under 'model': d_model, heads"):
         resolve("model.dmodel=256")
-    with pytest.raises(UsageError, match="valid keys at the top level: recipe, seed, init, data"):
+    with pytest.raises(UsageError, match="valid keys at the top level: recipe, preset, seed, init, data"):
         resolve("optimiser=adam")
 
 

@@ -43,6 +43,7 @@ def _recipe_class(name: str) -> Any:
 @app.command()
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe name (see tfkit recipes); omit with --resume."),
+    preset: str = typer.Option("tiny", "--preset", help="Model sizes: tiny (the built-in data's), small, base (see tfkit recipes)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of overrides to the recipe's config."),
     set_: list[str] = typer.Option([], "--set", help="Override one config key: --set model.d_model=256 (repeatable)."),
     data: Optional[str] = typer.Option(None, "--data", help="Data: a .tsv/.csv/.jsonl file, a folder, or a Hugging Face dataset name."),
@@ -69,7 +70,7 @@ def train(
     sets += [f"seed={seed}"] if seed is not None else []
     sets += ["train.compile=true"] if compile_ else []
     if resume is not None:
-        if config or set_ or data or seed is not None or out or init:
+        if config or set_ or data or seed is not None or out or init or preset != "tiny":
             raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
         registry.load_all()
         resolved = runs.read_config(resume)
@@ -81,10 +82,12 @@ def train(
         if recipe is None:
             raise UsageError("name a recipe to train (see tfkit recipes), or pass --resume RUN")
         recipe_cls = _recipe_class(recipe)
-        defaults = recipe_cls.default_config()
+        defaults = recipe_cls.default_config(preset)
         if init is not None:  # the pretrained model fixes its sizes; the user's config and --set come after
             defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})
         resolved = configs.resolve(defaults, config, sets)
+        if resolved["preset"] != preset:
+            raise UsageError(f"choose a preset with --preset {resolved['preset']}, not as a config key (it sets many keys at once)")
         if out is not None and (out / runs.CONFIG).exists():
             raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
         run_dir = out
@@ -324,9 +327,23 @@ def recipes() -> None:
     table = Table(title="recipes")
     table.add_column("recipe")
     table.add_column("description")
+    table.add_column("presets: parameters on the built-in data (tfkit train RECIPE --preset NAME)")
     for name in registry.names("recipe"):
-        table.add_row(name, registry.summary(registry.get("recipe", name)))
+        recipe_cls = registry.get("recipe", name)
+        sizes = [f"{preset} {_millions(recipe_cls, preset)}" for preset in recipe_cls.presets()]
+        table.add_row(name, registry.summary(recipe_cls), " · ".join(sizes))
     stdout.print(table)
+
+
+def _millions(recipe_cls: Any, preset: str) -> str:
+    """The preset's parameter count, its model built on the meta device (no memory, no data)."""
+    import torch
+
+    recipe = recipe_cls(recipe_cls.default_config(preset))
+    recipe.imitate_builtin_data()
+    with torch.device("meta"):
+        count = sum(p.numel() for p in recipe.build_model().parameters())
+    return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count / 1e3:.0f}k"
 
 
 @app.command()

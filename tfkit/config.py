@@ -2,7 +2,8 @@
 
 A recipe's YAML file is also its schema: a user's config file and ``--set key=value`` overrides may
 only name keys that file has, with values of the same type (a ``null`` default takes anything).
-Any key named after a registry kind (``attention: multi_head``) must name a registered component,
+A default of ``auto`` takes an integer, or ``auto``: the recipe then chooses the value from the data
+when it prepares it (:meth:`tfkit.recipe.Recipe.settle`). Any key named after a registry kind (``attention: multi_head``) must name a registered component,
 and a number under a name in ``RANGES`` (``batch_size``, ``dropout``, ``lr``, ...) must lie in that
 name's range wherever the key stands, so that a zero batch or a dropout of 1.5 fails before any work.
 """
@@ -28,7 +29,7 @@ RANGES = _ranges(
         "d_model", "heads", "d_ff", "layers", "depth", "patch", "kernel_size", "subsampling_channels", "max_positions",
         "max_length", "max_tokens", "max_answer_length", "max_number", "n_mels", "channels", "image_size",
         "sample_rate", "window_ms", "hop_ms", "train_size", "validation_size", "test_size", "batch_size",
-        "accumulate", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k", "block_size", "max_new_tokens", "stride",
+        "accumulate", "epochs", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k", "block_size", "max_new_tokens", "stride",
     )),
     ("at least 0 (0 turns it off)", lambda v: v >= 0, (
         "eval_every", "warmup", "clip_grad_norm", "weight_decay", "mixup", "cutmix", "freq_masks", "freq_width",
@@ -41,6 +42,8 @@ RANGES = _ranges(
     ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio")),
     ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
 )
+
+AUTO = "auto"
 
 # keys with a fixed set of values, checked with the rest of the config, before any data is read
 CHOICES = {"train.strategy": ("ddp", "fsdp")}
@@ -79,6 +82,10 @@ def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> d
 def _coerce(path: str, default: Any, value: Any) -> Any:
     if default is None:
         return value
+    if default == AUTO:
+        if value == AUTO or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise UsageError(f"config key '{path}' expects an integer or auto, got {value!r}")
     expected = type(default)
     if expected is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
@@ -140,7 +147,7 @@ def check_values(config: dict[str, Any], prefix: str = "") -> None:
         elif f"{prefix}{key}" in CHOICES:
             if value not in CHOICES[f"{prefix}{key}"]:
                 raise UsageError(f"unknown {prefix}{key} {value!r} (valid: {', '.join(CHOICES[f'{prefix}{key}'])})")
-        elif key in RANGES:
+        elif key in RANGES and value != AUTO:
             words, test = RANGES[key]
             numbers = value if isinstance(value, list) else [value]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and test(v) for v in numbers):

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -303,6 +305,40 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) 
     tokenizer.decoder = decoders.WordPiece()
     tokenizer.add_special_tokens(specials)
     return tokenizer
+
+
+VOCAB_SIZES = (500, 1000, 2000, 4000, 8000, 16000, 32000)
+VOCAB_SAMPLE = 100_000  # texts the vocabulary size is measured on; more cost time and change little
+MEDIAN_COUNT = 50
+
+
+def choose_vocab_size(texts: list[str], fit: Callable[[list[str], int], Tokenizer], total: int | None = None) -> tuple[int, str]:
+    """The largest of VOCAB_SIZES at which the median subword learned by ``fit(texts, size)`` still
+    occurs MEDIAN_COUNT times in the training text, scaled to ``total`` texts where ``texts`` is a
+    sample of them, and (value, why). A larger vocabulary shortens the sequences, but past that
+    size most of its pieces are seen too rarely to learn (Gowda and May, 2020, measure the same
+    trade-off by the rarest pieces)."""
+    total = total or len(texts)
+    needed = MEDIAN_COUNT * len(texts) / total
+    chosen = VOCAB_SIZES[0]
+    for size in VOCAB_SIZES:
+        tokenizer = fit(texts, size)
+        alphabet = {i for piece, i in tokenizer.get_vocab().items() if len(piece.lstrip("▁#")) <= 1}
+        counts = np.bincount([i for e in tokenizer.encode_batch(texts) for i in e.ids if i not in alphabet])
+        learned = counts[counts > 0]
+        if len(learned) < (size - len(alphabet)) / 2 or np.median(learned) < needed:  # the text ran out of pieces to learn
+            break
+        chosen = size
+    words = sum(len(text.split()) for text in texts) * total / len(texts)
+    return chosen, f"the largest of {', '.join(map(str, VOCAB_SIZES))} whose median piece occurs {MEDIAN_COUNT}+ times in the {words:,.0f} words of the training text"
+
+
+def length_limit(lengths: Iterable[int], percentile: float = 99.5) -> tuple[int, str]:
+    """A sequence length limit that cuts only the longest (100 - ``percentile``)% of ``lengths``,
+    rounded up to a multiple of 8, and (value, why)."""
+    lengths = np.fromiter(lengths, dtype=np.int64)
+    limit = int(math.ceil(np.percentile(lengths, percentile) / 8) * 8)
+    return max(8, limit), f"the {percentile}th percentile of {len(lengths):,} training lengths is {np.percentile(lengths, percentile):.0f}; longest {lengths.max()}"
 
 
 def length_buckets(lengths: list[int], batch_size: int, generator: torch.Generator, pool: int) -> list[list[int]]:

@@ -7,6 +7,7 @@ registry kind "recipe" and ships ``<config_file>`` beside its module as its defa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,10 +18,13 @@ import yaml
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from tfkit import config as configs
 from tfkit import run as runs
 from tfkit.errors import UsageError, report_bad_input
 
 Batch = dict[str, Tensor]
+PRESET_ORDER = ("tiny", "small", "base", "large")
+MIN_STEPS = 500  # train.steps chosen from a small dataset: enough for warmup and a few evaluations
 
 
 @dataclass
@@ -94,10 +98,59 @@ class Recipe:
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
+        self.chosen: dict[str, str] = {}  # config key → why: what settle() chose from the data
+
+    def settle(self, key: str, builtin: Any, infer: Callable[[], tuple[Any, str]] | None) -> None:
+        """Give the dotted config key ``key``, if it is ``auto``, its value: ``builtin`` on the
+        built-in data (where that is not None), else the (value, why) that ``infer`` finds in the
+        user's data. A value the user set is kept as it is."""
+        *sections, name = key.split(".")
+        node = self.config
+        for section in sections:
+            node = node[section]
+        if node[name] != configs.AUTO:
+            return
+        value, why = (builtin, "the built-in data's") if builtin is not None or infer is None else infer()
+        node[name] = value
+        self.chosen[key] = f"{value} ({why})"
+
+    def settle_steps(self, examples: int, builtin: int | None) -> None:
+        """``train.steps`` when auto: ``builtin``, or ``train.epochs`` passes over ``examples``
+        training examples, at least MIN_STEPS."""
+        train = self.config["train"]
+
+        def infer() -> tuple[int, str]:
+            per_epoch = math.ceil(examples / (train["batch_size"] * train["accumulate"]))
+            steps = max(MIN_STEPS, train["epochs"] * per_epoch)
+            return steps, f"{train['epochs']} epochs of {examples:,} examples at {per_epoch:,} steps each, at least {MIN_STEPS}"
+
+        self.settle("train.steps", builtin, infer)
 
     @classmethod
-    def default_config(cls) -> dict[str, Any]:
-        return yaml.safe_load((resources.files("tfkit.recipes") / cls.config_file).read_text(encoding="utf-8"))
+    def presets(cls) -> list[str]:
+        """The recipe's named sizes: tiny, its own YAML (sized for its built-in data), then each
+        ``<recipe>.<preset>.yaml`` beside it, small before base."""
+        stem = cls.config_file.removesuffix(".yaml")
+        found = [f.name[len(stem) + 1 : -len(".yaml")] for f in resources.files("tfkit.recipes").iterdir()
+                 if f.name.startswith(f"{stem}.") and f.name.endswith(".yaml") and f.name != cls.config_file]
+        return ["tiny", *sorted(found, key=lambda name: (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER), name))]
+
+    @classmethod
+    def default_config(cls, preset: str = "tiny") -> dict[str, Any]:
+        """The recipe's YAML, with the preset's file laid over it."""
+        folder = resources.files("tfkit.recipes")
+        config = yaml.safe_load((folder / cls.config_file).read_text(encoding="utf-8"))
+        if preset == "tiny":
+            return config
+        if preset not in cls.presets():
+            raise UsageError(f"unknown preset '{preset}' for {config['recipe']} (valid: {', '.join(cls.presets())})")
+        return configs.merge(config, yaml.safe_load((folder / f"{cls.config_file.removesuffix('.yaml')}.{preset}.yaml").read_text(encoding="utf-8")))
+
+    def imitate_builtin_data(self) -> None:
+        """Give :meth:`build_model` what preparing the built-in data would (the vocabulary or the
+        label set, the sizes chosen for that data) without reading it, so that ``tfkit recipes`` can
+        count each preset's parameters."""
+        raise NotImplementedError
 
     # -- training ---------------------------------------------------------------------------------
     def prepare(self, run_dir: Path | None = None) -> None:
@@ -188,6 +241,16 @@ class Recipe:
         """What a user of the graphs must do before and after them, for onnx.json; files it names
         (a tokenizer) are written into ``out``."""
         return {}
+
+
+@dataclass
+class Vocabulary:
+    """What :meth:`Recipe.build_model` reads of a tokenizer, for :meth:`Recipe.imitate_builtin_data`."""
+
+    size: int
+
+    def get_vocab_size(self) -> int:
+        return self.size
 
 
 class TokenizerRecipe(Recipe):

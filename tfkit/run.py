@@ -24,6 +24,7 @@ A damaged file is reported in one line that names it: ``RUN/FILE: what is wrong 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -116,8 +117,16 @@ def damaged(path: Path, error: BaseException | str, todo: str) -> UsageError:
 
 
 # -- the config -------------------------------------------------------------------------------------
-def save_config(run_dir: Path, config: dict[str, Any]) -> None:
-    atomic_write(run_dir / CONFIG, lambda p: p.write_text(configs.dump(config), encoding="utf-8"))
+def save_config(run_dir: Path, config: dict[str, Any], chosen: dict[str, str] | None = None) -> None:
+    """Write config.yaml. The keys the recipe chose from the data (``chosen``, key → why) head it
+    as comments; with ``chosen`` None (a resumed run) the comments already there are kept."""
+    path = run_dir / CONFIG
+    if chosen is None:
+        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        header = "".join(f"{line}\n" for line in itertools.takewhile(lambda line: line.startswith("#"), old))
+    else:
+        header = "".join(["# chosen from the data:\n", *(f"#   {key}: {why}\n" for key, why in chosen.items())]) if chosen else ""
+    atomic_write(path, lambda p: p.write_text(header + configs.dump(config), encoding="utf-8"))
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

@@ -451,12 +451,16 @@ def start_training(
     if ranks.main:
         console.print(f"preparing data for [bold]{config['recipe']}[/bold]...")
         recipe.prepare(run_dir if resume else None)
+        for key, why in recipe.chosen.items():
+            console.print(f"{key} = {why}")
         if not resume:
             run_dir = runs.new_run_dir(config["recipe"], run_dir)
             recipe.save(run_dir)
-        runs.save_config(run_dir, config)
+        runs.save_config(run_dir, config, None if resume else recipe.chosen)
     run_dir = distributed.broadcast(run_dir, ranks)
-    if not ranks.main:
+    if not ranks.main:  # with the sizes rank 0 chose from the data
+        config = runs.read_config(run_dir)
+        recipe = registry.get("recipe", config["recipe"])(config)
         recipe.prepare(run_dir)
     torch.manual_seed(config["seed"])
     model = recipe.build_model()

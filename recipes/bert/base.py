@@ -3,9 +3,10 @@ input that inspect-attention looks at."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer
@@ -15,11 +16,40 @@ from torch import nn
 from tfkit.errors import UsageError
 from tfkit.hf import write_tokenizer
 from tfkit.inspect import draw_heads
-from tfkit.recipe import AttentionExample, TokenizerRecipe
+from tfkit.data import VOCAB_SAMPLE, choose_vocab_size, length_limit, train_wordpiece
+from tfkit.recipe import AttentionExample, TokenizerRecipe, Vocabulary
 from tfkit.recipes.bert.tokens import PAD, SPECIALS, pair_ids
 
 class BertRecipe(TokenizerRecipe):
     """What both BERT recipes share: the tokenizer in the run directory and encoding text pairs."""
+
+    builtin_sizes: dict[str, int]  # what the built-in data needs of the keys left at auto
+
+    def imitate_builtin_data(self) -> None:
+        for key, value in self.builtin_sizes.items():
+            self.settle(key, value, None)
+        self.tokenizer = Vocabulary(self.builtin_sizes["data.vocab_size"])
+
+    def settle_vocabulary(self, texts: Iterable[str], total: int) -> None:
+        """data.vocab_size when auto, measured on the WordPiece of the first VOCAB_SAMPLE ``texts`` of ``total``."""
+        def infer() -> tuple[int, str]:
+            sample = list(itertools.islice(texts, VOCAB_SAMPLE))
+            return choose_vocab_size(sample, lambda sample, size: train_wordpiece(sample, size, SPECIALS), total)
+
+        self.settle("data.vocab_size", self.builtin_sizes.get("data.vocab_size") if self.builtin else None, infer)
+
+    def settle_length(self, lengths: Callable[[], Iterable[int]]) -> None:
+        """data.max_length when auto: a high percentile of ``lengths()`` (with [CLS] and [SEP]), at most model.max_positions."""
+        def infer() -> tuple[int, str]:
+            limit, why = length_limit(lengths())
+            positions = self.config["model"]["max_positions"]
+            return (limit, why) if limit <= positions else (positions, f"{why}; capped at model.max_positions {positions}")
+
+        self.settle("data.max_length", self.builtin_sizes.get("data.max_length") if self.builtin else None, infer)
+
+    @property
+    def builtin(self) -> bool:
+        return self.config["data"]["name"] == "builtin"
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

@@ -32,6 +32,7 @@ class BertFinetune(BertRecipe):
     """BERT fine-tuning (--set task=classify|classify-pair|tag|qa) from a pretrain run or Hugging Face BERT."""
 
     config_file = "bert-finetune.yaml"
+    builtin_sizes = {"data.vocab_size": 4000, "data.max_length": 128, "train.steps": 600}
     labels: list[str]  # the names of the head's outputs: classes, tags, or start and end
 
     def __init__(self, config: dict[str, Any]):
@@ -49,10 +50,27 @@ class BertFinetune(BertRecipe):
             if self.config["init"]:
                 self.tokenizer = load_tokenizer(Path(self.config["init"]))
             else:
-                self.tokenizer = train_wordpiece(self.task.texts(rows["train"]), self.config["data"]["vocab_size"], SPECIALS)
+                texts = self.task.texts(rows["train"])
+                self.settle_vocabulary(texts, len(texts))
+                self.tokenizer = train_wordpiece(texts, self.config["data"]["vocab_size"], SPECIALS)
         check_specials(self.tokenizer, self.config["init"] or "this run")
+        self.settle_length(lambda: self._lengths(rows["train"]))
+        self.settle_steps(len(rows["train"]), self.builtin_sizes["train.steps"] if self.builtin else None)
         self.rows = rows
         self.examples = {split: self.task.encode(rows[split], split) for split in SPLITS}
+
+    def _lengths(self, rows: list[Any]) -> list[int]:
+        """The encoded lengths of up to 10,000 of ``rows``, evenly spaced, as long as the model allows."""
+        data = self.config["data"]
+        data["max_length"] = self.config["model"]["max_positions"]
+        try:
+            return [len(example[0]) for example in self.task.encode(rows[:: max(1, len(rows) // 10_000)], "train")]
+        finally:
+            data["max_length"] = "auto"
+
+    def imitate_builtin_data(self) -> None:
+        super().imitate_builtin_data()
+        self.labels = [str(i) for i in range(self.task.builtin_labels)]
 
     def save(self, run_dir: Path) -> None:
         super().save(run_dir)

@@ -146,6 +146,7 @@ class BertPretrain(BertRecipe):
     """BERT pretraining: masked LM (15%, 80/10/10) and next-sentence prediction, WordPiece."""
 
     config_file = "bert-pretrain.yaml"
+    builtin_sizes = {"data.vocab_size": 4000, "data.max_length": 64, "train.steps": 3000}
 
     def prepare(self, run_dir: Path | None = None) -> None:
         """Sentences and their token ids live in Arrow tables (memory-mapped when read from files);
@@ -162,7 +163,9 @@ class BertPretrain(BertRecipe):
             self.tokenizer = load_tokenizer(Path(self.config["init"]))
             check_specials(self.tokenizer, self.config["init"])
         else:
-            self.tokenizer = train_wordpiece(TableText(texts["train"], self.documents["train"]), data["vocab_size"], SPECIALS)
+            training = TableText(texts["train"], self.documents["train"])
+            self.settle_vocabulary(training, int(training.chosen.sum()))
+            self.tokenizer = train_wordpiece(training, data["vocab_size"], SPECIALS)
         self.ids, self.lengths = {}, {}
         encoded: dict[int, datasets.Dataset] = {}  # carved splits share the training table
         for split, table in texts.items():
@@ -170,6 +173,9 @@ class BertPretrain(BertRecipe):
                 encoded[id(table)] = encode_once(table, self._encode, {"tokenizer": self.tokenizer.to_str()}, TOKEN_COLUMNS)
             self.ids[split] = encoded[id(table)]
             self.lengths[split] = self.ids[split].data.column("length").to_numpy()
+        a, b, _ = nsp_pairs(self.documents["train"], np.random.default_rng(seed))
+        self.settle_length(lambda: self.lengths["train"][a] + self.lengths["train"][b] + 3)
+        self.settle_steps(len(a), self.builtin_sizes["train.steps"] if self.builtin else None)
         # held-out pairs and masks are drawn once, so every evaluation scores the same questions
         self.held_out = {split: list(self._batches(split, seed + 7919, shuffle=False)) for split in ("validation", "test")}
 

@@ -194,6 +194,7 @@ class QuestionAnswering(Task):
     scored by exact match and F1."""
 
     per_token = True
+    builtin_labels = 2
     hf_class = "BertForQuestionAnswering"
 
     def read(self, seed: int) -> tuple[dict[str, list], list[str]]:

@@ -53,6 +53,7 @@ class Task:
     ``eval_outputs``, ``score`` and ``predict_file``."""
 
     per_token = False
+    builtin_labels = 5  # the head's outputs on the built-in data, for counting parameters without it
     hf_class = "BertForSequenceClassification"  # the transformers model of the same task (tfkit export)
 
     def __init__(self, recipe: BertFinetune):
@@ -152,12 +153,14 @@ class ClassifyPair(Classify):
     """A label per pair of sentences, [CLS] A [SEP] B [SEP]."""
 
     pair = True
+    builtin_labels = 2
 
 
 class Tag(Task):
     """A label per word, read at its first sub-token: word/TAG predictions, entity F1."""
 
     per_token = True
+    builtin_labels = 4
     hf_class = "BertForTokenClassification"
 
     def read(self, seed: int) -> tuple[dict[str, list], list[str]]:

@@ -17,17 +17,21 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from tfkit.data import SPLITS, read_lines
+from tfkit.data import SPLITS, choose_vocab_size, read_lines
 from tfkit.errors import UsageError
 from tfkit.inspect import capture_attention, head_type_scores
 from tfkit.onnx import Graph
-from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges
+from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, Vocabulary, batch_ranges
 from tfkit.recipes.causal_lm.corpus import read_documents, token_stream
 from tfkit.recipes.causal_lm.generate import stream
 from tfkit.recipes.causal_lm import hf
 from tfkit.recipes.causal_lm.model import CausalLM, LSTMLanguageModel
 from tfkit.recipes.causal_lm.tokens import TextStream, end_of_text, load_tokenizer, token_bytes, train_byte_bpe
 from tfkit.registry import register
+
+
+BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
+VOCAB_SAMPLE_CHARACTERS = 5_000_000
 
 
 @register("recipe", "causal-lm")
@@ -41,10 +45,13 @@ class CausalLanguageModel(TokenizerRecipe):
         if data["block_size"] > self.config["model"]["max_positions"]:
             raise UsageError(f"data.block_size {data['block_size']} is more than model.max_positions {self.config['model']['max_positions']}")
         documents = read_documents(data, self.config["seed"])
+        builtin = data["name"] == "builtin"
         if run_dir is not None:
             self.load(run_dir)
         else:
             init = self.config["init"]
+            if not init:
+                self.settle("data.vocab_size", BUILTIN_SIZES["data.vocab_size"] if builtin else None, lambda: self._vocab_size(documents["train"]))
             self._use(load_tokenizer(Path(init)) if init else train_byte_bpe(documents["train"], data["vocab_size"]), init or "this run")
         self.streams = {split: token_stream(documents[split], self.tokenizer, self.eot, split) for split in SPLITS}  # (N,) int32, memory-mapped
         self._compressed: dict[str, dict[str, float]] = {}  # by split: the compressors' figures, measured once
@@ -55,6 +62,17 @@ class CausalLanguageModel(TokenizerRecipe):
         if len(self._blocks("train")) < batch:
             raise UsageError(f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
                              f"fewer than train.batch_size {batch} (lower either)")
+        self.settle_steps(len(self._blocks("train")), BUILTIN_SIZES["train.steps"] if builtin else None)
+
+    @staticmethod
+    def _vocab_size(documents: list[str]) -> tuple[int, str]:
+        """data.vocab_size from about VOCAB_SAMPLE_CHARACTERS of the training documents, evenly spaced."""
+        characters = sum(len(document) for document in documents)
+        sample = documents[:: max(1, characters // VOCAB_SAMPLE_CHARACTERS)]
+        return choose_vocab_size(sample, train_byte_bpe, len(documents))
+
+    def imitate_builtin_data(self) -> None:
+        self.tokenizer = Vocabulary(BUILTIN_SIZES["data.vocab_size"])
 
     def load(self, run_dir: Path) -> None:
         super().load(run_dir)

@@ -33,6 +33,13 @@ from tfkit.recipes.forecast.model import DLinear, InstanceNorm, LSTMForecaster, 
 from tfkit.recipes.forecast.series import Series, make_series, read_frame
 from tfkit.registry import register
 
+# each built-in series' sizes; a user's series gets them from its length and season (_settle_sizes)
+BUILTIN_SIZES = {
+    "co2": {"data.context": 104, "data.horizon": 26, "data.validation_size": 156, "data.test_size": 312, "data.origin_stride": 4,
+            "model.patch": 8, "model.stride": 8, "train.steps": 1500},
+    "macro": {"data.context": 16, "data.horizon": 4, "data.validation_size": 24, "data.test_size": 40, "data.origin_stride": 1,
+              "model.patch": 4, "model.stride": 4, "train.steps": 1500},
+}
 SERIES_FILE = "series.json"  # the variables, their roles and the training part's statistics
 BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second evaluate costs nothing
 
@@ -68,6 +75,7 @@ class Forecast(Recipe):
             self.series = make_series(frame, {}, self._data_of_run(), data["name"], self.facts["names"])
         else:
             self.series = make_series(frame, roles, data, data["name"])
+        self._settle_sizes(data["name"], len(self.series), self.series.season)
         self.bounds = self._bounds(len(self.series))
         if run_dir is None:
             train = self.series.values[: self.bounds[0]]
@@ -86,6 +94,34 @@ class Forecast(Recipe):
             "validation": np.arange(max(n_train, context), n_validation - horizon + 1, stride),
             "test": np.arange(n_validation, len(self.series) - horizon + 1, stride),
         }
+        self.settle_steps(len(self.origins["train"]), BUILTIN_SIZES.get(data["name"], {}).get("train.steps"))
+
+    def _settle_sizes(self, name: str, steps: int, season: int) -> None:
+        """The window and split sizes left at auto: a built-in series' own, else from the series'
+        length and season: one season ahead (a fiftieth of the series without one), four horizons
+        of context, about 12 patches to a context, and validation and test parts of 6 and 12
+        horizons, at most a tenth and a fifth of the series."""
+        builtin = BUILTIN_SIZES.get(name, {})
+        data = self.config["data"]
+        by_season = season > 1
+        self.settle("data.horizon", builtin.get("data.horizon"), lambda: (
+            min(season if by_season else max(1, steps // 50), max(1, steps // 10)),
+            f"one season of {season} steps" if by_season else f"a fiftieth of the series' {steps} steps (no season: data.frequency or data.season sets one)"))
+        horizon = data["horizon"]
+        self.settle("data.context", builtin.get("data.context"), lambda: (max(8, 4 * horizon), "four horizons, at least 8 steps"))
+        self.settle("data.validation_size", builtin.get("data.validation_size"), lambda: (
+            max(horizon, min(6 * horizon, steps // 10)), "six horizons, at most a tenth of the series"))
+        self.settle("data.test_size", builtin.get("data.test_size"), lambda: (
+            max(horizon, min(12 * horizon, steps // 5)), "twelve horizons, at most a fifth of the series"))
+        self.settle("data.origin_stride", builtin.get("data.origin_stride"), lambda: (max(1, horizon // 6), "a sixth of the horizon"))
+        context = data["context"]
+        self.settle("model.patch", builtin.get("model.patch"), lambda: (max(1, context // 12), f"about 12 patches over a context of {context}"))
+        self.settle("model.stride", builtin.get("model.stride"), lambda: (self.config["model"]["patch"], "patches side by side, as model.patch"))
+
+    def imitate_builtin_data(self) -> None:
+        self.facts = {"names": ["co2"], "targets": 1}
+        for key, value in BUILTIN_SIZES["co2"].items():
+            self.settle(key, value, None)
 
     def _bounds(self, steps: int) -> tuple[int, int]:
         """Where the training part ends and where the validation part ends."""
