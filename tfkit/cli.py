@@ -336,13 +336,7 @@ def recipes() -> None:
 
 
 def _millions(recipe_cls: Any, preset: str) -> str:
-    """The preset's parameter count, its model built on the meta device (no memory, no data)."""
-    import torch
-
-    recipe = recipe_cls(recipe_cls.default_config(preset))
-    recipe.imitate_builtin_data()
-    with torch.device("meta"):
-        count = sum(p.numel() for p in recipe.build_model().parameters())
+    count = recipe_cls.preset_parameters(preset)
     return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count / 1e3:.0f}k"
 
 

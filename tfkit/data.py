@@ -315,20 +315,21 @@ MEDIAN_COUNT = 50
 def choose_vocab_size(texts: list[str], fit: Callable[[list[str], int], Tokenizer], total: int | None = None) -> tuple[int, str]:
     """The largest of VOCAB_SIZES at which the median subword learned by ``fit(texts, size)`` still
     occurs MEDIAN_COUNT times in the training text, scaled to ``total`` texts where ``texts`` is a
-    sample of them, and (value, why). A larger vocabulary shortens the sequences, but past that
+    sample of them (or all the pieces a smaller text has to learn), and (value, why). A larger vocabulary shortens the sequences, but past that
     size most of its pieces are seen too rarely to learn (Gowda and May, 2020, measure the same
     trade-off by the rarest pieces)."""
     total = total or len(texts)
     needed = MEDIAN_COUNT * len(texts) / total
-    chosen = VOCAB_SIZES[0]
     for size in VOCAB_SIZES:
         tokenizer = fit(texts, size)
         alphabet = {i for piece, i in tokenizer.get_vocab().items() if len(piece.lstrip("▁#")) <= 1}
         counts = np.bincount([i for e in tokenizer.encode_batch(texts) for i in e.ids if i not in alphabet])
         learned = counts[counts > 0]
-        if len(learned) < (size - len(alphabet)) / 2 or np.median(learned) < needed:  # the text ran out of pieces to learn
+        if size > VOCAB_SIZES[0] and (not len(learned) or np.median(learned) < needed):
             break
-        chosen = size
+        chosen = tokenizer.get_vocab_size()
+        if chosen < size:  # the text ran out of pieces to learn
+            break
     words = sum(len(text.split()) for text in texts) * total / len(texts)
     return chosen, f"the largest of {', '.join(map(str, VOCAB_SIZES))} whose median piece occurs {MEDIAN_COUNT}+ times in the {words:,.0f} words of the training text"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
+import torch
 import yaml
 from tokenizers import Tokenizer
 from torch import Tensor, nn
@@ -145,6 +146,15 @@ class Recipe:
         if preset not in cls.presets():
             raise UsageError(f"unknown preset '{preset}' for {config['recipe']} (valid: {', '.join(cls.presets())})")
         return configs.merge(config, yaml.safe_load((folder / f"{cls.config_file.removesuffix('.yaml')}.{preset}.yaml").read_text(encoding="utf-8")))
+
+    @classmethod
+    def preset_parameters(cls, preset: str) -> int:
+        """The parameter count of the preset's model on the built-in data, built on the meta device
+        (no memory, no data read)."""
+        recipe = cls(cls.default_config(preset))
+        recipe.imitate_builtin_data()
+        with torch.device("meta"):
+            return sum(p.numel() for p in recipe.build_model().parameters())
 
     def imitate_builtin_data(self) -> None:
         """Give :meth:`build_model` what preparing the built-in data would (the vocabulary or the
