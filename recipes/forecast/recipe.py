@@ -98,15 +98,16 @@ class Forecast(Recipe):
 
     def _settle_sizes(self, name: str, steps: int, season: int) -> None:
         """The window and split sizes left at auto: a built-in series' own, else from the series'
-        length and season: one season ahead (a fiftieth of the series without one), four horizons
+        length and season: one season ahead (without one, a fiftieth of the series, at most 24), four horizons
         of context, about 12 patches to a context, and validation and test parts of 6 and 12
         horizons, at most a tenth and a fifth of the series."""
         builtin = BUILTIN_SIZES.get(name, {})
         data = self.config["data"]
         by_season = season > 1
         self.settle("data.horizon", builtin.get("data.horizon"), lambda: (
-            min(season if by_season else max(1, steps // 50), max(1, steps // 10)),
-            f"one season of {season} steps" if by_season else f"a fiftieth of the series' {steps} steps (no season: data.frequency or data.season sets one)"))
+            min(season if by_season else min(max(1, steps // 50), 24), max(1, steps // 10)),
+            f"one season of {season} steps" if by_season else
+            f"a fiftieth of the series' {steps} steps, at most 24 (it has no season: data.frequency or data.season gives one)"))
         horizon = data["horizon"]
         self.settle("data.context", builtin.get("data.context"), lambda: (max(8, 4 * horizon), "four horizons, at least 8 steps"))
         self.settle("data.validation_size", builtin.get("data.validation_size"), lambda: (
