@@ -3,9 +3,10 @@
 A recipe's YAML file is also its schema: a user's config file and ``--set key=value`` overrides may
 only name keys that file has, with values of the same type (a ``null`` default takes anything).
 A default of ``auto`` takes an integer, or ``auto``: the recipe then chooses the value from the data
-when it prepares it (:meth:`tfkit.recipe.Recipe.settle`). Any key named after a registry kind (``attention: multi_head``) must name a registered component,
-and a number under a name in ``RANGES`` (``batch_size``, ``dropout``, ``lr``, ...) must lie in that
-name's range wherever the key stands, so that a zero batch or a dropout of 1.5 fails before any work.
+when it prepares it (:meth:`tfkit.recipe.Recipe.settle`). Any key named after a registry kind
+(``attention: multi_head``) must name a registered component, and a number under a name in
+``RANGES`` (``batch_size``, ``dropout``, ``lr``, ...) must lie in that name's range wherever the key
+stands, so that a zero batch or a dropout of 1.5 fails before any work.
 """
 
 from __future__ import annotations

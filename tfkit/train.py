@@ -452,7 +452,7 @@ def start_training(
         console.print(f"preparing data for [bold]{config['recipe']}[/bold]...")
         recipe.prepare(run_dir if resume else None)
         for key, why in recipe.chosen.items():
-            console.print(f"{key} = {why}")
+            console.print(f"{key} = {why}", markup=False, highlight=False)
         if not resume:
             run_dir = runs.new_run_dir(config["recipe"], run_dir)
             recipe.save(run_dir)
