@@ -8,6 +8,7 @@ and German words: German puts units before tens ("siebenundvierzig"), so the mod
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -166,19 +167,19 @@ class Translation(TokenizerRecipe):
         self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
         train = splits["train"]
         builtin = BUILTIN_SIZES if data["name"] == "builtin" else {}
+        sample = functools.cache(lambda: [text for pair in self._pairs(self._sample(train), "train") for text in pair])
         if run_dir is not None:
             self.load(run_dir)
         elif self.config["init"]:
             self.tokenizer = tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
-            sample = [text for pair in self._pairs(self._sample(train), "train") for text in pair]
             fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
-            self.settle("data.vocab_size", builtin.get("data.vocab_size"), lambda: choose_vocab_size(sample, fit, 2 * len(train)))
+            self.settle("data.vocab_size", builtin.get("data.vocab_size"), lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
             texts = (text for start in range(0, len(train), 10_000)
                      for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
-        self.settle("data.max_tokens", builtin.get("data.max_tokens"), lambda: length_limit(
-            len(e.ids) for e in self.tokenizer.encode_batch([t for pair in self._pairs(self._sample(train), "train") for t in pair])))
+        self.settle("data.max_tokens", builtin.get("data.max_tokens"),
+                    lambda: length_limit(len(e.ids) for e in self.tokenizer.encode_batch(sample())))
         self.settle_steps(len(train), builtin.get("train.steps"))
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]

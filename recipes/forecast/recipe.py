@@ -98,9 +98,9 @@ class Forecast(Recipe):
 
     def _settle_sizes(self, name: str, steps: int, season: int) -> None:
         """The window and split sizes left at auto: a built-in series' own, else from the series'
-        length and season: one season ahead (without one, a fiftieth of the series, at most 24), four horizons
-        of context, about 12 patches to a context, and validation and test parts of 6 and 12
-        horizons, at most a tenth and a fifth of the series."""
+        length and season: one season ahead (without one, a fiftieth of the series, at most 24),
+        four horizons of context, about 12 patches to a context, and validation and test parts of
+        6 and 12 horizons, at most a tenth and a fifth of the series."""
         builtin = BUILTIN_SIZES.get(name, {})
         data = self.config["data"]
         by_season = season > 1
