@@ -48,7 +48,7 @@ BUILTIN_VOICES = ("en-us", "en")  # American and British English; each utterance
 
 
 def speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
-    keys = ("train_size", "validation_size", "test_size", "sample_rate", "snr_db")
+    keys = ("train_size", "validation_size", "test_size", "sample_rate", "snr_db", "pause_s")
     return cached("speech", {"seed": seed, **{k: data[k] for k in keys}}, lambda: _speech_corpus(data, seed))
 
 
@@ -74,6 +74,10 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
             samples = resample(torch.from_numpy(samples))
             signal_power = samples.square().mean()
             snr = rng.uniform(*data["snr_db"])
+            # eSpeak's library ends an utterance 8 ms after its last sound, a recording (or eSpeak's
+            # own command line, 0.3 s) later: without pauses in training, CTC spells out the silence
+            before, after = (round(rng.uniform(*data["pause_s"]) * data["sample_rate"]) for _ in range(2))
+            samples = torch.nn.functional.pad(samples, (before, after))
             noise = torch.randn(len(samples), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
             samples = (samples + noise * (signal_power / 10 ** (snr / 10)).sqrt()).clamp(-1, 1)
             buffer = io.BytesIO()

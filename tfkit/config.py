@@ -37,7 +37,7 @@ RANGES = _ranges(
         "time_masks", "time_width", "patience", "temperature",
     )),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
-    ("at least 0", lambda v: v >= 0, ("steps", "seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b")),
+    ("at least 0", lambda v: v >= 0, ("steps", "seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b", "pause_s")),
     ("greater than 0", lambda v: v > 0, ("lr", "eps", "norm_eps", "std", "repetition_penalty")),
     ("at least 0 and below 1", lambda v: 0 <= v < 1, ("dropout", "drop_path", "label_smoothing", "held_out", "betas")),
     ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio")),
