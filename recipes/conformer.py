@@ -42,7 +42,6 @@ from tfkit.registry import register
 SPECIALS = ["<blank>", "<unk>"]
 BLANK = 0
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
-BUILTIN_STEPS = 1000
 DIGITS = "zero one two three four five six seven eight nine".split()
 BUILTIN_VOICES = ("en-us", "en")  # American and British English; each utterance adds a variant
 
@@ -203,6 +202,7 @@ class Conformer(TokenizerRecipe):
     """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
 
     config_file = "conformer.yaml"
+    BUILTIN_SIZES = {"train.steps": 1000}
     unit = "frame"
 
     def prepare(self, run_dir: Path | None = None) -> None:
@@ -230,7 +230,7 @@ class Conformer(TokenizerRecipe):
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
         self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
         self._drop_unalignable([frames[i] for i in self.train_rows])
-        self.settle_steps(len(self.train_rows), BUILTIN_STEPS if data["name"] == "builtin" else None)
+        self.settle_steps(len(self.train_rows))
 
     def imitate_builtin_data(self) -> None:
         rng = random.Random(0)

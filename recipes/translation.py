@@ -40,7 +40,6 @@ from tfkit.registry import register
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PAD, UNK, BOS, EOS = range(len(SPECIALS))
 MAX_POSITIONS = 1024
-BUILTIN_SIZES = {"data.vocab_size": 400, "data.max_tokens": 128, "train.steps": 3000}  # what the numbers corpus needs
 
 
 def numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
@@ -154,6 +153,7 @@ class Translation(TokenizerRecipe):
     """Encoder-decoder Transformer for translation: BPE, label smoothing, beam search, BLEU/chrF."""
 
     config_file = "translation.yaml"
+    BUILTIN_SIZES = {"data.vocab_size": 400, "data.max_tokens": 128, "train.steps": 3000}  # what the numbers corpus needs
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
@@ -166,7 +166,6 @@ class Translation(TokenizerRecipe):
         # size costs memory only for its lengths
         self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
         train = splits["train"]
-        builtin = BUILTIN_SIZES if data["name"] == "builtin" else {}
         sample = functools.cache(lambda: [text for pair in self._pairs(self._sample(train), "train") for text in pair])
         if run_dir is not None:
             self.load(run_dir)
@@ -174,20 +173,19 @@ class Translation(TokenizerRecipe):
             self.tokenizer = tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
             fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
-            self.settle("data.vocab_size", builtin.get("data.vocab_size"), lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
+            self.settle("data.vocab_size", lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
             texts = (text for start in range(0, len(train), 10_000)
                      for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
             self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
-        self.settle("data.max_tokens", builtin.get("data.max_tokens"),
-                    lambda: length_limit(len(e.ids) for e in self.tokenizer.encode_batch(sample())))
-        self.settle_steps(len(train), builtin.get("train.steps"))
+        self.settle("data.max_tokens", lambda: length_limit(len(e.ids) for e in self.tokenizer.encode_batch(sample())))
+        self.settle_steps(len(train))
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
         self.train = encode_once(train, self._encode, settings)
         self.train_lengths: list[int] = self.train["length"][:]  # a list: a Column reads Arrow item by item
 
     def imitate_builtin_data(self) -> None:
-        self.tokenizer = Vocabulary(BUILTIN_SIZES["data.vocab_size"])
+        self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
 
     @staticmethod
     def _sample(rows: datasets.Dataset) -> dict[str, list]:

@@ -125,7 +125,6 @@ def random_resized_crops(images: Tensor, boxes: Tensor, size: tuple[int, int]) -
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-BUILTIN_SIZES = {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}  # the 8×8 digits
 MAX_GRID = 14  # patches a side at most: ViT-B/16's 14×14 at 224 pixels
 
 
@@ -176,6 +175,7 @@ class ViT(Recipe):
     """Vision Transformer for image classification: patches, [CLS], pre-LN, attention rollout."""
 
     config_file = "vit.yaml"
+    BUILTIN_SIZES = {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}  # the 8×8 digits
     unit = "img"
     labels: list[str]
 
@@ -195,10 +195,9 @@ class ViT(Recipe):
             self.load(run_dir)
         else:
             self.labels = label_names(splits["train"], data["label_column"])
-        builtin = BUILTIN_SIZES if data["name"] == "builtin" else {}
-        self.settle("data.image_size", builtin.get("data.image_size"), lambda: self._image_size(splits["train"]))
-        self.settle("model.patch", builtin.get("model.patch"), lambda: patch_for(data["image_size"]))
-        self.settle_steps(len(splits["train"]), builtin.get("train.steps"))
+        self.settle("data.image_size", lambda: self._image_size(splits["train"]))
+        self.settle("model.patch", lambda: patch_for(data["image_size"]))
+        self.settle_steps(len(splits["train"]))
         # validation and test images are held in memory; the training split's go into an Arrow table
         # (in datasets' cache when the images come from files), read a few batches at a time, so a
         # corpus of any size costs memory only for its labels
@@ -215,8 +214,7 @@ class ViT(Recipe):
 
     def imitate_builtin_data(self) -> None:
         self.labels = [str(digit) for digit in range(10)]
-        for key, value in BUILTIN_SIZES.items():
-            self.settle(key, value, None)
+        self.settle_builtin()
 
     def _image_size(self, rows: datasets.Dataset) -> tuple[int, str]:
         """The median shorter side of up to 200 training images, in multiples of 8, at most

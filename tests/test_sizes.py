@@ -1,6 +1,7 @@
 """Presets, and the sizes chosen from the user's data (issue #25): what is chosen, that it is said and
 recorded, that a value the user set is kept, and that the built-in data keeps its own sizes."""
 
+import copy
 import random
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
+from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.data import choose_vocab_size, length_limit, train_bpe
@@ -96,12 +98,16 @@ def test_length_limits_patches_and_steps():
     assert length_limit([3] * 100)[0] == 8
     assert [patch_for(size)[0] for size in (8, 28, 32, 64, 224)] == [2, 2, 4, 8, 16]
     recipe_cls = registry.get("recipe", "translation")
-    recipe = recipe_cls(recipe_cls.default_config())
-    recipe.settle_steps(100_000, None)
+    user_data = configs.merge(recipe_cls.default_config(), {"data": {"name": "pairs.tsv"}})
+    recipe = recipe_cls(copy.deepcopy(user_data))
+    recipe.settle_steps(100_000)
     assert recipe.config["train"]["steps"] == 10 * 1563
-    recipe = recipe_cls(recipe_cls.default_config())
-    recipe.settle_steps(1000, None)
+    recipe = recipe_cls(copy.deepcopy(user_data))
+    recipe.settle_steps(1000)
     assert recipe.config["train"]["steps"] == MIN_STEPS
+    recipe = recipe_cls(recipe_cls.default_config())  # the built-in corpus: its own steps
+    recipe.settle_steps(100_000)
+    assert recipe.config["train"]["steps"] == 3000
 
 
 # -- each recipe on the user's data -----------------------------------------------------------------

@@ -101,23 +101,35 @@ class Recipe:
         self.config = config
         self.chosen: dict[str, str] = {}  # config key → why: what settle() chose from the data
 
-    def settle(self, key: str, builtin: Any, infer: Callable[[], tuple[Any, str]] | None) -> None:
-        """Give the dotted config key ``key``, if it is ``auto``, its value: ``builtin`` on the
-        built-in data (where that is not None), else the (value, why) that ``infer`` finds in the
-        user's data. A value the user set is kept as it is."""
+    BUILTIN_SIZES: dict[str, Any] = {}  # what the built-in data needs of the keys left at auto
+
+    def builtin_sizes(self) -> dict[str, Any]:
+        """The sizes of the built-in data being prepared ({dotted key: value}); none for a user's data."""
+        return self.BUILTIN_SIZES if self.config["data"]["name"] == "builtin" else {}
+
+    def settle(self, key: str, infer: Callable[[], tuple[Any, str]] | None = None) -> None:
+        """Give the dotted config key ``key``, if it is ``auto``, its value: the built-in data's
+        (:meth:`builtin_sizes`), else the (value, why) that ``infer`` finds in the user's data.
+        A value the user set is kept as it is."""
         *sections, name = key.split(".")
         node = self.config
         for section in sections:
             node = node[section]
         if node[name] != configs.AUTO:
             return
-        value, why = (builtin, "the built-in data's") if builtin is not None or infer is None else infer()
+        builtin = self.builtin_sizes()
+        value, why = (builtin[key], "the built-in data's") if key in builtin else infer()
         node[name] = value
         self.chosen[key] = f"{value} ({why})"
 
-    def settle_steps(self, examples: int, builtin: int | None) -> None:
-        """``train.steps`` when auto: ``builtin``, or ``train.epochs`` passes over ``examples``
-        training examples, at least MIN_STEPS."""
+    def settle_builtin(self) -> None:
+        """Every key the built-in data has a size for, as preparing it settles them."""
+        for key in self.builtin_sizes():
+            self.settle(key)
+
+    def settle_steps(self, examples: int) -> None:
+        """``train.steps`` when auto: the built-in data's, or ``train.epochs`` passes over
+        ``examples`` training examples, at least MIN_STEPS."""
         train = self.config["train"]
 
         def infer() -> tuple[int, str]:
@@ -125,7 +137,7 @@ class Recipe:
             steps = max(MIN_STEPS, train["epochs"] * per_epoch)
             return steps, f"{train['epochs']} epochs of {examples:,} examples at {per_epoch:,} steps each, at least {MIN_STEPS}"
 
-        self.settle("train.steps", builtin, infer)
+        self.settle("train.steps", infer)
 
     @classmethod
     def presets(cls) -> list[str]:

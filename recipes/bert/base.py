@@ -23,12 +23,9 @@ from tfkit.recipes.bert.tokens import PAD, SPECIALS, pair_ids
 class BertRecipe(TokenizerRecipe):
     """What both BERT recipes share: the tokenizer in the run directory and encoding text pairs."""
 
-    builtin_sizes: dict[str, int]  # what the built-in data needs of the keys left at auto
-
     def imitate_builtin_data(self) -> None:
-        for key, value in self.builtin_sizes.items():
-            self.settle(key, value, None)
-        self.tokenizer = Vocabulary(self.builtin_sizes["data.vocab_size"])
+        self.settle_builtin()
+        self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
 
     def settle_vocabulary(self, texts: Iterable[str], total: int) -> None:
         """data.vocab_size when auto, measured on the WordPiece of the first VOCAB_SAMPLE ``texts`` of ``total``."""
@@ -36,7 +33,7 @@ class BertRecipe(TokenizerRecipe):
             sample = list(itertools.islice(texts, VOCAB_SAMPLE))
             return choose_vocab_size(sample, lambda sample, size: train_wordpiece(sample, size, SPECIALS), total)
 
-        self.settle("data.vocab_size", self.builtin_sizes.get("data.vocab_size") if self.builtin else None, infer)
+        self.settle("data.vocab_size", infer)
 
     def settle_length(self, lengths: Callable[[], Iterable[int]]) -> None:
         """data.max_length when auto: a high percentile of ``lengths()`` (with [CLS] and [SEP]), at most model.max_positions."""
@@ -45,11 +42,7 @@ class BertRecipe(TokenizerRecipe):
             positions = self.config["model"]["max_positions"]
             return (limit, why) if limit <= positions else (positions, f"{why}; capped at model.max_positions {positions}")
 
-        self.settle("data.max_length", self.builtin_sizes.get("data.max_length") if self.builtin else None, infer)
-
-    @property
-    def builtin(self) -> bool:
-        return self.config["data"]["name"] == "builtin"
+        self.settle("data.max_length", infer)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

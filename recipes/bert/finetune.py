@@ -32,7 +32,7 @@ class BertFinetune(BertRecipe):
     """BERT fine-tuning (--set task=classify|classify-pair|tag|qa) from a pretrain run or Hugging Face BERT."""
 
     config_file = "bert-finetune.yaml"
-    builtin_sizes = {"data.vocab_size": 4000, "data.max_length": 128, "train.steps": 600}
+    BUILTIN_SIZES = {"data.vocab_size": 4000, "data.max_length": 128, "train.steps": 600}
     labels: list[str]  # the names of the head's outputs: classes, tags, or start and end
 
     def __init__(self, config: dict[str, Any]):
@@ -55,7 +55,7 @@ class BertFinetune(BertRecipe):
                 self.tokenizer = train_wordpiece(texts, self.config["data"]["vocab_size"], SPECIALS)
         check_specials(self.tokenizer, self.config["init"] or "this run")
         self.settle_length(lambda: self._lengths(rows["train"]))
-        self.settle_steps(len(rows["train"]), self.builtin_sizes["train.steps"] if self.builtin else None)
+        self.settle_steps(len(rows["train"]))
         self.rows = rows
         self.examples = {split: self.task.encode(rows[split], split) for split in SPLITS}
 

@@ -146,7 +146,7 @@ class BertPretrain(BertRecipe):
     """BERT pretraining: masked LM (15%, 80/10/10) and next-sentence prediction, WordPiece."""
 
     config_file = "bert-pretrain.yaml"
-    builtin_sizes = {"data.vocab_size": 4000, "data.max_length": 64, "train.steps": 3000}
+    BUILTIN_SIZES = {"data.vocab_size": 4000, "data.max_length": 64, "train.steps": 3000}
 
     def prepare(self, run_dir: Path | None = None) -> None:
         """Sentences and their token ids live in Arrow tables (memory-mapped when read from files);
@@ -175,7 +175,7 @@ class BertPretrain(BertRecipe):
             self.lengths[split] = self.ids[split].data.column("length").to_numpy()
         a, b, _ = nsp_pairs(self.documents["train"], np.random.default_rng(seed))
         self.settle_length(lambda: self.lengths["train"][a] + self.lengths["train"][b] + 3)
-        self.settle_steps(len(a), self.builtin_sizes["train.steps"] if self.builtin else None)
+        self.settle_steps(len(a))
         # held-out pairs and masks are drawn once, so every evaluation scores the same questions
         self.held_out = {split: list(self._batches(split, seed + 7919, shuffle=False)) for split in ("validation", "test")}
 

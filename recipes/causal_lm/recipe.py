@@ -30,7 +30,6 @@ from tfkit.recipes.causal_lm.tokens import TextStream, end_of_text, load_tokeniz
 from tfkit.registry import register
 
 
-BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
 VOCAB_SAMPLE_CHARACTERS = 5_000_000
 
 
@@ -39,19 +38,19 @@ class CausalLanguageModel(TokenizerRecipe):
     """Decoder-only Transformer (GPT): next-token prediction, generation, perplexity and bits per byte."""
 
     config_file = "causal-lm.yaml"
+    BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data = self.config["data"]
         if data["block_size"] > self.config["model"]["max_positions"]:
             raise UsageError(f"data.block_size {data['block_size']} is more than model.max_positions {self.config['model']['max_positions']}")
         documents = read_documents(data, self.config["seed"])
-        builtin = data["name"] == "builtin"
         if run_dir is not None:
             self.load(run_dir)
         else:
             init = self.config["init"]
             if not init:
-                self.settle("data.vocab_size", BUILTIN_SIZES["data.vocab_size"] if builtin else None, lambda: self._vocab_size(documents["train"]))
+                self.settle("data.vocab_size", lambda: self._vocab_size(documents["train"]))
             self._use(load_tokenizer(Path(init)) if init else train_byte_bpe(documents["train"], data["vocab_size"]), init or "this run")
         self.streams = {split: token_stream(documents[split], self.tokenizer, self.eot, split) for split in SPLITS}  # (N,) int32, memory-mapped
         self._compressed: dict[str, dict[str, float]] = {}  # by split: the compressors' figures, measured once
@@ -62,7 +61,7 @@ class CausalLanguageModel(TokenizerRecipe):
         if len(self._blocks("train")) < batch:
             raise UsageError(f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
                              f"fewer than train.batch_size {batch} (lower either)")
-        self.settle_steps(len(self._blocks("train")), BUILTIN_SIZES["train.steps"] if builtin else None)
+        self.settle_steps(len(self._blocks("train")))
 
     @staticmethod
     def _vocab_size(documents: list[str]) -> tuple[int, str]:
@@ -72,7 +71,7 @@ class CausalLanguageModel(TokenizerRecipe):
         return choose_vocab_size(sample, train_byte_bpe, len(documents))
 
     def imitate_builtin_data(self) -> None:
-        self.tokenizer = Vocabulary(BUILTIN_SIZES["data.vocab_size"])
+        self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
 
     def load(self, run_dir: Path) -> None:
         super().load(run_dir)

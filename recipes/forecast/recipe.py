@@ -75,7 +75,7 @@ class Forecast(Recipe):
             self.series = make_series(frame, {}, self._data_of_run(), data["name"], self.facts["names"])
         else:
             self.series = make_series(frame, roles, data, data["name"])
-        self._settle_sizes(data["name"], len(self.series), self.series.season)
+        self._settle_sizes(len(self.series), self.series.season)
         self.bounds = self._bounds(len(self.series))
         if run_dir is None:
             train = self.series.values[: self.bounds[0]]
@@ -94,35 +94,36 @@ class Forecast(Recipe):
             "validation": np.arange(max(n_train, context), n_validation - horizon + 1, stride),
             "test": np.arange(n_validation, len(self.series) - horizon + 1, stride),
         }
-        self.settle_steps(len(self.origins["train"]), BUILTIN_SIZES.get(data["name"], {}).get("train.steps"))
+        self.settle_steps(len(self.origins["train"]))
 
-    def _settle_sizes(self, name: str, steps: int, season: int) -> None:
+    def builtin_sizes(self) -> dict[str, Any]:
+        return BUILTIN_SIZES.get(self.config["data"]["name"], {})
+
+    def _settle_sizes(self, steps: int, season: int) -> None:
         """The window and split sizes left at auto: a built-in series' own, else from the series'
         length and season: one season ahead (without one, a fiftieth of the series, at most 24),
         four horizons of context, about 12 patches to a context, and validation and test parts of
         6 and 12 horizons, at most a tenth and a fifth of the series."""
-        builtin = BUILTIN_SIZES.get(name, {})
         data = self.config["data"]
         by_season = season > 1
-        self.settle("data.horizon", builtin.get("data.horizon"), lambda: (
+        self.settle("data.horizon", lambda: (
             min(season if by_season else min(max(1, steps // 50), 24), max(1, steps // 10)),
             f"one season of {season} steps" if by_season else
             f"a fiftieth of the series' {steps} steps, at most 24 (it has no season: data.frequency or data.season gives one)"))
         horizon = data["horizon"]
-        self.settle("data.context", builtin.get("data.context"), lambda: (max(8, 4 * horizon), "four horizons, at least 8 steps"))
-        self.settle("data.validation_size", builtin.get("data.validation_size"), lambda: (
+        self.settle("data.context", lambda: (max(8, 4 * horizon), "four horizons, at least 8 steps"))
+        self.settle("data.validation_size", lambda: (
             max(horizon, min(6 * horizon, steps // 10)), "six horizons, at most a tenth of the series"))
-        self.settle("data.test_size", builtin.get("data.test_size"), lambda: (
+        self.settle("data.test_size", lambda: (
             max(horizon, min(12 * horizon, steps // 5)), "twelve horizons, at most a fifth of the series"))
-        self.settle("data.origin_stride", builtin.get("data.origin_stride"), lambda: (max(1, horizon // 6), "a sixth of the horizon"))
+        self.settle("data.origin_stride", lambda: (max(1, horizon // 6), "a sixth of the horizon"))
         context = data["context"]
-        self.settle("model.patch", builtin.get("model.patch"), lambda: (max(1, context // 12), f"about 12 patches over a context of {context}"))
-        self.settle("model.stride", builtin.get("model.stride"), lambda: (self.config["model"]["patch"], "patches side by side, as model.patch"))
+        self.settle("model.patch", lambda: (max(1, context // 12), f"about 12 patches over a context of {context}"))
+        self.settle("model.stride", lambda: (self.config["model"]["patch"], "patches side by side, as model.patch"))
 
     def imitate_builtin_data(self) -> None:
         self.facts = {"names": ["co2"], "targets": 1}
-        for key, value in BUILTIN_SIZES["co2"].items():
-            self.settle(key, value, None)
+        self.settle_builtin()
 
     def _bounds(self, steps: int) -> tuple[int, int]:
         """Where the training part ends and where the validation part ends."""
