@@ -1,6 +1,7 @@
 """Is the data pipeline ever the bottleneck, and how much padding does length bucketing save?
 
     python benchmarks/pipeline.py [--steps N] [--windows N] [--recipes translation vit bert-pretrain conformer]
+    python benchmarks/pipeline.py --augmentations [--batches N]
 
 For each recipe (default config, built-in data, CPU): the same training steps are timed drawing
 batches from the recipe's own loader (``Trainer._stream``, as ``tfkit train`` does) and from the
@@ -8,6 +9,10 @@ same batches built beforehand in memory, in alternating windows of a few steps; 
 loader's steps/s over the in-memory steps/s, each from its median window (1.00 = the loader costs
 nothing). For sequence recipes it also reports the padding fraction of one epoch's batches as the
 recipe builds them (length-bucketed) and of the same sequences grouped at random.
+
+``--augmentations`` times the conformer's speech augmentations instead: on the same built-in training
+batches, each augmentation alone at rate 1 (the others off), then the default config's mix, in
+milliseconds per batch beside one training step of the default model.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfkit import registry
+from tfkit.data import length_buckets
 from tfkit.recipe import Batch
 from tfkit.train import Trainer
 
@@ -83,13 +89,61 @@ def padding(batches: list[dict[str, torch.Tensor]], lengths_of: Lengths, seed: i
     return bucketed / total, random_pad / random_total
 
 
+def augmentation_costs(batches: int) -> None:
+    """Milliseconds per training batch of each speech augmentation, over the same ``batches`` batches."""
+    from tfkit.recipes.conformer.augment import augment
+
+    recipe = registry.get("recipe", "conformer")(registry.get("recipe", "conformer").default_config())
+    recipe.prepare()
+    rate, defaults = recipe.config["data"]["sample_rate"], recipe.config["augment"]
+    log_mel = recipe._log_mel()
+    order = length_buckets(recipe.train_frames, recipe.config["train"]["batch_size"], torch.Generator().manual_seed(0), pool=50)
+    audio = [recipe._train_samples(rows) for rows in order[:batches]]
+    off = {name: {**settings, "rate": 0.0} for name, settings in defaults.items()}
+    mixes = {"none (features only)": off, **{name: {**off, name: {**defaults[name], "rate": 1.0}} for name in defaults}, "default mix": defaults}
+
+    def per_batch(cfg: dict) -> float:
+        draws = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        for batch in audio:
+            for i, samples in enumerate(batch):
+                log_mel(*augment(samples, cfg, rate, draws, batch[:i] + batch[i + 1 :]))
+        return 1000 * (time.perf_counter() - start) / len(audio)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        trainer = Trainer(recipe, recipe.build_model(), Path(tmp), torch.device("cpu"), Console(quiet=True))
+        prebuilt = list(itertools.islice(trainer._stream(), 11))
+        stream = iter(prebuilt)
+        trainer._train_step(stream)
+        start = time.perf_counter()
+        for _ in range(10):
+            trainer._train_step(stream)
+        step_ms = 100 * (time.perf_counter() - start)
+    table = Table(title=f"speech augmentation, ms per batch of {recipe.config['train']['batch_size']} (built-in speech, CPU, {torch.get_num_threads()} threads)")
+    for column in ("augmentation", "ms / batch", "beside a training step"):
+        table.add_column(column, justify="left" if column == "augmentation" else "right")
+    base = per_batch(off)
+    for name, cfg in mixes.items():
+        cost = base if cfg is off else per_batch(cfg)
+        extra = cost if cfg is off else cost - base
+        table.add_row(name, f"{cost:.1f}" + ("" if cfg is off else f" (+{extra:.1f})"), f"{100 * extra / step_ms:.1f}%")
+    table.add_row("one training step", f"{step_ms:.0f}", "")
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
     parser.add_argument("--windows", type=int, default=15, help="timed windows of each, alternating")
     parser.add_argument("--recipes", nargs="+", default=["translation", "vit", "bert-pretrain", "conformer"])
+    parser.add_argument("--augmentations", action="store_true", help="time the conformer's speech augmentations instead")
+    parser.add_argument("--batches", type=int, default=20, help="with --augmentations: batches timed")
     args = parser.parse_args()
     registry.load_all()
+    if args.augmentations:
+        augmentation_costs(args.batches)
+        return
     console = Console()
     table = Table(title="data pipeline (default configs, CPU)")
     for column in ("recipe", "loader steps/s", "in-memory steps/s", "ratio", "padding bucketed", "padding random"):

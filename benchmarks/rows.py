@@ -184,7 +184,7 @@ class TorchaudioConformerCTC(nn.Module):
 
 @row("Conformer training step (CTC)")
 def conformer_training() -> Row:
-    from tfkit.recipes.conformer import ConformerCTC
+    from tfkit.recipes.conformer.recipe import ConformerCTC
 
     c = config("conformer")
     batch, d, f = c["batch"], c["d_model"], c["d_ff"]

@@ -24,8 +24,9 @@ from tfkit.errors import UsageError
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
 from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, MaskedBatchNorm1d, frame_mask
 from tfkit.nn.position import sinusoids_at
-from tfkit.recipes import conformer as recipe_module
-from tfkit.recipes.conformer import spec_augment
+from tfkit.recipes.conformer import recipe as recipe_module
+from tfkit.recipes.conformer import speech
+from tfkit.recipes.conformer.recipe import spec_augment
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -270,10 +271,10 @@ def test_spec_augment_masks_within_bounds_and_only_in_training(monkeypatch):
     recipe = registry.get("recipe", "conformer")(conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4"))
     recipe.prepare()
     everything = list(range(len(recipe.train_rows)))
-    stored = recipe._train_features(everything)
+    stored = recipe._train_samples(everything)
     batch = next(iter(recipe.train_batches(0)))
     assert (batch["features"] == 0).all(1).any()  # some bins are masked in training
-    assert all(torch.equal(a, b) for a, b in zip(stored, recipe._train_features(everything)))  # in a copy
+    assert all(torch.equal(a, b) for a, b in zip(stored, recipe._train_samples(everything)))  # in a copy
 
     def refuse(*args):
         raise AssertionError("SpecAugment during evaluation")
@@ -326,7 +327,7 @@ def test_tiny_conformer_learns_the_built_in_speech(conformer_run):
 
 def write_test_audio(run, tmp_path) -> tuple[list, list[str]]:
     recipe, _ = runs.open_run(run)
-    corpus = recipe_module.speech_corpus(recipe.config["data"], recipe.config["seed"])["test"]
+    corpus = speech.speech_corpus(recipe.config["data"], recipe.config["seed"])["test"]
     paths = []
     for i, (row, suffix) in enumerate(zip(corpus.select(range(2)), (".wav", ".flac"))):
         samples, rate = soundfile.read(__import__("io").BytesIO(row["audio"]["bytes"]), dtype="float32")
@@ -439,7 +440,7 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
     assert runs.read_tokenizer(tmp_path / "run").get_vocab_size() == 30  # a BPE vocabulary, not characters
     assert "skipped 1 unusable recordings in the train data" in err and "broken.wav" in err
     assert "skipped 1 training utterances whose transcript has more tokens" in err  # 0.1 s: 2 frames, 39 letters
-    # the training features live in an Arrow file in datasets' cache, read batch by batch, not in memory
+    # the training audio lives in an Arrow file in datasets' cache, read batch by batch, not in memory
     recipe = registry.get("recipe", "conformer")(runs.read_config(tmp_path / "run"))
     recipe.prepare(tmp_path / "run")
     assert recipe.train.cache_files and len(recipe.train_rows) == 8 - 2  # less the unusable and the unalignable

@@ -30,7 +30,7 @@ RANGES = _ranges(
         "d_model", "heads", "d_ff", "layers", "depth", "patch", "kernel_size", "subsampling_channels", "max_positions",
         "max_length", "max_tokens", "max_answer_length", "max_number", "n_mels", "channels", "image_size",
         "sample_rate", "window_ms", "hop_ms", "train_size", "validation_size", "test_size", "batch_size",
-        "accumulate", "epochs", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k", "block_size", "max_new_tokens", "stride",
+        "accumulate", "epochs", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k", "block_size", "max_new_tokens", "stride", "voices",
     )),
     ("at least 0 (0 turns it off)", lambda v: v >= 0, (
         "eval_every", "warmup", "clip_grad_norm", "weight_decay", "mixup", "cutmix", "freq_masks", "freq_width",
@@ -38,9 +38,9 @@ RANGES = _ranges(
     )),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
     ("at least 0", lambda v: v >= 0, ("steps", "seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b", "pause_s")),
-    ("greater than 0", lambda v: v > 0, ("lr", "eps", "norm_eps", "std", "repetition_penalty")),
+    ("greater than 0", lambda v: v > 0, ("lr", "eps", "norm_eps", "std", "repetition_penalty", "factors", "rt60_s", "warp")),
     ("at least 0 and below 1", lambda v: 0 <= v < 1, ("dropout", "drop_path", "label_smoothing", "held_out", "betas")),
-    ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio")),
+    ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio", "rate")),
     ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
 )
 

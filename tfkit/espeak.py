@@ -20,7 +20,7 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # report errors instead of ending the process
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
-_RATE, _PITCH = 1, 3  # espeak_PARAMETER
+_RATE, _PITCH, _RANGE = 1, 3, 4  # espeak_PARAMETER
 _Callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
@@ -56,13 +56,15 @@ class Synthesizer:
         """The voice variants (timbre, pitch range, breathiness) any language voice can take."""
         return sorted(p.name for p in (self.data_path / "voices" / "!v").iterdir() if p.is_file())
 
-    def speak(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """``text`` spoken by ``voice`` (e.g. "en-us+m3") at ``rate`` words per minute and ``pitch``
-        0..100, as float32 samples in [-1, 1] at :attr:`sample_rate`."""
+    def speak(self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> np.ndarray:
+        """``text`` spoken by ``voice`` (e.g. "en-us+m3") at ``rate`` words per minute, ``pitch`` 0..100
+        and ``pitch_range`` 0..100 (0 a monotone), as float32 samples in [-1, 1] at :attr:`sample_rate`;
+        the defaults are the `espeak-ng` command's."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise TfkitError(f"eSpeak NG has no voice '{voice}'")
         self.lib.espeak_SetParameter(_RATE, rate, 0)
         self.lib.espeak_SetParameter(_PITCH, pitch, 0)
+        self.lib.espeak_SetParameter(_RANGE, pitch_range, 0)
         encoded = text.encode()
         self._chunks = []
         if self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None) != 0:

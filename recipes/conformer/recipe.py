@@ -1,10 +1,10 @@
 """Speech recognition with the Conformer (Gulati et al., 2020) and CTC (Graves et al., 2006).
 
-80-bin log-mel features normalised per utterance, SpecAugment in training (torchaudio's frequency and
-time masks, the time masks capped at a fraction of each utterance), convolution subsampling to 40 ms
-frames, Conformer blocks with relative-position self-attention, a linear CTC head over characters (or
-BPE pieces); greedy and prefix beam search; CER and WER. The built-in data are digit strings and
-number phrases spoken by eSpeak NG in many voice variants, with test speakers unseen in training.
+80-bin log-mel features normalised per utterance; in training, the audio augmented utterance by
+utterance (:mod:`.augment`) and SpecAugment (torchaudio's frequency and time masks, the time masks
+capped at a fraction of each utterance); convolution subsampling to 40 ms frames, Conformer blocks
+with relative-position self-attention, a linear CTC head over characters (or BPE pieces); greedy and
+prefix beam search; CER and WER. The built-in data (:mod:`.speech`) are numbers spoken by eSpeak NG.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import soundfile
 import torch
 import torch.nn.functional as F
 import torchaudio
-from num2words import num2words
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from tfkit.data import (
-    SPLITS, cached, encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
+    encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
     train_bpe,
 )
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
@@ -36,69 +35,14 @@ from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
 from tfkit.onnx import Graph
+from tfkit.recipes.conformer.augment import COLOURS, augment, warp_spectrum
+from tfkit.recipes.conformer.speech import number_text, speech_corpus
 from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
 SPECIALS = ["<blank>", "<unk>"]
 BLANK = 0
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
-DIGITS = "zero one two three four five six seven eight nine".split()
-BUILTIN_VOICES = ("en-us", "en")  # American and British English; each utterance adds a variant
-
-
-def speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
-    keys = ("train_size", "validation_size", "test_size", "sample_rate", "snr_db", "pause_s")
-    return cached("speech", {"seed": seed, **{k: data[k] for k in keys}}, lambda: _speech_corpus(data, seed))
-
-
-def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
-    """Numbers spoken by eSpeak NG. Speakers are voice variants, split 70/10/20 so validation and test
-    voices never occur in training; voice, rate, pitch and noise level are drawn per utterance."""
-    from tfkit.espeak import synthesizer
-
-    synth = synthesizer()
-    rng = random.Random(seed)
-    variants = synth.variants()
-    rng.shuffle(variants)
-    cut = [round(0.7 * len(variants)), round(0.8 * len(variants))]
-    resample = torchaudio.transforms.Resample(synth.sample_rate, data["sample_rate"])  # its kernel is built once
-    speakers = dict(zip(SPLITS, (variants[: cut[0]], variants[cut[0] : cut[1]], variants[cut[1] :])))
-    out = {}
-    for split in SPLITS:
-        rows: dict[str, list] = {"audio": [], "text": [], "speaker": []}
-        for _ in range(data[f"{split}_size"]):
-            text = _number_text(rng)
-            speaker = f"{rng.choice(BUILTIN_VOICES)}+{rng.choice(speakers[split])}"
-            samples = synth.speak(text, speaker, rate=rng.randint(130, 210), pitch=rng.randint(20, 80))
-            samples = resample(torch.from_numpy(samples))
-            signal_power = samples.square().mean()
-            snr = rng.uniform(*data["snr_db"])
-            # eSpeak's library ends an utterance 8 ms after its last sound, a recording (or eSpeak's
-            # own command line, 0.3 s) later: without pauses in training, CTC spells out the silence
-            before, after = (round(rng.uniform(*data["pause_s"]) * data["sample_rate"]) for _ in range(2))
-            samples = torch.nn.functional.pad(samples, (before, after))
-            noise = torch.randn(len(samples), generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-            samples = (samples + noise * (signal_power / 10 ** (snr / 10)).sqrt()).clamp(-1, 1)
-            buffer = io.BytesIO()
-            soundfile.write(buffer, samples.numpy(), data["sample_rate"], format="FLAC")
-            rows["audio"].append({"bytes": buffer.getvalue(), "path": None})
-            rows["text"].append(text)
-            rows["speaker"].append(speaker)
-        # the layout of datasets.Audio(decode=False), without its encoder's torchcodec dependency
-        audio = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-        features = datasets.Features({"audio": audio, "text": datasets.Value("string"), "speaker": datasets.Value("string")})
-        out[split] = datasets.Dataset.from_dict(rows, features=features)
-    return datasets.DatasetDict(out)
-
-
-def _number_text(rng: random.Random) -> str:
-    """A digit string read digit by digit ("four two seven") or a number in words ("forty seven")."""
-    if rng.random() < 0.5:
-        return " ".join(DIGITS[rng.randrange(10)] for _ in range(rng.randint(3, 7)))
-    n = rng.randint(0, 10 ** rng.randint(1, 6) - 1)
-    return num2words(n).replace("-", " ").replace(",", "")
-
-
 MAX_SECONDS = 300  # the longest recording read: 7,500 encoder frames, whose attention maps take 900 MB per layer
 MAX_INSPECT_SECONDS = 60  # inspect-attention keeps every layer's maps: 1,500 frames, 36 MB a layer of 4 heads
 
@@ -137,11 +81,17 @@ class LogMel(nn.Module):
         window, hop = round(sample_rate * window_ms / 1000), round(sample_rate * hop_ms / 1000)
         self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels)
 
+    def frames(self, samples: int) -> int:
+        """How many feature frames ``samples`` samples make (the STFT is centred)."""
+        return 0 if samples <= self.mel.n_fft // 2 else 1 + samples // self.mel.hop_length
+
     @torch.no_grad()
-    def forward(self, samples: Tensor) -> Tensor:
-        if len(samples) <= self.mel.n_fft // 2:  # shorter than the STFT's reflect padding: no frames at all
+    def forward(self, samples: Tensor, warp: float = 1.0) -> Tensor:
+        """``warp`` other than 1 stretches the frequency axis before the mel filters (VTLP, training only)."""
+        if not self.frames(len(samples)):  # shorter than the STFT's reflect padding: no frames at all
             return samples.new_zeros(0, self.mel.n_mels)
-        features = (self.mel(samples) + 1e-6).log().T
+        power = warp_spectrum(self.mel.spectrogram(samples), warp)  # MelSpectrogram is these two steps
+        features = (self.mel.mel_scale(power) + 1e-6).log().T
         return (features - features.mean(0)) / (features.std(0) + 1e-5)
 
 
@@ -183,6 +133,11 @@ class ConformerCTC(nn.Module):
         return self.head(x).float().log_softmax(-1), lengths
 
 
+def to_int16(samples: Tensor) -> np.ndarray:
+    """Samples in [-1, 1] as 16-bit integers, as a WAV file holds them."""
+    return (samples * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
+
+
 def pad_features(features: list[Tensor]) -> tuple[Tensor, Tensor]:
     lengths = torch.tensor([len(f) for f in features])
     out = features[0].new_zeros(len(features), int(lengths.max()), features[0].size(1))
@@ -202,24 +157,32 @@ class Conformer(TokenizerRecipe):
     """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
 
     config_file = "conformer.yaml"
-    BUILTIN_SIZES = {"train.steps": 1000}
+    BUILTIN_SIZES = {"train.steps": 1600}
     unit = "frame"
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data, seed = self.config["data"], self.config["seed"]
+        for colour in self.config["augment"]["noise"]["colours"]:
+            if colour not in COLOURS:
+                raise UsageError(f"unknown noise colour '{colour}' in augment.noise.colours (valid: {', '.join(COLOURS)})")
         splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"], split_names=data["splits"])
         for split, rows in splits.items():
             require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
-        # validation and test features are held in memory; the training split's go into an Arrow
-        # table (in datasets' cache when the audio comes from files), read batch by batch, so a
-        # corpus of any size costs memory only for its transcripts and lengths
+        # validation and test features are held in memory; the training split's audio goes into an
+        # Arrow table (in datasets' cache when it comes from files), read batch by batch and augmented
+        # there, so a corpus of any size costs memory only for its transcripts and lengths
         self.train = self._featurise(splits["train"], "train")
-        self.train_table = self.train.with_format("arrow", columns=["features"])  # once: with_format deep-copies
-        self.texts, self.features = {}, {}
-        for split in ("validation", "test"):
-            held = self._featurise(splits[split], split)
-            self.texts[split] = held["text"][:]
-            self.features[split] = self._frames(held.with_format("arrow")[:])
+        self.train_table = self.train.with_format("arrow", columns=["samples"])  # once: with_format deep-copies
+        # the built-in test set is scored twice: as it is, and through a channel training never drew
+        scored = {"validation": [("", "validation")], "test": [("", "test"), ("channel_", "test_channel")]}
+        self.texts, self.features, self.parts = {}, {}, {}
+        for split, sources in scored.items():
+            self.texts[split], self.features[split], self.parts[split] = [], [], []
+            for prefix, source in (pair for pair in sources if pair[1] in splits):
+                held = self._featurise(splits[source], source)
+                self.texts[split] += held["text"][:]
+                self.features[split] += self._frames(held.with_format("arrow")[:])
+                self.parts[split].append((prefix, len(held)))
         frames, texts = self.train["frames"][:], self.train["text"][:]  # lists: a Column reads Arrow item by item
         self.train_rows = [i for i, n in enumerate(frames) if n > 0]
         texts = [texts[i] for i in self.train_rows]
@@ -234,15 +197,18 @@ class Conformer(TokenizerRecipe):
 
     def imitate_builtin_data(self) -> None:
         rng = random.Random(0)
-        self.tokenizer = train_bpe([_number_text(rng) for _ in range(1000)], 0, SPECIALS)
+        self.tokenizer = train_bpe([number_text(rng) for _ in range(1000)], 0, SPECIALS)
 
     def _drop_unalignable(self, frames: list[int]) -> None:
-        """CTC needs at least one output frame per label: shorter training utterances are dropped."""
-        outputs = ConvolutionSubsampling.output_lengths(torch.tensor(frames)).tolist()
+        """CTC needs at least one output frame per label, also when the utterance is played at the
+        fastest speed augmentation draws: shorter training utterances are dropped."""
+        speed = self.config["augment"]["speed"]
+        fastest = max(speed["factors"]) if speed["rate"] > 0 else 1.0
+        outputs = ConvolutionSubsampling.output_lengths((torch.tensor(frames) / fastest).long()).tolist()
         keep = [i for i, (n, label) in enumerate(zip(outputs, self.labels)) if len(label) <= n]
         if len(keep) < len(outputs):
             print(f"warning: skipped {len(outputs) - len(keep)} training utterances whose transcript has more "
-                  f"tokens than the utterance has 40 ms frames", file=sys.stderr)
+                  f"tokens than the utterance has 40 ms frames (at speed {fastest:g})", file=sys.stderr)
             if not keep:
                 raise UsageError("no training utterance is long enough for its transcript")
         self.train_rows, self.labels = [self.train_rows[i] for i in keep], [self.labels[i] for i in keep]
@@ -253,40 +219,46 @@ class Conformer(TokenizerRecipe):
         return text.lower() if self.config["data"]["lowercase"] else text
 
     def _featurise(self, rows: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Rows of transcript, log-mel features (flattened) and frame count; unreadable or too short
-        audio is reported in one warning and left with 0 frames."""
+        """Rows of transcript, frame count and log-mel features (flattened), or for training the
+        16-bit samples the loader augments; unreadable or too short audio is reported in one
+        warning and left with 0 frames."""
         data = self.config["data"]
         if isinstance(rows.features[data["audio_column"]], datasets.Audio):
             rows = rows.cast_column(data["audio_column"], datasets.Audio(decode=False))
         spec = Path(data["name"]).expanduser()
         base = spec if spec.is_dir() else spec.parent  # paths in a manifest are relative to it
         log_mel = self._log_mel()
+        kept = "samples" if split == "train" else "features"
 
         def featurise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            out: dict[str, list] = {"text": [], "features": [], "frames": [], "problem": []}
+            out: dict[str, list] = {"text": [], kept: [], "frames": [], "problem": []}
             for number, cell, text in zip(indices, batch[data["audio_column"]], batch[data["text_column"]]):
                 if not isinstance(text, str) or not text.strip():
                     raise UsageError(f"the {split} data's row {number + 1} has no transcript in column '{data['text_column']}'")
-                features, problem = torch.zeros(0, 0), ""
+                samples, problem = torch.zeros(0), ""
                 try:
                     if isinstance(cell, str):
                         samples = read_audio(base / cell, None, data["sample_rate"])
                     else:
                         samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
-                    features = log_mel(samples)
-                    if ConvolutionSubsampling.output_lengths(torch.tensor(len(features))) < 1:
-                        features, problem = torch.zeros(0, 0), f"row {number + 1}: too short ({len(samples) / data['sample_rate']:.3f} s)"
+                    if ConvolutionSubsampling.output_lengths(torch.tensor(log_mel.frames(len(samples)))) < 1:
+                        problem = f"row {number + 1}: too short ({len(samples) / data['sample_rate']:.3f} s)"
                 except UsageError as e:
                     problem = str(e)
+                if problem:
+                    samples = torch.zeros(0)
                 out["text"].append(self._normalise_text(text))
-                out["features"].append(features.flatten().numpy())
-                out["frames"].append(len(features))
+                if kept == "samples":
+                    out[kept].append(to_int16(samples))
+                else:
+                    out[kept].append(log_mel(samples).flatten().numpy())
+                out["frames"].append(log_mel.frames(len(samples)))
                 out["problem"].append(problem)
             return out
 
-        settings = [split, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), self.config["features"]]
-        columns = datasets.Features({"text": datasets.Value("string"), "features": datasets.Sequence(datasets.Value("float32")),
-                                     "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
+        settings = [split, kept, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), self.config["features"]]
+        values = datasets.Sequence(datasets.Value("int16" if kept == "samples" else "float32"))
+        columns = datasets.Features({"text": datasets.Value("string"), kept: values, "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
         done = encode_once(rows, featurise, settings, columns)
         report_unusable(done, split, "unusable recordings")
         return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
@@ -297,9 +269,11 @@ class Conformer(TokenizerRecipe):
         values, bounds = list_column(rows, "features")
         return [values[start:end].view(-1, self.config["features"]["n_mels"]) for start, end in zip(bounds, bounds[1:])]
 
-    def _train_features(self, rows: list[int]) -> list[Tensor]:
-        """Features of training utterances (positions in ``train_rows``), read from the Arrow table."""
-        return self._frames(self.train_table[[self.train_rows[i] for i in rows]])
+    def _train_samples(self, rows: list[int]) -> list[Tensor]:
+        """Audio of training utterances (positions in ``train_rows``), read from the Arrow table."""
+        values, bounds = list_column(self.train_table[[self.train_rows[i] for i in rows]], "samples")
+        audio = values.float() / 32768
+        return [audio[start:end] for start, end in zip(bounds, bounds[1:])]
 
     def _log_mel(self) -> LogMel:
         f = self.config["features"]
@@ -318,9 +292,13 @@ class Conformer(TokenizerRecipe):
         seed = self.config["seed"]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         # each pool of 50 batches is sorted by length: a few percent padding instead of ~60%
+        log_mel, rate = self._log_mel(), self.config["data"]["sample_rate"]
         for b, rows in enumerate(length_buckets(self.train_frames, self.config["train"]["batch_size"], generator, pool=50)):
-            features = self._train_features(rows)
-            with seeded_global_rng((seed * 1_000_003 + epoch) * 1_000_003 + b):  # torchaudio's masks
+            batch_seed = (seed * 1_000_003 + epoch) * 1_000_003 + b
+            draws = torch.Generator().manual_seed(batch_seed)  # the augmentations', utterance by utterance
+            audio = self._train_samples(rows)
+            features = [log_mel(*augment(samples, self.config["augment"], rate, draws, audio[:i] + audio[i + 1 :])) for i, samples in enumerate(audio)]
+            with seeded_global_rng(batch_seed):  # torchaudio's masks
                 batch, lengths = pad_features(features)
                 batch = spec_augment(batch, lengths, self.config["specaugment"])
             labels = [torch.tensor(self.labels[i]) for i in rows]
@@ -360,11 +338,15 @@ class Conformer(TokenizerRecipe):
         return self.transcribe(model, self.features[split], beam, rank, world)
 
     def score(self, split: str, hyps: list[str]) -> dict[str, float]:
-        refs = self.texts[split]
-        return {
-            "cer": error_rate([list(h) for h in hyps], [list(r) for r in refs]),
-            "wer": error_rate([h.split() for h in hyps], [r.split() for r in refs]),
-        }
+        """CER and WER; on the built-in test set also channel_cer and channel_wer, of its copy through
+        the held-out channel."""
+        metrics, start = {}, 0
+        for prefix, count in self.parts[split]:
+            part, refs = hyps[start : start + count], self.texts[split][start : start + count]
+            start += count
+            metrics[f"{prefix}cer"] = error_rate([list(h) for h in part], [list(r) for r in refs])
+            metrics[f"{prefix}wer"] = error_rate([h.split() for h in part], [r.split() for r in refs])
+        return metrics
 
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, beam: int | None = None) -> None:
         """One line per recording: path, a tab, the transcript. A folder is transcribed file by file;
