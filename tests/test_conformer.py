@@ -44,7 +44,8 @@ def conformer_config(*sets: str) -> dict:
 
 @pytest.fixture(scope="module")
 def conformer_run(tmp_path_factory) -> object:
-    trainer = start_training(conformer_config(), tmp_path_factory.mktemp("conformer") / "run", torch.device("cpu"), console=quiet())
+    # 700 steps: under the default augmentation 400 left the test CER at 27
+    trainer = start_training(conformer_config("train.steps=700"), tmp_path_factory.mktemp("conformer") / "run", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)
     return trainer.run_dir
 
@@ -322,7 +323,7 @@ def test_tiny_conformer_learns_the_built_in_speech(conformer_run):
     recipe, model = runs.open_run(conformer_run)
     recipe.prepare(conformer_run)
     metrics = recipe.evaluate(model, "test")
-    assert metrics["cer"] < 20, metrics  # measured 5.6 (WER 21) on unseen voices; an untrained model is near 100
+    assert metrics["cer"] < 20, metrics  # measured 14.7 (WER 46) on unseen voices; an untrained model is near 100
 
 
 def write_test_audio(run, tmp_path) -> tuple[list, list[str]]:

@@ -43,9 +43,9 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
     """Speakers are voice variants, split 70/10/20 so validation and test voices never occur in
     training; the plain voices speak :data:`PLAIN_SHARE` of the training utterances. Accent, rate,
     pitch, pitch range and the pauses around the words are drawn per utterance, each split from its
-    own seed, so one split's size leaves the others as they were. Training audio is clean, for the loader's
-    augmentation; validation and test carry white noise at ``snr_db``; ``test_channel`` is the test
-    utterances, clean, through :data:`HELD_OUT_CHANNEL`."""
+    own seed, so one split's size leaves the others as they were. Training audio is clean, for the
+    loader's augmentation; validation and test carry white noise at ``snr_db``; ``test_channel`` is
+    the test utterances, clean, through :data:`HELD_OUT_CHANNEL`."""
     from tfkit.espeak import synthesizer
 
     synth = synthesizer()
@@ -75,7 +75,7 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
                 noise = coloured_noise(len(samples), "white", torch.Generator().manual_seed(rng.getrandbits(62)))
                 samples = add_noise(samples, noise, rng.uniform(*data["snr_db"]))
             _add_row(rows[split], samples, text, speaker, data["sample_rate"])
-    for i, samples in enumerate(clean_test):
+    for i, samples in enumerate(clean_test):  # the test split's generator goes on to draw the channel
         others = [clean_test[j] for j in rng.sample([j for j in range(len(clean_test)) if j != i], k=min(HELD_OUT_CHANNEL["babble_voices"], len(clean_test) - 1))]
         generator = torch.Generator().manual_seed(rng.getrandbits(62))
         _add_row(rows["test_channel"], held_out_channel(samples, others, data["sample_rate"], generator),
