@@ -15,14 +15,11 @@ Rows (greedy decoding unless --beam):
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import soundfile
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -30,32 +27,9 @@ from rich.table import Table
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.recipes.conformer.recipe import error_rate, read_audio
-from tfkit.recipes.conformer.speech import DIGITS
+from tfkit.recipes.conformer.speech import default_voice_files, digit_strings
 
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
-ESPEAK_TAIL_S = 0.3  # what `espeak-ng -w` writes after the last sound
-
-
-def digit_strings(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 7))) for _ in range(count)]
-
-
-def espeak_files(texts: list[str], folder: Path) -> list[Path]:
-    paths = [folder / f"espeak{i}.wav" for i in range(len(texts))]
-    if shutil.which("espeak-ng"):
-        for text, path in zip(texts, paths):
-            subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
-        return paths
-    from tfkit.espeak import synthesizer
-
-    synth = synthesizer()
-    for text, path in zip(texts, paths):
-        samples = np.concatenate([synth.speak(text, "en"), np.zeros(round(ESPEAK_TAIL_S * synth.sample_rate), np.float32)])
-        soundfile.write(path, samples, synth.sample_rate)
-    return paths
-
-
 def flite_files(texts: list[str], voice: str, folder: Path) -> list[Path]:
     paths = [folder / f"flite-{voice}{i}.wav" for i in range(len(texts))]
     for text, path in zip(texts, paths):
@@ -84,7 +58,7 @@ def main() -> None:
     sample_rate = recipe.config["data"]["sample_rate"]
     log_mel = recipe._log_mel()
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"espeak-ng default voice" + ("" if shutil.which("espeak-ng") else " (library + 0.3 s)"): espeak_files(texts, Path(tmp))}
+        sets = {"espeak-ng default voice" + ("" if shutil.which("espeak-ng") else " (library + 0.3 s)"): default_voice_files(texts, Path(tmp))}
         if shutil.which("flite"):
             sets.update({f"flite {voice}": flite_files(texts, voice, Path(tmp)) for voice in FLITE_VOICES})
         for name, paths in sets.items():

@@ -12,9 +12,11 @@ draws.
 from __future__ import annotations
 
 import math
+from functools import cache
 from typing import Any
 
 import torch
+import torchaudio
 import torchaudio.functional as AF
 from torch import Tensor
 
@@ -23,6 +25,7 @@ COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0, "blue": -1.0}
 TELEPHONE_RATE = 8000
 
 
+@cache
 def fast_length(n: int) -> int:
     """The least length from ``n`` with no prime factor above 5: an FFT of a length with a large prime
     factor is many times slower, and the next power of two can be nearly twice as long."""
@@ -45,9 +48,16 @@ def choice(options: list[Any], generator: torch.Generator) -> Any:
     return options[int(torch.randint(len(options), (), generator=generator))]
 
 
+@cache
+def resampler(from_rate: int, to_rate: int) -> torchaudio.transforms.Resample:
+    """torchaudio's sinc resampling with its kernel built once (``AF.resample`` builds it per call)."""
+    return torchaudio.transforms.Resample(from_rate, to_rate)
+
+
 def speed(samples: Tensor, factor: float, sample_rate: int) -> Tensor:
-    """Played ``factor`` times as fast (Kaldi's speed perturbation: tempo and pitch move together)."""
-    return samples if factor == 1 else AF.speed(samples, sample_rate, factor)[0]
+    """Played ``factor`` times as fast (Kaldi's speed perturbation: tempo and pitch move together):
+    read as if recorded at ``factor`` times the rate, as ``torchaudio.functional.speed`` does."""
+    return samples if factor == 1 else resampler(int(factor * sample_rate), sample_rate)(samples)
 
 
 def room_impulse_response(rt60: float, drr_db: float, sample_rate: int, generator: torch.Generator) -> Tensor:
@@ -97,10 +107,10 @@ def babble(length: int, voices: list[Tensor], generator: torch.Generator) -> Ten
 
 def telephone(samples: Tensor, sample_rate: int) -> Tensor:
     """A narrow-band telephone line: 8 kHz sampling, a 300 Hz high-pass, 8-bit mu-law (G.711), and back."""
-    narrow = AF.resample(samples, sample_rate, TELEPHONE_RATE)
+    narrow = resampler(sample_rate, TELEPHONE_RATE)(samples)
     narrow = AF.highpass_biquad(narrow, TELEPHONE_RATE, 300.0)
     coded = AF.mu_law_decoding(AF.mu_law_encoding(narrow.clamp(-1, 1), 256), 256)
-    return AF.resample(coded, TELEPHONE_RATE, sample_rate)[: len(samples)]
+    return resampler(TELEPHONE_RATE, sample_rate)(coded)[: len(samples)]
 
 
 def vtlp_positions(bins: int, warp: float, boundary: float = 0.8) -> Tensor:

@@ -157,7 +157,7 @@ class Conformer(TokenizerRecipe):
     """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
 
     config_file = "conformer.yaml"
-    BUILTIN_SIZES = {"train.steps": 1600}
+    BUILTIN_SIZES = {"train.steps": 2000}
     unit = "frame"
 
     def prepare(self, run_dir: Path | None = None) -> None:

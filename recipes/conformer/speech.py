@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import soundfile
 import torch
 import torchaudio
@@ -30,6 +34,7 @@ PLAIN_SHARE = 0.1  # of training utterances in a plain voice: the one a user's `
 # telephone channel)
 HELD_OUT_CHANNEL = {"rt60_s": (0.6, 0.9), "drr_db": (0.0, 6.0), "babble_voices": 3, "snr_db": (10.0, 20.0), "band_hz": (400.0, 5000.0)}
 SPLIT_NAMES = (*SPLITS, "test_channel")
+ESPEAK_TAIL_S = 0.3  # what `espeak-ng -w` writes after the last sound
 
 
 def speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
@@ -111,3 +116,26 @@ def number_text(rng: random.Random) -> str:
     n = rng.randint(0, 10 ** rng.randint(1, 6) - 1)
     return num2words(n).replace("-", " ").replace(",", "")
 
+
+
+def digit_strings(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 7))) for _ in range(count)]
+
+
+def default_voice_files(texts: list[str], folder: Path) -> list[Path]:
+    """WAV files of ``texts`` as a user makes them: ``espeak-ng -w``, eSpeak NG's plain default voice
+    at its default rate and pitch, clean; the library tfkit trains with (and the command's 0.3 s
+    tail) when the command is not installed (Debian: espeak-ng)."""
+    paths = [folder / f"espeak{i}.wav" for i in range(len(texts))]
+    if shutil.which("espeak-ng"):
+        for text, path in zip(texts, paths):
+            subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+        return paths
+    from tfkit.espeak import synthesizer
+
+    synth = synthesizer()
+    for text, path in zip(texts, paths):
+        samples = np.concatenate([synth.speak(text, "en"), np.zeros(round(ESPEAK_TAIL_S * synth.sample_rate), np.float32)])
+        soundfile.write(path, samples, synth.sample_rate)
+    return paths
