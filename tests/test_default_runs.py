@@ -1,4 +1,4 @@
-"""The default conformer run against its targets: the run takes ~20 minutes on 2 cores, more than
+"""The default conformer run against its targets: the run takes 17 to 24 minutes on 2 cores, more than
 the suite has, so these tests run only when asked:
 
     TFKIT_DEFAULT_RUNS=1 pytest tests/test_default_runs.py          # trains `tfkit train conformer` first

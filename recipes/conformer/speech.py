@@ -117,7 +117,6 @@ def number_text(rng: random.Random) -> str:
     return num2words(n).replace("-", " ").replace(",", "")
 
 
-
 def digit_strings(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 7))) for _ in range(count)]
