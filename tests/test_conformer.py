@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from conftest import quiet, straight_and_resumed_losses
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
+from tfkit.data import ctc_characters
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
@@ -292,6 +294,20 @@ def test_ctc_greedy_merges_repeats_and_drops_blanks():
     assert ctc_greedy(log_probs, torch.tensor([7, 4])) == [[1, 1, 2], [2, 2]]
 
 
+def test_ctc_characters_spend_fewer_labels_and_decode_exactly():
+    """A word's first letter carries its boundary and a doubled letter is one label: "three three"
+    is 8 CTC labels instead of 12 characters and a blank between each pair of e's."""
+    rng = random.Random(0)
+    texts = [speech.number_text(rng) for _ in range(500)]
+    tokenizer = ctc_characters(texts, recipe_module.SPECIALS)
+    assert tokenizer.encode("three three").tokens == ["▁t", "h", "r", "ee", "▁t", "h", "r", "ee"]
+    assert tokenizer.token_to_id("<blank>") == recipe_module.BLANK and tokenizer.get_vocab_size() == 2 + 1 + 19 + 19 + 1
+    assert tokenizer.decode_batch([e.ids for e in tokenizer.encode_batch(texts)]) == texts
+    labels = [e.ids for e in tokenizer.encode_batch(texts)]
+    assert not any(a == b for row in labels for a, b in zip(row, row[1:]))  # no label waits on a blank for its twin
+    assert sum(map(len, labels)) < 0.85 * sum(len(t) + 1 for t in texts)  # than letters and word boundaries
+
+
 def exhaustive_best(log_probs: torch.Tensor) -> tuple[tuple[int, ...], float]:
     """Sum the probability of every frame path into its label sequence; the best sequence."""
     totals: dict[tuple[int, ...], float] = {}
@@ -320,6 +336,7 @@ def test_prefix_beam_search_sums_alignments_where_greedy_cannot():
 def test_tiny_conformer_learns_the_built_in_speech(conformer_run):
     records = [r for r in runs.read_metrics(conformer_run) if "loss" in r]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert {"▁t", "ee"} <= set(runs.read_tokenizer(conformer_run).get_vocab())  # ctc_characters
     recipe, model = runs.open_run(conformer_run)
     recipe.prepare(conformer_run)
     metrics = recipe.evaluate(model, "test")

@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tfkit.data import (
     encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
-    train_bpe,
+    ctc_characters, train_bpe,
 )
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
@@ -189,15 +189,14 @@ class Conformer(TokenizerRecipe):
         if run_dir is not None:
             self.load(run_dir)
         else:
-            # vocab_size 0 leaves BPE with no merges: a character vocabulary
-            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS) if data["vocab_size"] else ctc_characters(texts, SPECIALS)
         self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
         self._drop_unalignable([frames[i] for i in self.train_rows])
         self.settle_steps(len(self.train_rows))
 
     def imitate_builtin_data(self) -> None:
         rng = random.Random(0)
-        self.tokenizer = train_bpe([number_text(rng) for _ in range(1000)], 0, SPECIALS)
+        self.tokenizer = ctc_characters([number_text(rng) for _ in range(1000)], SPECIALS)
 
     def _drop_unalignable(self, frames: list[int]) -> None:
         """CTC needs at least one output frame per label, also when the utterance is played at the
