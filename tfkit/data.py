@@ -284,13 +284,14 @@ def ctc_characters(texts: Iterable[str], specials: list[str]) -> Tokenizer:
     frames of 40 ms and came out "three hre"; now it is 8. A BPE whose only merges are those two
     kinds, so that tokenizer.json decodes it anywhere."""
     characters: set[str] = set()
+    initials: set[str] = set()
     doubled: set[str] = set()
     for text in texts:
         characters.update(text)
+        initials.update(word[0] for word in text.split())
         doubled.update(a for a, b in zip(text, text[1:]) if a == b != " ")
-    characters = sorted(characters - {" "})
-    merges = [("▁", c) for c in characters] + [(c, c) for c in sorted(doubled)]  # in this order: ▁ee is ▁e e
-    pieces = [*specials, "▁", *characters, *(a + b for a, b in merges)]
+    merges = [("▁", c) for c in sorted(initials)] + [(c, c) for c in sorted(doubled)]  # in this order: ▁ee is ▁e e
+    pieces = [*specials, "▁", *sorted(characters - {" "}), *(a + b for a, b in merges)]
     tokenizer = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
