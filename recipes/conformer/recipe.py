@@ -3,7 +3,8 @@
 80-bin log-mel features normalised per utterance; in training, the audio augmented utterance by
 utterance (:mod:`.augment`) and SpecAugment (torchaudio's frequency and time masks, the time masks
 capped at a fraction of each utterance); convolution subsampling to 40 ms frames, Conformer blocks
-with relative-position self-attention, a linear CTC head over characters (or BPE pieces); greedy and
+with relative-position self-attention, a linear CTC head over characters (:func:`ctc_characters`:
+word-initial and doubled letters merged, so fast speech fits its frames) or BPE pieces; greedy and
 prefix beam search; CER and WER. The built-in data (:mod:`.speech`) are numbers spoken by eSpeak NG.
 """
 
