@@ -291,7 +291,7 @@ def ctc_characters(texts: Iterable[str], specials: list[str]) -> Tokenizer:
         initials.update(word[0] for word in text.split())
         doubled.update(a for a, b in zip(text, text[1:]) if a == b != " ")
     merges = [("▁", c) for c in sorted(initials)] + [(c, c) for c in sorted(doubled)]  # in this order: ▁ee is ▁e e
-    pieces = [*specials, "▁", *sorted(characters - {" "}), *(a + b for a, b in merges)]
+    pieces = [*specials, "▁", *sorted(characters - {" ", "▁"}), *(a + b for a, b in merges)]
     tokenizer = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
