@@ -34,9 +34,15 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert factor(59) == pytest.approx(0.5) and factor(109) == pytest.approx(0.0)
 
 
-def test_unknown_schedule_is_a_usage_error():
-    with pytest.raises(UsageError, match="valid: noam, warmup_cosine, constant"):
-        lr_factor({"warmup": 1, "steps": 1, "schedule": "linear"})
+@pytest.mark.parametrize("key, value, valid", [
+    ("train.schedule", "linear", "noam, warmup_cosine, constant"),
+    ("train.optimizer", "sgd", "adam, adamw"),
+    ("train.precision", "fp8", "auto, fp32, bf16, fp16"),
+    ("train.best_mode", "lowest", "auto, min, max"),
+])
+def test_trainer_choices_fail_with_the_config_before_any_data_is_read(key, value, valid):
+    with pytest.raises(UsageError, match=rf"unknown {key} '{value}' \(valid: {valid}\)"):
+        tiny_config(f"{key}={value}")
 
 
 def test_tiny_model_learns(trained_run):

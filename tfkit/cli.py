@@ -267,7 +267,13 @@ def inspect_attention(
 
     Example: tfkit inspect-attention runs/translation/20261123-101500 "twenty-five"
     """
-    from tfkit.inspect import HEAD_TYPES, INDUCTION_HEAD, head_summary, inspect, write_head_types
+    from tfkit.inspect import (
+        HEAD_TYPES,
+        INDUCTION_HEAD,
+        head_summary,
+        inspect,
+        write_head_types,
+    )
     from tfkit.report import CAP, write_report
     from tfkit.train import pick_device
 

@@ -1,12 +1,14 @@
 """Configs are plain nested dicts read from YAML.
 
-A recipe's YAML file is also its schema: a user's config file and ``--set key=value`` overrides may
+A recipe's defaults are the trainer's ``train.yaml`` with the recipe's YAML laid over it
+(:func:`layer`); that pair is also the schema: a user's config file and ``--set key=value`` overrides may
 only name keys that file has, with values of the same type (a ``null`` default takes anything).
 A default of ``auto`` takes an integer, or ``auto``: the recipe then chooses the value from the data
 when it prepares it (:meth:`tfkit.recipe.Recipe.settle`). Any key named after a registry kind
-(``attention: multi_head``) must name a registered component, and a number under a name in
-``RANGES`` (``batch_size``, ``dropout``, ``lr``, ...) must lie in that name's range wherever the key
-stands, so that a zero batch or a dropout of 1.5 fails before any work.
+(``attention: multi_head``) must name a registered component (``null`` keeps a block's own part), a
+key in ``CHOICES`` one of its values, and a number under a name in ``RANGES`` (``batch_size``,
+``dropout``, ``lr``, ...) must lie in that name's range wherever the key stands, so that a zero batch
+or a dropout of 1.5 fails before any work. A recipe declares the ranges and choices of its own keys.
 """
 
 from __future__ import annotations
@@ -21,33 +23,44 @@ from tfkit import registry
 from tfkit.errors import UsageError
 
 
-def _ranges(*rules: tuple[str, Any, tuple[str, ...]]) -> dict[str, tuple[str, Any]]:
+def ranges(*rules: tuple[str, Any, tuple[str, ...]]) -> dict[str, tuple[str, Any]]:
+    """``(words, test, key names)`` rules → {key name: (words, test)}; a recipe declares its own keys'
+    ranges this way (:attr:`tfkit.recipe.Recipe.ranges`)."""
     return {key: (words, test) for words, test, keys in rules for key in keys}
 
 
-RANGES = _ranges(
-    ("at least 1", lambda v: v >= 1, (
-        "d_model", "heads", "d_ff", "layers", "depth", "patch", "kernel_size", "subsampling_channels", "max_positions",
-        "max_length", "max_tokens", "max_answer_length", "max_number", "n_mels", "channels", "image_size",
-        "sample_rate", "window_ms", "hop_ms", "train_size", "validation_size", "test_size", "batch_size",
-        "accumulate", "epochs", "log_every", "save_every", "keep_last", "timeout", "beam", "top_k", "block_size", "max_new_tokens", "stride", "voices",
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+AT_LEAST_0 = ("at least 0", lambda v: v >= 0)
+OFF_AT_0 = ("at least 0 (0 turns it off)", lambda v: v >= 0)
+POSITIVE = ("greater than 0", lambda v: v > 0)
+FRACTION = ("at least 0 and below 1", lambda v: 0 <= v < 1)
+PROBABILITY = ("between 0 and 1", lambda v: 0 <= v <= 1)
+
+# the keys of the trainer and of the model sizes every recipe shares; a recipe adds its own
+RANGES = ranges(
+    (*AT_LEAST_1, (
+        "d_model", "heads", "d_ff", "layers", "max_positions", "max_length", "max_tokens", "train_size",
+        "validation_size", "test_size", "batch_size", "accumulate", "epochs", "log_every", "save_every", "keep_last",
+        "timeout", "beam", "top_k", "max_new_tokens",
     )),
-    ("at least 0 (0 turns it off)", lambda v: v >= 0, (
-        "eval_every", "warmup", "clip_grad_norm", "weight_decay", "mixup", "cutmix", "freq_masks", "freq_width",
-        "time_masks", "time_width", "patience", "temperature",
-    )),
+    (*OFF_AT_0, ("eval_every", "warmup", "clip_grad_norm", "weight_decay", "patience", "temperature")),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
-    ("at least 0", lambda v: v >= 0, ("steps", "seed", "vocab_size", "doc_stride", "max_len_a", "max_len_b", "pause_s")),
-    ("greater than 0", lambda v: v > 0, ("lr", "eps", "norm_eps", "std", "repetition_penalty", "factors", "rt60_s", "warp")),
-    ("at least 0 and below 1", lambda v: 0 <= v < 1, ("dropout", "drop_path", "label_smoothing", "held_out", "betas")),
-    ("between 0 and 1", lambda v: 0 <= v <= 1, ("mask_prob", "time_ratio", "rate")),
+    (*AT_LEAST_0, ("steps", "seed", "vocab_size")),
+    (*POSITIVE, ("lr", "eps", "norm_eps", "repetition_penalty")),
+    (*FRACTION, ("dropout", "drop_path", "label_smoothing", "betas")),
     ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
 )
 
 AUTO = "auto"
 
-# keys with a fixed set of values, checked with the rest of the config, before any data is read
-CHOICES = {"train.strategy": ("ddp", "fsdp")}
+# the trainer's keys with a fixed set of values; a recipe adds its own (:attr:`tfkit.recipe.Recipe.choices`)
+CHOICES = {
+    "train.optimizer": ("adam", "adamw"),
+    "train.schedule": ("noam", "warmup_cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.strategy": ("ddp", "fsdp"),
+    "train.best_mode": ("auto", "min", "max"),
+}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -60,6 +73,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of keys to values")
     return data
+
+
+def layer(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on it, section by section; ``over`` may add keys. For composing
+    defaults (the trainer's under a recipe's), never for user input, which :func:`merge` checks."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = layer(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
 
 
 def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,27 +154,33 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_values(config: dict[str, Any], prefix: str = "") -> None:
+def check_values(config: dict[str, Any]) -> None:
     """Every key named after a registry kind names a registered component, every key in ``CHOICES``
     holds one of its values, and every number under a name in ``RANGES`` (each item, for a list such
-    as ``betas``) lies in that name's range."""
+    as ``betas``) lies in that name's range; the recipe's own choices and ranges count too."""
+    recipe = registry.get("recipe", config["recipe"]) if "recipe" in config else None
+    _check(config, {**RANGES, **getattr(recipe, "ranges", {})}, {**CHOICES, **getattr(recipe, "choices", {})})
+
+
+def _check(config: dict[str, Any], ranges: dict[str, tuple[str, Any]], choices: dict[str, tuple[str, ...]], prefix: str = "") -> None:
     kinds = set(registry.kinds())
     for key, value in config.items():
+        path = f"{prefix}{key}"
         if isinstance(value, dict):
-            check_values(value, f"{prefix}{key}.")
-        elif key in kinds:
+            _check(value, ranges, choices, f"{path}.")
+        elif key in kinds and value is not None:
             try:
                 registry.get(key, value)
             except UsageError as e:
-                raise UsageError(f"config key '{prefix}{key}': {e}") from None
-        elif f"{prefix}{key}" in CHOICES:
-            if value not in CHOICES[f"{prefix}{key}"]:
-                raise UsageError(f"unknown {prefix}{key} {value!r} (valid: {', '.join(CHOICES[f'{prefix}{key}'])})")
-        elif key in RANGES and value != AUTO:
-            words, test = RANGES[key]
+                raise UsageError(f"config key '{path}': {e}") from None
+        elif path in choices:
+            if value not in choices[path]:
+                raise UsageError(f"unknown {path} {value!r} (valid: {', '.join(map(str, choices[path]))})")
+        elif key in ranges and value != AUTO:
+            words, test = ranges[key]
             numbers = value if isinstance(value, list) else [value]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and test(v) for v in numbers):
-                raise UsageError(f"config key '{prefix}{key}' must be {words}, got {value!r}")
+                raise UsageError(f"config key '{path}' must be {words}, got {value!r}")
 
 
 def resolve(defaults: dict[str, Any], config_file: Path | None = None, sets: list[str] = ()) -> dict[str, Any]:

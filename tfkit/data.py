@@ -26,7 +26,14 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from torch import Tensor
 
 from tfkit.errors import UsageError
@@ -373,6 +380,19 @@ def length_buckets(lengths: list[int], batch_size: int, generator: torch.Generat
         chunk = sorted(order[start : start + pool * batch_size], key=lambda i: lengths[i])
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def derive_seed(seed: int, *places: int) -> int:
+    """One seed from a run's seed and the place of what it seeds (an epoch; an epoch and a batch):
+    the same place draws the same after a resume, and different places draw independently."""
+    for place in places:
+        seed = seed * 1_000_003 + place
+    return seed
+
+
+def seeded_generator(seed: int, *places: int) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed`: the order of an epoch, the draws of a batch."""
+    return torch.Generator().manual_seed(derive_seed(seed, *places))
 
 
 @contextmanager

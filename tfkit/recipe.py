@@ -2,7 +2,9 @@
 
 A recipe owns its data, tokenizer or label set, model construction, loss, metrics, prediction on user
 files, and the example it feeds through the model for ``inspect-attention``. It registers under the
-registry kind "recipe" and ships ``<config_file>`` beside its module as its default config and schema.
+registry kind "recipe" and ships ``<config_file>`` in its package, laid over the trainer's
+``tfkit/train.yaml``, as its default config and schema; it declares the ranges and choices of its own
+config keys and which of its metrics are better lower, so core names no recipe's keys or metrics.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class Recipe:
 
     config_file: str
     unit = "tok"  # what loss() counts, for the progress bar's throughput
+    ranges: dict[str, tuple[str, Callable[[Any], bool]]] = {}  # the recipe's own keys' ranges (configs.ranges)
+    choices: dict[str, tuple[str, ...]] = {}  # dotted key → its valid values, checked before any data is read
+    minimised: tuple[str, ...] = ()  # metrics that are better lower (a name ending in one counts: test_cer)
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -140,24 +145,33 @@ class Recipe:
         self.settle("train.steps", infer)
 
     @classmethod
+    def folder(cls) -> Any:
+        """The recipe's package folder, where its YAML files lie."""
+        return resources.files(cls.__module__.rpartition(".")[0])
+
+    @classmethod
     def presets(cls) -> list[str]:
         """The recipe's named sizes: tiny, its own YAML (sized for its built-in data), then each
         ``<recipe>.<preset>.yaml`` beside it, small before base."""
         stem = cls.config_file.removesuffix(".yaml")
-        found = [f.name[len(stem) + 1 : -len(".yaml")] for f in resources.files("tfkit.recipes").iterdir()
+        found = [f.name[len(stem) + 1 : -len(".yaml")] for f in cls.folder().iterdir()
                  if f.name.startswith(f"{stem}.") and f.name.endswith(".yaml") and f.name != cls.config_file]
         return ["tiny", *sorted(found, key=lambda name: (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER), name))]
 
     @classmethod
     def default_config(cls, preset: str = "tiny") -> dict[str, Any]:
-        """The recipe's YAML, with the preset's file laid over it."""
-        folder = resources.files("tfkit.recipes")
-        config = yaml.safe_load((folder / cls.config_file).read_text(encoding="utf-8"))
+        """The trainer's YAML with the recipe's laid over it, then the preset's file."""
+        def read(resource: Any) -> dict[str, Any]:
+            return yaml.safe_load(resource.read_text(encoding="utf-8"))
+
+        own = read(cls.folder() / cls.config_file)
+        config = configs.layer(read(resources.files("tfkit") / "train.yaml"), own)
+        config = {**{section: config[section] for section in own}, **config}  # in the recipe's order
         if preset == "tiny":
             return config
         if preset not in cls.presets():
             raise UsageError(f"unknown preset '{preset}' for {config['recipe']} (valid: {', '.join(cls.presets())})")
-        return configs.merge(config, yaml.safe_load((folder / f"{cls.config_file.removesuffix('.yaml')}.{preset}.yaml").read_text(encoding="utf-8")))
+        return configs.merge(config, read(cls.folder() / f"{cls.config_file.removesuffix('.yaml')}.{preset}.yaml"))
 
     @classmethod
     def preset_parameters(cls, preset: str) -> int:
@@ -167,6 +181,16 @@ class Recipe:
         recipe.imitate_builtin_data()
         with torch.device("meta"):
             return sum(p.numel() for p in recipe.build_model().parameters())
+
+    def check(self) -> None:
+        """Build the model on the meta device (no memory, no data read) at the built-in data's sizes,
+        so that a block that does not fit its stack, a position or attention its model cannot place,
+        or sizes that do not divide fail in one line before any data is prepared."""
+        builtin = type(self).default_config()["data"]["name"]
+        probe = type(self)(configs.layer(self.config, {"data": {"name": builtin}}))
+        probe.imitate_builtin_data()
+        with torch.device("meta"):
+            probe.build_model()
 
     def imitate_builtin_data(self) -> None:
         """Give :meth:`build_model` what preparing the built-in data would (the vocabulary or the

@@ -226,10 +226,10 @@ def remove_checkpoints(run_dir: Path, keep: set[Path]) -> None:
 
 def better(config: dict[str, Any]) -> Callable[[float, float], bool]:
     """Whether a value of ``train.keep_best`` beats another: ``train.best_mode`` max or min; auto
-    picks min for losses and error rates, max for the rest."""
+    picks min for losses and the metrics the recipe declares minimised, max for the rest."""
     metric, mode = config["train"]["keep_best"], config["train"]["best_mode"]
     if mode == "auto":
-        lower = ("loss", "cer", "wer", "perplexity", "bits_per_byte", "error", "mae", "mse", "rmse", "mase", "smape")
+        lower = ("loss", *registry.get("recipe", config["recipe"]).minimised)
         mode = "min" if any(metric.endswith(word) for word in lower) else "max"
     return (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
 

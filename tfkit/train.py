@@ -25,7 +25,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor, nn
 
 from tfkit import distributed, registry
@@ -68,10 +74,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     low-precision matmuls are far slower than fp32 on most processors."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise UsageError(f"unknown train.precision '{precision}' (valid: auto, fp32, bf16, fp16)")
-    return dtypes[precision]
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -81,9 +84,7 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if cfg["optimizer"] not in optimizers:
-        raise UsageError(f"unknown train.optimizer '{cfg['optimizer']}' (valid: {', '.join(optimizers)})")
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # the names are checked with the config
     return optimizers[cfg["optimizer"]](groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
 
 
@@ -110,17 +111,12 @@ def lr_factor(cfg: dict[str, Any]) -> Callable[[int], float]:
     def constant(step: int) -> float:
         return min(1.0, (step + 1) / warmup)
 
-    schedules = {"noam": noam, "warmup_cosine": warmup_cosine, "constant": constant}
-    if kind not in schedules:
-        raise UsageError(f"unknown train.schedule '{kind}' (valid: {', '.join(schedules)})")
-    return schedules[kind]
+    return {"noam": noam, "warmup_cosine": warmup_cosine, "constant": constant}[kind]
 
 
 def check_best_options(cfg: dict[str, Any]) -> None:
     if cfg["keep_best"] is not None and not isinstance(cfg["keep_best"], str):
         raise UsageError(f"train.keep_best names a validation metric (for example accuracy or bleu), got {cfg['keep_best']!r}")
-    if cfg["best_mode"] not in ("auto", "max", "min"):
-        raise UsageError(f"unknown train.best_mode '{cfg['best_mode']}' (valid: auto, max, min)")
     if cfg["patience"] and not cfg["keep_best"]:
         raise UsageError("train.patience needs train.keep_best, the validation metric to wait on")
 
@@ -184,7 +180,10 @@ class Trainer:
     def _optimizer_state(self) -> dict[str, Any]:
         if not self.sharded:
             return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -200,7 +199,10 @@ class Trainer:
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         try:
             if self.sharded:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_optimizer_state_dict,
+                )
 
                 set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
             else:
@@ -256,7 +258,10 @@ class Trainer:
         save. Under FSDP every rank must call it: it gathers the weights into a copy of the model."""
         if not self.sharded:
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         # for a checkpoint only rank 0 receives the weights, in CPU memory
         weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
@@ -446,6 +451,7 @@ def start_training(
     console = console or Console(stderr=True)
     check_best_options(config["train"])
     recipe = registry.get("recipe", config["recipe"])(config)
+    recipe.check()
     # rank 0 prepares the data (filling the cache) and fits the tokenizer; the other ranks then load
     # that tokenizer from the run directory, as a resumed run does, so all ranks encode alike
     if ranks.main:

@@ -25,9 +25,9 @@ def causal_mask(queries: int, keys: int, device: torch.device | None = None) -> 
     return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
-@register("attention", "scaled_dot_product")
 class ScaledDotProductAttention(nn.Module):
-    """softmax(QKᵀ/√d_k + mask)·V over (B, H, T, d_k) queries, keys and values; fused or explicit."""
+    """softmax(QKᵀ/√d_k + mask)·V over (B, H, T, d_k) queries, keys and values; fused or explicit.
+    The kernel inside every attention layer, not a registry entry: a config names whole layers."""
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
@@ -105,6 +105,8 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: h scaled dot-product heads over learned projections, concatenated."""
 
+    uses = ("self", "causal", "cross")  # what a block may use the layer for (:class:`tfkit.nn.blocks.Parts`)
+
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True, rotary: nn.Module | None = None):
         super().__init__()
         if d_model % heads:
@@ -178,7 +180,12 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
     distance and u, v learned per head: content and position each get their own global bias.
     """
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True):
+    uses = ("self",)
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True, rotary: nn.Module | None = None):
+        if rotary is not None:
+            raise UsageError("relative_multi_head attention has relative positions of its own: it takes no rotary "
+                             "position (choose another position, or attention multi_head)")
         super().__init__(d_model, heads, dropout, bias)
         d_k = d_model // heads
         self.pos_proj = Linear(d_model, d_model, bias=False)  # W_R

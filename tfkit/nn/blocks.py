@@ -1,18 +1,26 @@
 """Transformer blocks and the stacks built from them.
 
 Post-LN (the original Transformer, BERT) normalises after each residual: x = LN(x + F(x)).
-Pre-LN (GPT-2, ViT) normalises inside the branch, x = x + F(LN(x)), and its stack ends with a LayerNorm.
+Pre-LN (GPT-2, ViT) normalises inside the branch, x = x + F(LN(x)), and its stack ends with a norm.
 Blocks say which stack they fit (``role``): encoder, decoder (with cross-attention) or causal
-(decoder-only, GPT). Feed-forwards are ``cls(d_model, d_ff, dropout, activation, bias)``; norms ``cls(d_model)``.
+(decoder-only, GPT).
+
+Every block has one constructor, ``cls(d_model, heads, d_ff, dropout, activation, parts, rotary, drop_path)``,
+plus its own keyword options (a Conformer's ``kernel_size``). ``parts`` names its sublayers in the
+registry (:class:`Parts`); a block has defaults of its own (Llama: RMSNorm and a gated feed-forward),
+and a config may name others (``feed_forward: glu`` in a post-LN encoder). ``rotary``, a position that
+acts on queries and keys, is shared by the self-attention of every block of a stack.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
 
 from torch import Tensor, nn
 
 from tfkit import registry
 from tfkit.errors import UsageError
-from tfkit.nn.attention import KVCache, MultiHeadAttention
+from tfkit.nn.attention import KVCache
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import Linear
 from tfkit.registry import register
@@ -65,6 +73,38 @@ class GatedFeedForward(nn.Module):
         return self.down(self.dropout(self.act(gate) * up))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The registry names of a block's sublayers; ``None`` in a config keeps the block's own."""
+
+    attention: str = "multi_head"
+    feed_forward: str = "mlp"
+    norm: str = "layer_norm"
+
+    def given(self, **names: str | None) -> Parts:
+        """These parts with the names that are set replacing the defaults."""
+        return replace(self, **{k: v for k, v in names.items() if v is not None})
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def attention_layer(self, d_model: int, heads: int, dropout: float, bias: bool, rotary: nn.Module | None,
+                        use: str) -> nn.Module:
+        """The attention layer for ``use``: self, causal (self-attention that sees no later position) or cross."""
+        cls = registry.get("attention", self.attention)
+        if use not in cls.uses:
+            raise UsageError(f"attention '{self.attention}' cannot be {use}-attention (it is for {', '.join(cls.uses)}; "
+                             f"valid for {use}: {', '.join(n for n in registry.names('attention') if use in registry.get('attention', n).uses)})")
+        return cls(d_model, heads, dropout, bias, rotary)
+
+    def feed_forward_layer(self, d_model: int, d_ff: int, dropout: float, activation: str, bias: bool) -> nn.Module:
+        return registry.get("feed_forward", self.feed_forward)(d_model, d_ff, dropout, activation, bias)
+
+    def norm_layer(self, d_model: int) -> nn.Module:
+        return registry.get("norm", self.norm)(d_model)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: in training, drop a residual branch for whole samples with probability p and
     scale the kept ones by 1/(1-p) (Huang et al., 2016)."""
@@ -81,19 +121,21 @@ class DropPath(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Self-attention and feed-forward sublayers, each with a residual connection and LayerNorm."""
+    """Self-attention and feed-forward sublayers, each with a residual connection and a norm."""
 
     role = "encoder"
     norm_first = False
+    parts = Parts()
+    bias = True
 
-    def __init__(
-        self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu", drop_path: float = 0.0
-    ):
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu",
+                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, heads, dropout)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        parts = parts or self.parts
+        self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "self")
+        self.feed_forward = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
+        self.norm1 = parts.norm_layer(d_model)
+        self.norm2 = parts.norm_layer(d_model)
         self.dropout = Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -116,12 +158,12 @@ class EncoderBlock(nn.Module):
 
 @register("block", "post_ln")
 class PostLNEncoderBlock(EncoderBlock):
-    """Encoder block with LayerNorm after each residual, x = LN(x + F(x)) (Vaswani et al., 2017)."""
+    """Encoder block with a norm after each residual, x = LN(x + F(x)) (Vaswani et al., 2017)."""
 
 
 @register("block", "pre_ln")
 class PreLNEncoderBlock(EncoderBlock):
-    """Encoder block with LayerNorm before each sublayer, x = x + F(LN(x)) (Xiong et al., 2020)."""
+    """Encoder block with a norm before each sublayer, x = x + F(LN(x)) (Xiong et al., 2020)."""
 
     norm_first = True
 
@@ -131,16 +173,21 @@ class DecoderBlock(nn.Module):
 
     role = "decoder"
     norm_first = False
+    parts = Parts()
+    bias = True
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu"):
+    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu",
+                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, heads, dropout)
-        self.cross_attn = MultiHeadAttention(d_model, heads, dropout)
-        self.feed_forward = FeedForward(d_model, d_ff, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
+        parts = parts or self.parts
+        self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "causal")
+        self.cross_attn = parts.attention_layer(d_model, heads, dropout, self.bias, None, "cross")  # two sequences: no shared positions
+        self.feed_forward = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
+        self.norm1 = parts.norm_layer(d_model)
+        self.norm2 = parts.norm_layer(d_model)
+        self.norm3 = parts.norm_layer(d_model)
         self.dropout = Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(
         self,
@@ -159,18 +206,19 @@ class DecoderBlock(nn.Module):
             return self.cross_attn(h, memory, mask=memory_mask, cache=cross_cache)
 
         for sublayer, norm in ((self_attn, self.norm1), (cross_attn, self.norm2), (self.feed_forward, self.norm3)):
-            x = x + self.dropout(sublayer(norm(x))) if self.norm_first else norm(x + self.dropout(sublayer(x)))
+            branch = self.drop_path(self.dropout(sublayer(norm(x) if self.norm_first else x)))
+            x = x + branch if self.norm_first else norm(x + branch)
         return x
 
 
 @register("block", "post_ln_decoder")
 class PostLNDecoderBlock(DecoderBlock):
-    """Decoder block with LayerNorm after each residual (Vaswani et al., 2017)."""
+    """Decoder block with a norm after each residual (Vaswani et al., 2017)."""
 
 
 @register("block", "pre_ln_decoder")
 class PreLNDecoderBlock(DecoderBlock):
-    """Decoder block with LayerNorm before each sublayer (Xiong et al., 2020)."""
+    """Decoder block with a norm before each sublayer (Xiong et al., 2020)."""
 
     norm_first = True
 
@@ -180,24 +228,24 @@ class CausalBlock(nn.Module):
 
     role = "causal"
     norm_first = True
-    norm = "layer_norm"
-    feed_forward_kind = "mlp"
+    parts = Parts()
     bias = True
 
     def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu",
-                 rotary: nn.Module | None = None):
+                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
         super().__init__()
-        norm = registry.get("norm", self.norm)
-        self.norm1 = norm(d_model)
-        self.self_attn = MultiHeadAttention(d_model, heads, dropout, bias=self.bias, rotary=rotary)
-        self.norm2 = norm(d_model)
-        self.feed_forward = registry.get("feed_forward", self.feed_forward_kind)(d_model, d_ff, dropout, activation, self.bias)
+        parts = parts or self.parts
+        self.norm1 = parts.norm_layer(d_model)
+        self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "causal")
+        self.norm2 = parts.norm_layer(d_model)
+        self.feed_forward = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
         self.dropout = Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """(B, T, D) → (B, T, D); with a cache ``x`` holds only the new positions."""
-        x = x + self.dropout(self.self_attn(self.norm1(x), causal=True, cache=cache))
-        return x + self.dropout(self.feed_forward(self.norm2(x)))
+        x = x + self.drop_path(self.dropout(self.self_attn(self.norm1(x), causal=True, cache=cache)))
+        return x + self.drop_path(self.dropout(self.feed_forward(self.norm2(x))))
 
 
 @register("block", "gpt")
@@ -209,12 +257,12 @@ class GPTBlock(CausalBlock):
 class LlamaBlock(CausalBlock):
     """Decoder-only block as in Llama: RMSNorm, a gated feed-forward, no biases (Touvron et al., 2023)."""
 
-    norm = "rms_norm"
-    feed_forward_kind = "glu"
+    parts = Parts(feed_forward="glu", norm="rms_norm")
     bias = False
 
 
-def _block_class(name: str, role: str) -> type[nn.Module]:
+def block_class(name: str, role: str) -> type[nn.Module]:
+    """The block ``name``, refused in one line unless it fits a stack of ``role``."""
     cls = registry.get("block", name)
     if getattr(cls, "role", None) != role:
         valid = [n for n in registry.names("block") if getattr(registry.get("block", n), "role", None) == role]
@@ -222,20 +270,33 @@ def _block_class(name: str, role: str) -> type[nn.Module]:
     return cls
 
 
-class Encoder(nn.Module):
-    """A stack of encoder blocks named by the registry; a pre-LN stack ends with a LayerNorm.
-    Stochastic depth rises linearly from 0 at the first block to ``drop_path`` at the last;
-    ``block_options`` go to each block (a Conformer block's kernel size and attention)."""
+class Stack(nn.Module):
+    """``layers`` blocks of one registry name, a final norm when the blocks are pre-norm, and a
+    rotary position shared by every block's self-attention.
 
-    def __init__(
-        self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-        drop_path: float = 0.0, **block_options,
-    ):
+    ``attention``, ``feed_forward`` and ``norm`` name the blocks' parts (``None``: the block's own);
+    ``drop_path`` (stochastic depth) rises linearly from 0 at the first block to its value at the
+    last; other ``options`` go to each block (a Conformer block's kernel size)."""
+
+    role: str
+
+    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
+                 rotary: nn.Module | None = None, drop_path: float = 0.0, attention: str | None = None,
+                 feed_forward: str | None = None, norm: str | None = None, **options):
         super().__init__()
-        cls = _block_class(block, "encoder")
+        cls = block_class(block, self.role)
+        parts = cls.parts.given(attention=attention, feed_forward=feed_forward, norm=norm)
         rates = [drop_path * i / max(1, layers - 1) for i in range(layers)]
-        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rate, **block_options) for rate in rates)
-        self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
+        self.layers = nn.ModuleList(
+            cls(d_model, heads, d_ff, dropout, activation, parts, rotary, rate, **options) for rate in rates
+        )
+        self.norm = parts.norm_layer(d_model) if cls.norm_first else nn.Identity()
+
+
+class Encoder(Stack):
+    """A stack of encoder blocks."""
+
+    role = "encoder"
 
     def forward(self, x: Tensor, mask: Tensor | None = None, outputs: int | None = None) -> Tensor:
         """(B, T, D) → (B, T, D), or with ``outputs`` only the first ``outputs`` positions (a classifier
@@ -246,14 +307,10 @@ class Encoder(nn.Module):
         return self.norm(x)
 
 
-class Decoder(nn.Module):
+class Decoder(Stack):
     """A stack of decoder blocks; :meth:`new_cache` makes the per-layer caches for incremental decoding."""
 
-    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str):
-        super().__init__()
-        cls = _block_class(block, "decoder")
-        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation) for _ in range(layers))
-        self.norm = nn.LayerNorm(d_model) if cls.norm_first else nn.Identity()
+    role = "decoder"
 
     def new_cache(self, length: int = 16) -> list[tuple[KVCache, KVCache]]:
         """(self-attention, cross-attention) caches per layer, the first with room for ``length``
@@ -272,16 +329,10 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-class CausalDecoder(nn.Module):
-    """A stack of causal blocks and a final norm of the blocks' kind; a rotary position, when given,
-    is shared by every block's attention. :meth:`new_cache` makes the caches for generation."""
+class CausalDecoder(Stack):
+    """A stack of causal blocks; :meth:`new_cache` makes the caches for generation."""
 
-    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-                 rotary: nn.Module | None = None):
-        super().__init__()
-        cls = _block_class(block, "causal")
-        self.layers = nn.ModuleList(cls(d_model, heads, d_ff, dropout, activation, rotary) for _ in range(layers))
-        self.norm = registry.get("norm", cls.norm)(d_model)
+    role = "causal"
 
     def new_cache(self, length: int = 16) -> list[KVCache]:
         return [KVCache(length) for _ in self.layers]

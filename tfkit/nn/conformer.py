@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit import distributed, registry
+from tfkit import distributed
 from tfkit.errors import UsageError
-from tfkit.nn.blocks import DropPath, FeedForward
+from tfkit.nn.blocks import DropPath, Parts
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import Linear
 from tfkit.registry import register
@@ -25,7 +25,6 @@ def frame_mask(lengths: Tensor, total: int) -> Tensor:
     return torch.arange(total, device=lengths.device)[None, :] < lengths[:, None]
 
 
-@register("embedding", "conv2d_subsampling")
 class ConvolutionSubsampling(nn.Module):
     """Convolution subsampling: 4× fewer frames through two 3×3 stride-2 Conv2d with ReLU.
 
@@ -153,18 +152,24 @@ class ConformerBlock(nn.Module):
     Each sublayer is pre-normed with its own residual; the feed-forward residuals are halved."""
 
     role = "encoder"
-    norm_first = False  # the block ends with its own LayerNorm
+    norm_first = False  # the block ends with its own norm
+    parts = Parts(attention="relative_multi_head")
+    bias = True
 
     def __init__(
         self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "swish",
-        drop_path: float = 0.0, kernel_size: int = 31, attention: str = "relative_multi_head",
+        parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0, kernel_size: int = 31,
     ):
         super().__init__()
-        self.norm_ff1, self.ff1 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout, activation)
-        self.norm_attn, self.self_attn = nn.LayerNorm(d_model), registry.get("attention", attention)(d_model, heads, dropout)
-        self.norm_conv, self.conv = nn.LayerNorm(d_model), ConvolutionModule(d_model, kernel_size, dropout)
-        self.norm_ff2, self.ff2 = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout, activation)
-        self.norm_out = nn.LayerNorm(d_model)
+        parts = parts or self.parts
+        self.norm_ff1 = parts.norm_layer(d_model)
+        self.ff1 = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
+        self.norm_attn = parts.norm_layer(d_model)
+        self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "self")
+        self.norm_conv, self.conv = parts.norm_layer(d_model), ConvolutionModule(d_model, kernel_size, dropout)
+        self.norm_ff2 = parts.norm_layer(d_model)
+        self.ff2 = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
+        self.norm_out = parts.norm_layer(d_model)
         self.dropout = Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 

@@ -1,4 +1,5 @@
-"""Embeddings that turn raw inputs into token sequences."""
+"""Embeddings that turn raw inputs into token sequences. Each has arguments of its own, so they are
+plain modules that a model builds, not registry entries."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ from torch import Tensor, nn
 
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.position import LearnedPosition
-from tfkit.registry import register
 
 
-@register("embedding", "patch")
 class PatchEmbedding(nn.Module):
     """Non-overlapping p×p image patches, each projected to d_model by one strided convolution (ViT)."""
 
@@ -23,7 +22,6 @@ class PatchEmbedding(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-@register("embedding", "token")
 class TokenEmbedding(nn.Module):
     """Token + segment + learned position embeddings, then LayerNorm and dropout (BERT)."""
 

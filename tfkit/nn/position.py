@@ -1,9 +1,12 @@
-"""Positional encodings. Each says where it acts (``acts_on``), and its builder places it there:
+"""Positional encodings. Each is ``cls(size, max_len)`` and says where it acts (``acts_on``);
+:func:`build_position` places it there, so every model that takes a ``position`` honours it:
 
-- ``"embeddings"`` (sinusoidal, learned): ``cls(d_model, max_len)``; ``forward(x, offset)`` returns
+- ``"embeddings"`` (sinusoidal, learned, none): ``size`` is d_model; ``forward(x, offset)`` returns
   x + P[offset:offset+T] for the (B, T, D) input embeddings;
-- ``"queries_keys"`` (rotary): ``cls(head_dim, max_len)``; attention calls ``forward(x, offset)`` on
-  its (B, H, T, d_k) queries and keys, which come back rotated by their positions.
+- ``"queries_keys"`` (rotary): ``size`` is the size of a head; the stack hands it to every block's
+  self-attention, which calls ``forward(x, offset)`` on its (B, H, T, d_k) queries and keys.
+
+Relative positions act as an attention bias: they are an attention layer (``relative_multi_head``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.registry import register
 
@@ -93,6 +97,28 @@ class RotaryPosition(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         first, second = x.chunk(2, dim=-1)
         return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+@register("position", "none")
+class NoPosition(nn.Module):
+    """No position at all: order comes only from causal masking (NoPE) or an attention layer's own."""
+
+    acts_on = "embeddings"
+
+    def __init__(self, size: int = 0, max_len: int = 0):
+        super().__init__()
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        return x
+
+
+def build_position(name: str, d_model: int, heads: int, max_len: int) -> tuple[nn.Module, nn.Module | None]:
+    """The registry position ``name`` placed where it acts: (what the model applies to its input
+    embeddings, what its stacks apply to queries and keys). One of the two is a no-op."""
+    cls = registry.get("position", name)
+    if cls.acts_on == "queries_keys":
+        return NoPosition(), cls(d_model // heads, max_len)
+    return cls(d_model, max_len), None
 
 
 def resize_grid(table: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:

@@ -24,7 +24,16 @@ import datasets
 import numpy as np
 from tokenizers import Tokenizer
 
-from tfkit.data import SPLITS, cache_dir, cached, complete_splits, load_splits, read_lines, read_text, require_columns
+from tfkit.data import (
+    SPLITS,
+    cache_dir,
+    cached,
+    complete_splits,
+    load_splits,
+    read_lines,
+    read_text,
+    require_columns,
+)
 from tfkit.errors import UsageError
 
 SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "__pycache__"}

@@ -21,10 +21,22 @@ import torch
 from num2words import num2words
 from torch import Tensor, nn
 
+from tfkit import config as configs
 from tfkit import registry
 from tfkit.data import (
-    SPLITS, VOCAB_SAMPLE, cached, choose_vocab_size, encode_once, length_buckets, length_limit, load_splits, pad_rows, read_lines,
-    require_columns, train_bpe,
+    SPLITS,
+    VOCAB_SAMPLE,
+    cached,
+    choose_vocab_size,
+    encode_once,
+    length_buckets,
+    length_limit,
+    load_splits,
+    pad_rows,
+    read_lines,
+    require_columns,
+    seeded_generator,
+    train_bpe,
 )
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
@@ -33,8 +45,20 @@ from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
 from tfkit.onnx import GivenCache, Graph
-from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, Vocabulary, batch_ranges
-from tfkit.recipes.marian import config_from_marian, export_marian, tokenizer_from_marian, weights_from_marian
+from tfkit.recipe import (
+    AttentionExample,
+    Batch,
+    Loss,
+    TokenizerRecipe,
+    Vocabulary,
+    batch_ranges,
+)
+from tfkit.recipes.marian import (
+    config_from_marian,
+    export_marian,
+    tokenizer_from_marian,
+    weights_from_marian,
+)
 from tfkit.registry import register
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -153,6 +177,7 @@ class Translation(TokenizerRecipe):
     """Encoder-decoder Transformer for translation: BPE, label smoothing, beam search, BLEU/chrF."""
 
     config_file = "translation.yaml"
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("max_number",)), (*configs.AT_LEAST_0, ("max_len_a", "max_len_b")))
     BUILTIN_SIZES = {"data.vocab_size": 400, "data.max_tokens": 128, "train.steps": 3000}  # what the numbers corpus needs
 
     def prepare(self, run_dir: Path | None = None) -> None:
@@ -229,7 +254,7 @@ class Translation(TokenizerRecipe):
     # -- training ---------------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Shuffled batches of sentences of similar length: each pool of 100 batches is sorted by length."""
-        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+        generator = seeded_generator(self.config["seed"], epoch)
         for rows in length_buckets(self.train_lengths, self.config["train"]["batch_size"], generator, pool=100):
             chunk = self.train[rows]
             target = pad_rows(chunk["target"], PAD)

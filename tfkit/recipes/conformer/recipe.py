@@ -26,9 +26,19 @@ import torchaudio
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from tfkit import config as configs
 from tfkit.data import (
-    encode_once, length_buckets, list_column, load_splits, report_unusable, require_columns, seeded_global_rng,
-    ctc_characters, train_bpe,
+    ctc_characters,
+    derive_seed,
+    encode_once,
+    length_buckets,
+    list_column,
+    load_splits,
+    report_unusable,
+    require_columns,
+    seeded_generator,
+    seeded_global_rng,
+    train_bpe,
 )
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
@@ -36,9 +46,16 @@ from tfkit.inspect import draw_heads, draw_spectrogram
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
 from tfkit.onnx import Graph
+from tfkit.recipe import (
+    AttentionExample,
+    Batch,
+    Loss,
+    TokenizerRecipe,
+    batch_ranges,
+    for_each_file,
+)
 from tfkit.recipes.conformer.augment import COLOURS, augment, warp_spectrum
 from tfkit.recipes.conformer.speech import number_text, speech_corpus
-from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, batch_ranges, for_each_file
 from tfkit.registry import register
 
 SPECIALS = ["<blank>", "<unk>"]
@@ -123,8 +140,8 @@ class ConformerCTC(nn.Module):
                  layers: int, kernel_size: int, dropout: float, drop_path: float, activation: str, attention: str):
         super().__init__()
         self.subsampling = ConvolutionSubsampling(features, d_model, subsampling_channels, dropout)
-        self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, drop_path,
-                               kernel_size=kernel_size, attention=attention)
+        self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, drop_path=drop_path,
+                               attention=attention, kernel_size=kernel_size)
         self.head = nn.Linear(d_model, vocab_size)
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,6 +175,14 @@ class Conformer(TokenizerRecipe):
     """Conformer-CTC speech recognition: log-mel, SpecAugment, relative-position attention, CER/WER."""
 
     config_file = "conformer.yaml"
+    minimised = ("cer", "wer")
+    ranges = configs.ranges(
+        (*configs.AT_LEAST_1, ("kernel_size", "subsampling_channels", "n_mels", "sample_rate", "window_ms", "hop_ms", "voices")),
+        (*configs.OFF_AT_0, ("freq_masks", "freq_width", "time_masks", "time_width")),
+        (*configs.AT_LEAST_0, ("pause_s",)),
+        (*configs.POSITIVE, ("factors", "rt60_s", "warp")),
+        (*configs.PROBABILITY, ("time_ratio", "rate")),
+    )
     BUILTIN_SIZES = {"train.steps": 2000}
     unit = "frame"
 
@@ -290,11 +315,11 @@ class Conformer(TokenizerRecipe):
     # -- training ---------------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         seed = self.config["seed"]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = seeded_generator(seed, epoch)
         # each pool of 50 batches is sorted by length: a few percent padding instead of ~60%
         log_mel, rate = self._log_mel(), self.config["data"]["sample_rate"]
         for b, rows in enumerate(length_buckets(self.train_frames, self.config["train"]["batch_size"], generator, pool=50)):
-            batch_seed = (seed * 1_000_003 + epoch) * 1_000_003 + b
+            batch_seed = derive_seed(seed, epoch, b)
             draws = torch.Generator().manual_seed(batch_seed)  # the augmentations', utterance by utterance
             audio = self._train_samples(rows)
             features = [log_mel(*augment(samples, self.config["augment"], rate, draws, audio[:i] + audio[i + 1 :])) for i, samples in enumerate(audio)]

@@ -11,7 +11,15 @@ from typing import Any
 from torch import Tensor
 
 from tfkit.errors import UsageError
-from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, read_config, read_weights, to_hf
+from tfkit.hf import (
+    Rename,
+    activation_from_hf,
+    activation_to_hf,
+    from_hf,
+    read_config,
+    read_weights,
+    to_hf,
+)
 
 
 def bert_config_from_hf(folder: Path) -> dict[str, Any]:

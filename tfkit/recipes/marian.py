@@ -22,7 +22,17 @@ from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
 from tfkit.errors import UsageError
-from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, read_config, read_weights, to_hf, write_folder, write_tokenizer
+from tfkit.hf import (
+    Rename,
+    activation_from_hf,
+    activation_to_hf,
+    from_hf,
+    read_config,
+    read_weights,
+    to_hf,
+    write_folder,
+    write_tokenizer,
+)
 from tfkit.nn.position import sinusoids
 
 # tfkit's tensors that read the residual stream (its dimensions are their columns); the others that

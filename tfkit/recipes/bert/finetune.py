@@ -10,14 +10,22 @@ from typing import Any, Iterator, TextIO
 import torch
 from torch import Tensor, nn
 
+from tfkit import config as configs
 from tfkit import run as runs
-from tfkit.data import SPLITS, train_wordpiece
+from tfkit.data import SPLITS, seeded_generator, train_wordpiece
 from tfkit.errors import UsageError
+from tfkit.hf import labels_config, read_config, write_folder
 from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss, batch_ranges
 from tfkit.recipes.bert.base import BertRecipe
-from tfkit.hf import labels_config, read_config, write_folder
-from tfkit.recipes.bert.hf import TASK_HEADS, bert_config_from_hf, bert_config_to_hf, bert_head_from_hf, bert_weights_from_hf, bert_weights_to_hf
+from tfkit.recipes.bert.hf import (
+    TASK_HEADS,
+    bert_config_from_hf,
+    bert_config_to_hf,
+    bert_head_from_hf,
+    bert_weights_from_hf,
+    bert_weights_to_hf,
+)
 from tfkit.recipes.bert.model import BertWithHead, build_bert
 from tfkit.recipes.bert.qa import QuestionAnswering
 from tfkit.recipes.bert.tasks import Classify, ClassifyPair, Tag
@@ -32,6 +40,7 @@ class BertFinetune(BertRecipe):
     """BERT fine-tuning (--set task=classify|classify-pair|tag|qa) from a pretrain run or Hugging Face BERT."""
 
     config_file = "bert-finetune.yaml"
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("max_answer_length",)), (*configs.AT_LEAST_0, ("doc_stride",)))
     BUILTIN_SIZES = {"data.vocab_size": 4000, "data.max_length": 128, "train.steps": 600}
     labels: list[str]  # the names of the head's outputs: classes, tags, or start and end
 
@@ -87,7 +96,7 @@ class BertFinetune(BertRecipe):
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         examples, size = self.examples["train"], self.config["train"]["batch_size"]
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch))
+        order = torch.randperm(len(examples), generator=seeded_generator(self.config["seed"], epoch))
         for start in range(0, len(order), size):
             yield self.task.batch([examples[i] for i in order[start : start + size].tolist()])
 

@@ -16,6 +16,7 @@ from tfkit.nn.dropout import Dropout
 from tfkit.nn.embeddings import TokenEmbedding
 from tfkit.recipes.bert.tokens import PAD
 
+
 class Bert(nn.Module):
     """BERT's encoder: embeddings, a stack of blocks, and the tanh pooler over [CLS]."""
 

@@ -22,14 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tfkit import config as configs
 from tfkit import run as runs
+from tfkit.data import seeded_generator
 from tfkit.errors import UsageError
 from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.recipes.forecast import baselines as peers
 from tfkit.recipes.forecast import importance
 from tfkit.recipes.forecast.metrics import pinball, scores, seasonal_scale
-from tfkit.recipes.forecast.model import DLinear, InstanceNorm, LSTMForecaster, PatchTransformer
+from tfkit.recipes.forecast.model import (
+    DLinear,
+    InstanceNorm,
+    LSTMForecaster,
+    PatchTransformer,
+)
 from tfkit.recipes.forecast.series import Series, make_series, read_frame
 from tfkit.registry import register
 
@@ -63,6 +70,8 @@ class Forecast(Recipe):
     """Multivariate forecasting: patch Transformer (PatchTST), backtest against ARIMA, DLinear, LSTM."""
 
     config_file = "forecast.yaml"
+    minimised = ("mae", "mse", "rmse", "mase", "smape")
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("patch", "stride")))
     unit = "win"
     facts: dict[str, Any]  # what series.json holds
 
@@ -194,7 +203,7 @@ class Forecast(Recipe):
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         size = self.config["train"]["batch_size"]
-        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+        generator = seeded_generator(self.config["seed"], epoch)
         origins = self.origins["train"][torch.randperm(len(self.origins["train"]), generator=generator).numpy()]
         for start in range(0, len(origins), size):
             context, future = self.windows(origins[start : start + size])

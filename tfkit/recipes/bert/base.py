@@ -13,12 +13,13 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from torch import nn
 
+from tfkit.data import VOCAB_SAMPLE, choose_vocab_size, length_limit, train_wordpiece
 from tfkit.errors import UsageError
 from tfkit.hf import write_tokenizer
 from tfkit.inspect import draw_heads
-from tfkit.data import VOCAB_SAMPLE, choose_vocab_size, length_limit, train_wordpiece
 from tfkit.recipe import AttentionExample, TokenizerRecipe, Vocabulary
 from tfkit.recipes.bert.tokens import PAD, SPECIALS, pair_ids
+
 
 class BertRecipe(TokenizerRecipe):
     """What both BERT recipes share: the tokenizer in the run directory and encoding text pairs."""

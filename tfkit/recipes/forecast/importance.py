@@ -20,7 +20,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from tfkit.inspect import _panels, _save, attention_rollout, capture_attention, draw_heads
+from tfkit.inspect import (
+    _panels,
+    _save,
+    attention_rollout,
+    capture_attention,
+    draw_heads,
+)
 from tfkit.recipes.forecast.series import Series
 
 if TYPE_CHECKING:

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.data import SPLITS, check_labels, label_names, load_splits, pad_rows, read_lines, require_columns
+from tfkit.data import (
+    SPLITS,
+    check_labels,
+    label_names,
+    load_splits,
+    pad_rows,
+    read_lines,
+    require_columns,
+)
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
 from tfkit.recipes.bert.corpus import classify_corpus, pair_corpus, tag_corpus

@@ -20,7 +20,14 @@ from num2words import num2words
 from torch import Tensor
 
 from tfkit.data import SPLITS, cached
-from tfkit.recipes.conformer.augment import add_noise, babble, coloured_noise, reverberate, room_impulse_response, uniform
+from tfkit.recipes.conformer.augment import (
+    add_noise,
+    babble,
+    coloured_noise,
+    reverberate,
+    room_impulse_response,
+    uniform,
+)
 
 DIGITS = "zero one two three four five six seven eight nine".split()
 # eSpeak NG's English voices (en-Shaw, also English, writes Shavian letters); each speaker is one of

@@ -24,17 +24,46 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
+from tfkit import config as configs
 from tfkit import run as runs
-from tfkit.data import check_labels, encode_once, label_names, list_column, load_splits, report_unusable, require_columns, seeded_global_rng
+from tfkit.data import (
+    check_labels,
+    derive_seed,
+    encode_once,
+    label_names,
+    list_column,
+    load_splits,
+    report_unusable,
+    require_columns,
+    seeded_generator,
+    seeded_global_rng,
+)
 from tfkit.errors import UsageError
-from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, labels_config, read_config, read_weights, to_hf, write_folder
+from tfkit.hf import (
+    Rename,
+    activation_from_hf,
+    activation_to_hf,
+    from_hf,
+    labels_config,
+    read_config,
+    read_weights,
+    to_hf,
+    write_folder,
+)
 from tfkit.inspect import attention_rollout, draw_overlays
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
 from tfkit.onnx import Graph
-from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges, for_each_file
+from tfkit.recipe import (
+    AttentionExample,
+    Batch,
+    Loss,
+    Recipe,
+    batch_ranges,
+    for_each_file,
+)
 from tfkit.registry import register
 
 if TYPE_CHECKING:
@@ -147,7 +176,7 @@ class VisionTransformer(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         self.position = nn.Parameter(torch.empty(1 + self.grid[0] * self.grid[1], d_model))  # [CLS] + patches
         self.dropout = Dropout(dropout)
-        self.encoder = Encoder(block, depth, d_model, heads, d_ff, dropout, activation, drop_path)
+        self.encoder = Encoder(block, depth, d_model, heads, d_ff, dropout, activation, drop_path=drop_path)
         self.head = nn.Linear(d_model, classes)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -175,6 +204,11 @@ class ViT(Recipe):
     """Vision Transformer for image classification: patches, [CLS], pre-LN, attention rollout."""
 
     config_file = "vit.yaml"
+    ranges = configs.ranges(
+        (*configs.AT_LEAST_1, ("depth", "patch", "channels", "image_size")),
+        (*configs.OFF_AT_0, ("mixup", "cutmix")),
+        (*configs.POSITIVE, ("std",)),
+    )
     BUILTIN_SIZES = {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}  # the 8×8 digits
     unit = "img"
     labels: list[str]
@@ -334,7 +368,7 @@ class ViT(Recipe):
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         size, seed = self.config["train"]["batch_size"], self.config["seed"]
         crop, per_image, mix = self._augmentation()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = seeded_generator(seed, epoch)
         rows = self.train_rows[torch.randperm(len(self.train_rows), generator=generator)]
         data = self.config["data"]
         # the epoch's boxes in one draw (every stored image has the configured size): drawn per
@@ -351,7 +385,7 @@ class ViT(Recipe):
             for start in range(0, len(crops), size):
                 images, labels = crops[start : start + size], targets[start : start + size]
                 b = (first + start) // size
-                with seeded_global_rng((seed * 1_000_003 + epoch) * 1_000_003 + b):  # torchvision's draws
+                with seeded_global_rng(derive_seed(seed, epoch, b)):  # torchvision's draws
                     if per_image is not None:
                         images = torch.stack([per_image(image) for image in images])
                     images = self._normalise(images)

@@ -18,12 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.data import SPLITS, as_evaluation, load_splits, pad_rows, read_lines, require_columns
+from tfkit.data import (
+    SPLITS,
+    as_evaluation,
+    load_splits,
+    pad_rows,
+    read_lines,
+    require_columns,
+)
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
 from tfkit.recipes.bert.corpus import qa_corpus
 from tfkit.recipes.bert.tasks import Task
 from tfkit.recipes.bert.tokens import CLS, PAD, SEP
+
 
 class Question(NamedTuple):
     """One question about a context, with its gold answers."""

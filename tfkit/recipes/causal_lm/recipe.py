@@ -17,18 +17,31 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from tfkit.data import SPLITS, choose_vocab_size, read_lines
+from tfkit import config as configs
+from tfkit.data import SPLITS, choose_vocab_size, read_lines, seeded_generator
 from tfkit.errors import UsageError
 from tfkit.inspect import capture_attention, head_type_scores
 from tfkit.onnx import Graph
-from tfkit.recipe import AttentionExample, Batch, Loss, TokenizerRecipe, Vocabulary, batch_ranges
+from tfkit.recipe import (
+    AttentionExample,
+    Batch,
+    Loss,
+    TokenizerRecipe,
+    Vocabulary,
+    batch_ranges,
+)
+from tfkit.recipes.causal_lm import hf
 from tfkit.recipes.causal_lm.corpus import read_documents, token_stream
 from tfkit.recipes.causal_lm.generate import stream
-from tfkit.recipes.causal_lm import hf
 from tfkit.recipes.causal_lm.model import CausalLM, LSTMLanguageModel
-from tfkit.recipes.causal_lm.tokens import TextStream, end_of_text, load_tokenizer, token_bytes, train_byte_bpe
+from tfkit.recipes.causal_lm.tokens import (
+    TextStream,
+    end_of_text,
+    load_tokenizer,
+    token_bytes,
+    train_byte_bpe,
+)
 from tfkit.registry import register
-
 
 VOCAB_SAMPLE_CHARACTERS = 5_000_000
 
@@ -38,6 +51,9 @@ class CausalLanguageModel(TokenizerRecipe):
     """Decoder-only Transformer (GPT): next-token prediction, generation, perplexity and bits per byte."""
 
     config_file = "causal-lm.yaml"
+    minimised = ("perplexity", "bits_per_byte")
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("block_size",)), (*configs.FRACTION, ("held_out",)))
+    choices = {"model.family": ("transformer", "lstm")}
     BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
 
     def prepare(self, run_dir: Path | None = None) -> None:
@@ -106,7 +122,7 @@ class CausalLanguageModel(TokenizerRecipe):
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """Blocks in a random order, and shifted by a random offset each epoch, both from (seed, epoch)."""
-        generator = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + epoch)
+        generator = seeded_generator(self.config["seed"], epoch)
         shift = int(torch.randint(self.config["data"]["block_size"], (1,), generator=generator)) if epoch else 0
         starts = self._blocks("train", shift)
         order = torch.randperm(len(starts), generator=generator).numpy()

@@ -14,7 +14,17 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from tfkit.errors import UsageError
-from tfkit.hf import Rename, activation_from_hf, activation_to_hf, from_hf, read_config, read_weights, to_hf, write_folder, write_tokenizer
+from tfkit.hf import (
+    Rename,
+    activation_from_hf,
+    activation_to_hf,
+    from_hf,
+    read_config,
+    read_weights,
+    to_hf,
+    write_folder,
+    write_tokenizer,
+)
 from tfkit.recipes.causal_lm.tokens import END_OF_TEXT
 
 RMS_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's epsilon when none is given, as our llama block's norms are built

@@ -15,16 +15,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tfkit.data import encode_once, length_buckets, load_splits, pad_rows, read_lines, require_columns, train_wordpiece
+from tfkit import config as configs
+from tfkit.data import (
+    derive_seed,
+    encode_once,
+    length_buckets,
+    load_splits,
+    pad_rows,
+    read_lines,
+    require_columns,
+    train_wordpiece,
+)
 from tfkit.errors import UsageError
+from tfkit.hf import write_folder
 from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss
 from tfkit.recipes.bert.base import BertRecipe
 from tfkit.recipes.bert.corpus import pretraining_corpus, sentences
-from tfkit.hf import write_folder
-from tfkit.recipes.bert.hf import PRETRAINING_HEADS, bert_config_from_hf, bert_config_to_hf, bert_head_from_hf, bert_weights_from_hf, bert_weights_to_hf
+from tfkit.recipes.bert.hf import (
+    PRETRAINING_HEADS,
+    bert_config_from_hf,
+    bert_config_to_hf,
+    bert_head_from_hf,
+    bert_weights_from_hf,
+    bert_weights_to_hf,
+)
 from tfkit.recipes.bert.model import BertForPretraining, build_bert
-from tfkit.recipes.bert.tokens import MASK, PAD, SPECIALS, check_specials, load_tokenizer, pair_ids
+from tfkit.recipes.bert.tokens import (
+    MASK,
+    PAD,
+    SPECIALS,
+    check_specials,
+    load_tokenizer,
+    pair_ids,
+)
 from tfkit.registry import register
 
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
@@ -146,6 +170,7 @@ class BertPretrain(BertRecipe):
     """BERT pretraining: masked LM (15%, 80/10/10) and next-sentence prediction, WordPiece."""
 
     config_file = "bert-pretrain.yaml"
+    ranges = configs.ranges((*configs.PROBABILITY, ("mask_prob",)), (*configs.FRACTION, ("held_out",)))
     BUILTIN_SIZES = {"data.vocab_size": 4000, "data.max_length": 64, "train.steps": 3000}
 
     def prepare(self, run_dir: Path | None = None) -> None:
@@ -231,7 +256,7 @@ class BertPretrain(BertRecipe):
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         # new pairs and new masks every epoch (dynamic masking), fixed by seed and epoch
-        yield from self._batches("train", self.config["seed"] * 1_000_003 + epoch)
+        yield from self._batches("train", derive_seed(self.config["seed"], epoch))
 
     def shard(self, batch: Batch, rank: int, world: int) -> Batch:
         """Rows as usual; the masked positions (flat over B·T) and their labels follow their rows."""
