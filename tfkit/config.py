@@ -105,6 +105,8 @@ def merge(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> d
 def _coerce(path: str, default: Any, value: Any) -> Any:
     if default is None:
         return value
+    if default == AUTO and path in CHOICES:  # "auto" is one of the choices (train.precision), checked with them
+        return value
     if default == AUTO:
         if value == AUTO or (isinstance(value, int) and not isinstance(value, bool)):
             return value
