@@ -221,6 +221,13 @@ def other_model_weights(path: Path, tmp_path: Path) -> None:
     shutil.copy(runs.last_checkpoint(run.run_dir) / runs.WEIGHTS, path)
 
 
+def renamed_weights(path: Path, tmp_path: Path) -> None:
+    """The same tensors under other names: another model's file of the same sizes."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({f"other.{name}": tensor for name, tensor in load_file(path).items()}, path)
+
+
 def pickled_object(path: Path, tmp_path: Path) -> None:
     import argparse
 
@@ -237,6 +244,7 @@ CASES = [
     (runs.WEIGHTS, "garbage", "damaged, not a whole safetensors file"),
     (runs.WEIGHTS, "empty", "damaged, not a whole safetensors file"),
     (runs.WEIGHTS, "another model", "holds weights of other sizes than config.yaml's model"),
+    (runs.WEIGHTS, "other names", "tensors unexpected, e.g. other."),
     (runs.TOKENIZER, "cut short", "not a tokenizer file"),
     (runs.TOKENIZER, "garbage", "not a tokenizer file"),
     (runs.TOKENIZER, "edited", "not a tokenizer file"),
@@ -251,6 +259,7 @@ CASES = [
 ]
 EDITS = {
     "another model": other_model_weights,
+    "other names": renamed_weights,
     "edited": lambda path, tmp: path.write_text('{"version": "1.0", 3: [}', encoding="utf-8"),
     "yaml syntax": lambda path, tmp: path.write_text("recipe: translation\nmodel: {d_model: [64\n", encoding="utf-8"),
     "out of range": lambda path, tmp: path.write_text(path.read_text(encoding="utf-8").replace("d_model: 64", "d_model: -5"), encoding="utf-8"),

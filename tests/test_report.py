@@ -19,12 +19,12 @@ import pytest
 import soundfile
 from PIL import Image
 
-from tfkit import report
+from tfkit import page as pages
 from tfkit import run as runs
 from tfkit.cli import main
 from tfkit.inspect import attention_rollout
 from tfkit.recipe import AttentionExample
-from tfkit.recipes.forecast.series import planted
+from tfkit.recipes.forecast.data import planted
 
 
 def cli(*args: str) -> None:
@@ -86,7 +86,7 @@ def data_of(folder: Path) -> dict:
 
 def decode(blob: str, shape: list[int]) -> np.ndarray:
     """What the page decodes: base64 → inflate → (q/255)²."""
-    return report.dequantise(np.frombuffer(zlib.decompress(base64.b64decode(blob)), np.uint8)).reshape(shape)
+    return pages.dequantise(np.frombuffer(zlib.decompress(base64.b64decode(blob)), np.uint8)).reshape(shape)
 
 
 def close_to(shown, exact) -> bool:
@@ -101,7 +101,7 @@ def test_page_loads_nothing_from_outside(pages):
         policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
         assert "default-src 'none'" in policy and "unsafe" not in policy
         script = re.findall(r"<script>(.*?)</script>", html, re.S)
-        assert len(script) == 1 and report._sha256(script[0]) in policy  # only the page's own script may run
+        assert len(script) == 1 and pages.sha256(script[0]) in policy  # only the page's own script may run
         markup = re.sub(r"<(script|style)\b[^>]*>.*?</\1>", "", html, flags=re.S)
         assert re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]+)""", markup) == ["data:,"]  # the empty favicon
         assert "url(" not in re.search(r"<style>(.*?)</style>", html, re.S).group(1)
@@ -118,8 +118,8 @@ def test_weights_round_trip_within_eight_bits_of_the_root(pages):
     assert table["columns"][:5] == ["module", "head", "entropy (nats)", "most attended", "weight"]
     assert len(table["rows"]) == sum(weights[name].shape[0] for name in weights.files)
     # the uniform row's 1/512 survives (it is 0 in plain 8 bits), and 1 stays 1
-    assert report.dequantise(report.quantise(np.array([1 / 512, 1.0])))[0] == pytest.approx(1 / 512, rel=0.1)
-    assert report.dequantise(report.quantise(np.array([1.0])))[0] == 1.0
+    assert pages.dequantise(pages.quantise(np.array([1 / 512, 1.0])))[0] == pytest.approx(1 / 512, rel=0.1)
+    assert pages.dequantise(pages.quantise(np.array([1.0])))[0] == 1.0
 
 
 def test_translation_page_aligns_cross_attention(pages):
@@ -214,10 +214,10 @@ def test_markup_in_the_input_stays_text(tmp_path):
 def test_a_recipe_panel_of_an_unknown_kind_is_a_usage_error(tmp_path):
     example, weights = synthetic(1, 1, 4)
     example.page = lambda weights: {"panels": [{"kind": "video", "title": "x"}]}
-    with pytest.raises(report.TfkitError, match="panel kind 'video' is not one of text, table, image, plot, alignment"):
+    with pytest.raises(pages.TfkitError, match="panel kind 'video' is not one of text, table, image, plot, alignment"):
         report.write_report(tmp_path / "report.html", "bad", example, weights)
     example.page = lambda weights: {"panels": [{"kind": "plot", "title": "series", "lines": {"load": np.zeros(4)}}]}
-    with pytest.raises(report.TfkitError, match="the plot panel 'series' needs its lines as lists of numbers"):
+    with pytest.raises(pages.TfkitError, match="the plot panel 'series' needs its lines as lists of numbers"):
         report.write_report(tmp_path / "report.html", "bad", example, weights)
 
 
@@ -349,7 +349,7 @@ def test_export_png_and_csv(browser, pages):
     rows = list(csv_rows(opened.download("#csv")))
     tokens = json.loads((folder / "tokens.json").read_text())["axes"]
     assert rows[0] == ["query \\ key", *tokens["source"]] and [r[0] for r in rows[1:]] == tokens["target"]
-    mean = report.dequantise(report.quantise(weights["decoder.layers.1.cross_attn"])).mean(0)
+    mean = pages.dequantise(pages.quantise(weights["decoder.layers.1.cross_attn"])).mean(0)
     np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], dtype=float), mean, atol=2e-6)  # float32 sums, six decimals
     for button in ("heatmap", "tokens", "panel-0"):
         png = opened.download(f"button[data-png='{button}']")

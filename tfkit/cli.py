@@ -49,6 +49,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="Data: a .tsv/.csv/.jsonl file, a folder, or a Hugging Face dataset name."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/RECIPE/TIME)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train for this many optimiser steps."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Train for this long (20m, 1h30m): steps and evaluations planned to fit."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data order, splits and initialisation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory exactly."),
@@ -60,6 +61,7 @@ def train(
     Example: tfkit train translation --set train.steps=500 --out runs/demo
     """
     from tfkit import distributed
+    from tfkit.budget import parse_duration
     from tfkit.train import pick_device, start_training
 
     target = pick_device(device)
@@ -67,10 +69,11 @@ def train(
     sets = list(set_)
     sets += [f"data.name={data}"] if data is not None else []
     sets += [f"train.steps={max_steps}"] if max_steps is not None else []
+    sets += [f"train.minutes={parse_duration(time_)}"] if time_ is not None else []
     sets += [f"seed={seed}"] if seed is not None else []
     sets += ["train.compile=true"] if compile_ else []
     if resume is not None:
-        if config or set_ or data or seed is not None or out or init or preset != "tiny":
+        if config or set_ or data or seed is not None or out or init or preset != "tiny" or time_ is not None:
             raise UsageError("--resume continues a run with its own config (only --max-steps, --device and --compile apply)")
         registry.load_all()
         resolved = runs.read_config(resume)
@@ -267,14 +270,8 @@ def inspect_attention(
 
     Example: tfkit inspect-attention runs/translation/20261123-101500 "twenty-five"
     """
-    from tfkit.inspect import (
-        HEAD_TYPES,
-        INDUCTION_HEAD,
-        head_summary,
-        inspect,
-        write_head_types,
-    )
-    from tfkit.report import CAP, write_report
+    from tfkit.inspect import head_summary, head_type_cell, inspect, write_head_types
+    from tfkit.page import CAP, write_report
     from tfkit.train import pick_device
 
     registry.load_all()
@@ -292,13 +289,13 @@ def inspect_attention(
         stdout.print(table)
     scores = write_head_types(example, folder)
     if scores:
-        table = Table(title="head types, on random tokens repeated twice (* induction head)")
-        for column in ("module", "head", *HEAD_TYPES):
+        kinds = list(dict.fromkeys(kind for per_module in scores.values() for kind in per_module))
+        table = Table(title=example.head_types_title)
+        for column in ("module", "head", *kinds):
             table.add_column(column)
-        for name, kinds in scores.items():
-            for head in range(len(kinds["induction"])):
-                mark = " *" if kinds["induction"][head] > INDUCTION_HEAD else ""
-                table.add_row(name, str(head), *(f"{kinds[kind][head]:.2f}" for kind in HEAD_TYPES[:-1]), f"{kinds['induction'][head]:.2f}{mark}")
+        for name, per_module in scores.items():
+            for head in range(len(per_module[kinds[0]])):
+                table.add_row(name, str(head), *(head_type_cell(per_module, kind, head, example.head_type_marks) for kind in kinds))
         stdout.print(table)
     left_out = write_report(folder / "report.html", f"{recipe.config['recipe']}: {text}", example, weights, scores)
     if left_out:
@@ -316,7 +313,7 @@ def report(
 
     Example: tfkit report runs/translation/20261123-101500 runs/translation/20261124-090000
     """
-    from tfkit.curves import write_report
+    from tfkit.report import write_report
 
     registry.load_all()
     target = out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report"))

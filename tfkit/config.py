@@ -46,7 +46,7 @@ RANGES = ranges(
     (*OFF_AT_0, ("eval_every", "warmup", "clip_grad_norm", "weight_decay", "patience", "temperature")),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
     (*AT_LEAST_0, ("steps", "seed", "vocab_size")),
-    (*POSITIVE, ("lr", "eps", "norm_eps", "repetition_penalty")),
+    (*POSITIVE, ("lr", "eps", "norm_eps", "repetition_penalty", "minutes")),
     (*FRACTION, ("dropout", "drop_path", "label_smoothing", "betas")),
     ("above 0 and at most 1", lambda v: 0 < v <= 1, ("top_p",)),
 )
@@ -178,7 +178,7 @@ def _check(config: dict[str, Any], ranges: dict[str, tuple[str, Any]], choices: 
         elif path in choices:
             if value not in choices[path]:
                 raise UsageError(f"unknown {path} {value!r} (valid: {', '.join(map(str, choices[path]))})")
-        elif key in ranges and value != AUTO:
+        elif key in ranges and value not in (AUTO, None):
             words, test = ranges[key]
             numbers = value if isinstance(value, list) else [value]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and test(v) for v in numbers):

@@ -79,7 +79,7 @@ def attention_rollout(layers: list[np.ndarray]) -> np.ndarray:
     return rollout
 
 
-def _panels(count: int, cell: float, title: str):
+def figure_panels(count: int, cell: float, title: str):
     """A figure of ``count`` panels, at most 4 across; unused panels are hidden."""
     import matplotlib
 
@@ -110,7 +110,7 @@ def draw_heads(
     sequence); ``boundary`` draws lines before that token on both axes (where a second segment starts)."""
     longest = max(len(queries), len(keys))
     step = math.ceil(longest / 40)
-    fig, axes = _panels(weights.shape[0], min(12.0, max(2.5, 0.28 * longest / step)), title)
+    fig, axes = figure_panels(weights.shape[0], min(12.0, max(2.5, 0.28 * longest / step)), title)
     for h, ax in enumerate(axes):
         ax.imshow(weights[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         if boundary is not None:
@@ -122,19 +122,9 @@ def draw_heads(
     _save(fig, path)
 
 
-def draw_spectrogram(spectrogram: np.ndarray, seconds_per_frame: float, title: str, path: Path) -> None:
-    """A (bins, frames) spectrogram with time in seconds across."""
-    fig, (ax,) = _panels(1, 4.0, title)
-    fig.set_size_inches(min(16.0, max(6.0, spectrogram.shape[1] / 40)), 3.5)
-    ax.imshow(spectrogram, origin="lower", aspect="auto", cmap="magma", extent=(0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0]))
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("mel bin")
-    _save(fig, path)
-
-
 def draw_overlays(image: np.ndarray, maps: list[tuple[str, np.ndarray]], title: str, path: Path) -> None:
     """Each (label, h×w map) stretched over the image (H, W, C in [0, 1]) as a translucent heatmap."""
-    fig, axes = _panels(len(maps), 2.5, title)
+    fig, axes = figure_panels(len(maps), 2.5, title)
     height, width = image.shape[:2]
     for ax, (label, heat) in zip(axes, maps):
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
@@ -155,10 +145,6 @@ def head_summary(weights: np.ndarray, keys: list[str]) -> list[tuple[int, float,
     return rows
 
 
-HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
-INDUCTION_HEAD = 0.4  # an induction score above this marks an induction head
-
-
 def head_type_scores(weights: np.ndarray, period: int) -> dict[str, list[float]]:
     """Per head of (heads, 2·period, 2·period) causal attention over a sequence of random tokens
     repeated twice: the mean weight on the previous position (previous-token heads), and, over the
@@ -171,6 +157,12 @@ def head_type_scores(weights: np.ndarray, period: int) -> dict[str, list[float]]
         "duplicate_token": weights[:, second, second - period].mean(-1).tolist(),
         "induction": weights[:, second, second - period + 1].mean(-1).tolist(),
     }
+
+
+def head_type_cell(scores: dict[str, list[float]], kind: str, head: int, marks: dict[str, float]) -> str:
+    """A head's score of one kind, starred where it passes the recipe's mark for that kind."""
+    value = scores[kind][head]
+    return f"{value:.2f}" + (" *" if kind in marks and value > marks[kind] else "")
 
 
 def write_head_types(example: AttentionExample, out_dir: Path) -> dict[str, dict[str, list[float]]] | None:

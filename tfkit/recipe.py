@@ -55,10 +55,11 @@ class AttentionExample:
     ({module: (heads, query, key)}) and the output folder, and writes its own pictures.
     ``meta`` goes into tokens.json beside the tokens (an image recipe records its patch grid).
     ``head_types``, when given, measures what kind of head each one is on a probe of the recipe's
-    own ({module: {kind: a score per head}}, see :func:`tfkit.inspect.head_type_scores`); the scores
-    also become columns of report.html's per-head table.
+    own ({module: {kind: a score per head}}, see :func:`tfkit.inspect.head_type_scores`): a table under
+    ``head_types_title``, with heads starred past ``head_type_marks``; the scores also become columns
+    of report.html's per-head table.
 
-    ``page``, when given, adds the recipe's own views to report.html (:mod:`tfkit.report`) with no
+    ``page``, when given, adds the recipe's own views to report.html (:mod:`tfkit.page`) with no
     page code of its own: it gets the captured weights and returns data,
     ``{"panels": [panel, ...], "boundaries": {axis: index}}`` (both keys optional). ``boundaries``
     draws a line before that token wherever the axis is shown (BERT's second segment). Each panel is
@@ -89,6 +90,8 @@ class AttentionExample:
     draw: Callable[[dict[str, np.ndarray], Path], None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     head_types: Callable[[], dict[str, dict[str, list[float]]]] | None = None
+    head_types_title: str = "head types"  # the title of the table inspect-attention prints of them
+    head_type_marks: dict[str, float] = field(default_factory=dict)  # kind → a score above which a head is starred
     page: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None
 
 

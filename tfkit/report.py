@@ -1,149 +1,141 @@
-"""report.html: one self-contained page to look at every head of one inspected input.
+"""``tfkit report RUN [RUN ...]``: what training did, as one self-contained page and its PNGs.
 
-Scripts, styles and data are inlined into one file, and a Content-Security-Policy lets the page run
-only its own script and style (by hash) and load nothing from anywhere, so it opens from file://
-offline and no request leaves it. The page code (tfkit/web/) is recipe-agnostic: a recipe adds its
-own views as data, through :attr:`tfkit.recipe.AttentionExample.page`.
-
-Weights travel as 8 bits of √w (fine steps near 0, where a diffuse head's weights are: 1/512 keeps
-9% precision), deflated and base64-encoded, one blob per module that the page inflates when the
-module is first opened. A 12-layer × 12-head × 512-token input fits; past :data:`CAP` weights in all,
-the later modules are listed (table, thumbnails) but their full matrices stay in attention.npz only.
+Every quantity in metrics.jsonl (the training loss, the learning rate, the throughput and each
+validation metric) is drawn against the step and against the training time, one line per run, so
+that two runs (two attention variants, a Transformer and its baseline) are compared in one picture.
+A table gives each run's last values, and the config keys that differ between the runs (all of them
+for one run). The figures are inline PNGs (data: URLs) and the page loads nothing (the same Content-Security-Policy
+as the inspection page's, with no script at all); each figure is also written as a PNG beside it.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
-import json
+import io
 import re
-import zlib
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import matplotlib
 
-from tfkit.errors import TfkitError
-from tfkit.inspect import HEAD_TYPES, head_summary
-from tfkit.recipe import AttentionExample
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
-CAP = 40_000_000  # weights embedded in all: 12 layers × 12 heads × 512² is 37.7M
-THUMB = 32  # a thumbnail has at most this many cells a side (block means)
-PANEL_KINDS = ("text", "table", "image", "plot", "alignment")
+from tfkit import run as runs  # noqa: E402
+from tfkit.config import flatten  # noqa: E402
+from tfkit.errors import UsageError  # noqa: E402
+from tfkit.page import asset, sha256  # noqa: E402
 
-
-def quantise(weights: np.ndarray) -> np.ndarray:
-    """Attention weights in [0, 1] → uint8 round(255·√w); the page decodes (q/255)²."""
-    return np.round(np.sqrt(np.clip(weights, 0.0, 1.0)) * 255).astype(np.uint8)
+TRAINING = {"loss": "training loss", "lr": "learning rate", "items_per_s": "throughput (items/s)"}
+NOT_DRAWN = {"step", "seconds", "split"}
 
 
-def dequantise(codes: np.ndarray) -> np.ndarray:
-    return (codes.astype(np.float32) / 255) ** 2
+def curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float | None, float]]]:
+    """Quantity → [(step, seconds or None, value)] in the records' order; validation metrics are
+    named by their split ("validation bleu")."""
+    out: dict[str, list[tuple[int, float | None, float]]] = {}
+    for record in records:
+        split = record.get("split")
+        for key, value in record.items():
+            if key in NOT_DRAWN or not isinstance(value, (int, float)):
+                continue
+            name = f"{split} {key}" if split else TRAINING.get(key, key)
+            out.setdefault(name, []).append((record["step"], record.get("seconds"), float(value)))
+    return out
 
 
-def _blob(codes: np.ndarray) -> str:
-    # zlib's format is what the browser's DecompressionStream("deflate") reads; level 1 is 7× faster
-    # than 6 for 13% more bytes on diffuse weights
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(codes).tobytes(), 1)).decode("ascii")
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """The runs' folder names, with their parents where two share one."""
+    names = [p.resolve().name for p in run_dirs]
+    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
 
 
-def _block_means(weights: np.ndarray, size: int) -> np.ndarray:
-    """(H, Tq, Tk) → (H, ≤size, ≤size): the mean of each block of queries and keys."""
-    for axis in (1, 2):
-        n = weights.shape[axis]
-        if n > size:
-            edges = np.linspace(0, n, size + 1).astype(int)[:-1]
-            weights = np.add.reduceat(weights, edges, axis=axis) / np.diff(np.append(edges, n)).reshape([-1 if a == axis else 1 for a in range(3)])
-    return weights
+def _figure(quantity: str, drawn: list[tuple[str, list[tuple[int, float | None, float]]]]) -> plt.Figure:
+    timed = any(s is not None for _, points in drawn for _, s, _ in points)
+    figure, axes = plt.subplots(1, 2 if timed else 1, figsize=(9 if timed else 4.8, 3.2), squeeze=False)
+    for index, (label, points) in enumerate(drawn):
+        steps = [step for step, _, _ in points]
+        values = [value for _, _, value in points]
+        marker = "o" if len(points) < 30 else None
+        (line,) = axes[0, 0].plot(steps, values, marker=marker, markersize=3, label=label)
+        if timed:
+            kept = [(s, v) for _, s, v in points if s is not None]
+            axes[0, 1].plot([s for s, _ in kept], [v for _, v in kept], marker=marker, markersize=3, label=label, color=line.get_color())
+    for ax, across in zip(axes[0], ("step", "training seconds")):
+        ax.set_xlabel(across)
+        ax.set_ylabel(quantity)
+        ax.grid(alpha=0.3)
+        if quantity in ("training loss", "learning rate") and all(v > 0 for _, points in drawn for _, _, v in points):
+            ax.set_yscale("log")
+    if len(drawn) > 1:
+        axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
-    """Any other array (an image, a spectrogram, a rollout map) in 8 bits over its own range."""
-    a = np.asarray(a, dtype=np.float64)
-    if not np.isfinite(a).all():
-        raise TfkitError("a page array holds NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    codes = np.round((a - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
-    return {"shape": list(a.shape), "lo": lo, "hi": hi, "bytes": base64.b64encode(codes.tobytes()).decode("ascii")}
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return _encode_array(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def page_data(
-    title: str, example: AttentionExample, weights: dict[str, np.ndarray], head_types: dict[str, dict[str, list[float]]] | None = None
-) -> dict[str, Any]:
-    """What the page gets: axes, modules (weights within :data:`CAP`), the per-head table, the recipe's views."""
-    modules, budget = [], CAP
-    for name, w in weights.items():
-        queries, keys = example.axes(name)
-        fits = w.size <= budget
-        budget = budget - w.size if fits else 0  # once one is left out, so are the rest: the page keeps the npz's order
-        thumbs = _block_means(w, THUMB)
-        modules.append({
-            "name": name, "queries": queries, "keys": keys, "shape": list(w.shape),
-            "weights": _blob(quantise(w)) if fits else None,
-            "thumbs": _blob(quantise(thumbs)), "thumb_shape": list(thumbs.shape[1:]),
-        })
-    kinds = [k for k in HEAD_TYPES if head_types and any(k in s for s in head_types.values())]
-    rows = []
-    for name, w in weights.items():
-        for head, entropy, token, weight in head_summary(w, example.tokens[example.axes(name)[1]]):
-            scores = [round(head_types[name][k][head], 4) if head_types and name in head_types else None for k in kinds]
-            rows.append([name, head, round(entropy, 4), token, round(weight, 4), *scores])
-    extra = example.page(weights) if example.page is not None else {}
-    for panel in extra.get("panels", []):
-        if panel.get("kind") not in PANEL_KINDS:
-            raise TfkitError(f"the recipe's page panel kind {panel.get('kind')!r} is not one of {', '.join(PANEL_KINDS)}")
-        if panel["kind"] == "plot" and not all(isinstance(line, list) for line in panel["lines"].values()):
-            raise TfkitError(f"the plot panel {panel.get('title')!r} needs its lines as lists of numbers")
-    return {
-        "title": title,
-        "axes": example.tokens,
-        "modules": modules,
-        "cap": CAP,
-        "table": {"columns": ["module", "head", "entropy (nats)", "most attended", "weight", *kinds], "rows": rows},
-        "panels": _jsonable(extra.get("panels", [])),
-        "boundaries": extra.get("boundaries", {}),
-    }
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
 
 
-def _asset(name: str) -> str:
-    return (resources.files("tfkit") / "web" / name).read_text(encoding="utf-8")
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """Write ``out``/report.html and a PNG per quantity; returns the page's path."""
+    for run_dir in run_dirs:
+        if not (run_dir / runs.METRICS).is_file():
+            raise UsageError(f"{run_dir} is not a run directory (it has no {runs.METRICS})")
+    labels = _labels(run_dirs)
+    configs = [flatten(runs.read_config(d)) for d in run_dirs]
+    found = [curves(runs.read_metrics(d)) for d in run_dirs]
+    quantities = list(dict.fromkeys(q for per_run in found for q in per_run))
+    runs.make_dir(out)
+    figures = []
+    for quantity in quantities:
+        drawn = [(label, per_run[quantity]) for label, per_run in zip(labels, found) if quantity in per_run]
+        figure = _figure(quantity, drawn)
+        png = _png(figure)
+        plt.close(figure)
+        (out / f"{_slug(quantity)}.png").write_bytes(png)
+        figures.append((quantity, [label for label, _ in drawn], base64.b64encode(png).decode("ascii")))
 
-
-def _sha256(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
-
-
-def render(data: dict[str, Any]) -> str:
-    """The page as one HTML string."""
-    script, style = _asset("attention.js"), _asset("page.css")
-    # only this script and style may run, nothing may be fetched; connect-src etc. fall back to 'none'
-    policy = f"default-src 'none'; script-src {_sha256(script)}; style-src {_sha256(style)}; img-src data:; base-uri 'none'; form-action 'none'"
-    # "</script" or "<!--" inside a <script> block would change how it parses; "<" is only ever in
-    # JSON strings, where \u003c means the same
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    fields = {"policy": policy, "title": html.escape(data["title"]), "style": style, "script": script, "data": payload}
-    # one pass, so that nothing inserted (a title, the data) is itself searched for fields
-    return re.sub(r"\{\{(\w+)\}\}", lambda match: fields[match.group(1)], _asset("attention.html"))
-
-
-def write_report(
-    path: Path, title: str, example: AttentionExample, weights: dict[str, np.ndarray], head_types: dict[str, dict[str, list[float]]] | None = None
-) -> list[str]:
-    """Write report.html; returns the names of the modules left out of it past :data:`CAP`."""
-    data = page_data(title, example, weights, head_types)
-    path.write_text(render(data), encoding="utf-8")
-    return [m["name"] for m in data["modules"] if m["weights"] is None]
+    keys = list(dict.fromkeys(k for config in configs for k in config))
+    differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1] if len(configs) > 1 else keys
+    last = [{q: points[-1][2] for q, points in per_run.items()} for per_run in found]
+    header = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    summary = [("recipe", [c.get("recipe", "") for c in configs]),
+               ("steps", [max((p[0] for points in per_run.values() for p in points), default=0) for per_run in found]),
+               ("training seconds", [max((p[1] for points in per_run.values() for p in points if p[1] is not None), default="") for per_run in found])]
+    summary += [(f"last {q}", [row.get(q, "") for row in last]) for q in quantities]
+    rows = "".join(f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{_cell(v)}</td>' for v in values)}</tr>" for name, values in summary)
+    config_rows = "".join(f"<tr><td>{html.escape(k)}</td>{''.join(f'<td>{_cell(c.get(k, chr(8212)))}</td>' for c in configs)}</tr>" for k in differing)
+    same = len(keys) - len(differing)
+    if not differing:
+        config_rows = f"<tr><td colspan='{len(labels) + 1}'>none: the runs have the same config</td></tr>"
+    config_title = "config" if len(configs) == 1 else f"config keys that differ ({same} others are the same)"
+    body = (f"<section class='card'><h2>runs</h2><table id='runs'><thead><tr><th></th>{header}</tr></thead><tbody>{rows}</tbody></table></section>"
+            f"<section class='card'><h2>{config_title}</h2><table id='config'><thead><tr><th>key</th>{header}</tr></thead>"
+            f"<tbody>{config_rows}</tbody></table></section>"
+            + "<div class='row'>" + "".join(f"<section class='card figure' id='{_slug(q)}' data-runs='{html.escape(chr(10).join(drawn))}'><h2>{html.escape(q)}</h2>"
+                      f"<img alt='{html.escape(q)}' src='data:image/png;base64,{png}'></section>" for q, drawn, png in figures) + "</div>")
+    style = asset("page.css")
+    policy = f"default-src 'none'; style-src {sha256(style)}; img-src data:; base-uri 'none'; form-action 'none'"
+    title = "training: " + ", ".join(labels)
+    page = (f"<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n<title>{html.escape(title)}</title>\n"
+            f"<link rel='icon' href='data:,'>\n<style>{style}</style>\n</head>\n"
+            f"<body><header><h1>{html.escape(title)}</h1></header><main>{body}</main></body>\n</html>\n")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -118,14 +119,14 @@ def damaged(path: Path, error: BaseException | str, todo: str) -> UsageError:
 
 # -- the config -------------------------------------------------------------------------------------
 def save_config(run_dir: Path, config: dict[str, Any], chosen: dict[str, str] | None = None) -> None:
-    """Write config.yaml. The keys the recipe chose from the data (``chosen``, key → why) head it
-    as comments; with ``chosen`` None (a resumed run) the comments already there are kept."""
+    """Write config.yaml. The keys chosen from the data or for a time budget (``chosen``, key → why)
+    head it as comments, added to those already there (``None``: keep them as they are)."""
     path = run_dir / CONFIG
-    if chosen is None:
-        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        header = "".join(f"{line}\n" for line in itertools.takewhile(lambda line: line.startswith("#"), old))
-    else:
-        header = "".join(["# chosen from the data:\n", *(f"#   {key}: {why}\n" for key, why in chosen.items())]) if chosen else ""
+    old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = dict(re.match(r"#   ([^:]+): (.*)", line).groups() for line in itertools.takewhile(lambda line: line.startswith("#"), old)
+                if re.match(r"#   ([^:]+): (.*)", line))
+    notes = {**kept, **(chosen or {})}
+    header = "".join(["# chosen from the data:\n", *(f"#   {key}: {why}\n" for key, why in notes.items())]) if notes else ""
     atomic_write(path, lambda p: p.write_text(header + configs.dump(config), encoding="utf-8"))
 
 
@@ -296,7 +297,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise damaged(path, f"holds weights of other sizes than config.yaml's model ({sizes[0] if sizes else first_line(e)})",
                       "was it copied from another run?") from None
     if missing or unexpected:
-        parts = [f"{len(names)} tensors {word}, e.g. {names[0]}" for names, word in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        # safetensors gives the names as sets (lists in older releases)
+        parts = [f"{len(names)} tensors {word}, e.g. {min(names)}" for names, word in ((missing, "missing"), (unexpected, "unexpected")) if names]
         raise damaged(path, f"holds another model's weights ({'; '.join(parts)})", "was it copied from another run?")
 
 

@@ -34,7 +34,7 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
-from tfkit import distributed, registry
+from tfkit import budget, distributed, registry
 from tfkit import run as runs
 from tfkit.distributed import Ranks
 from tfkit.errors import TfkitError, UsageError, first_line
@@ -122,6 +122,14 @@ def check_best_options(cfg: dict[str, Any]) -> None:
 
 
 class Trainer:
+    """Trains one recipe's model in one run directory: the optimiser and schedule of ``train:``,
+    autocast, accumulation and clipping, evaluation every ``train.eval_every`` steps, checkpoints
+    (the latest ``train.keep_last`` and the best by ``train.keep_best``), exact resume, and a stop
+    that saves on SIGINT/SIGTERM. Under torchrun every rank holds one; rank 0 writes the run.
+
+    The recipe supplies everything task-specific (batches, loss, metrics); the trainer never looks
+    inside a batch beyond moving it to the device and counting its first tensor's rows."""
+
     def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device,
                  console: Console | None = None, ranks: Ranks = Ranks()):
         self.recipe, self.run_dir, self.device, self.ranks = recipe, run_dir, device, ranks
@@ -148,6 +156,7 @@ class Trainer:
         self.window = {"loss": 0.0, "steps": 0, "items": 0}  # running sums between two log lines
         self._signal: int | None = None  # set by the handler, at any moment
         self._stop: int | None = None  # the signal all ranks stop for, agreed at the end of a step
+        self._eval_seconds = 0.0  # the longest validation so far: what a budgeted run keeps in hand for its last
 
     # -- state ------------------------------------------------------------------------------------
     def seconds(self) -> float:
@@ -337,6 +346,7 @@ class Trainer:
     def evaluate(self, split: str = "validation") -> dict[str, float]:
         """Metrics on ``split``: every rank evaluates its share of the batches, and rank 0 scores the
         outputs of all (the other ranks return {})."""
+        start = time.perf_counter()
         model = self._whole_model(every_rank=True)
         with self._autocast(), packed_weights():
             outputs = self.recipe.eval_outputs(model, split, self.ranks.rank, self.ranks.world)
@@ -345,14 +355,47 @@ class Trainer:
         if not self.ranks.main:
             return {}
         metrics = self.recipe.score(split, [merged[place] for place in sorted(merged)])
+        self._eval_seconds = max(self._eval_seconds, time.perf_counter() - start)
         runs.append_metrics(self.run_dir, {"step": self.step, "seconds": round(self.seconds(), 3), "split": split, **metrics}, durable=True)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.console.print(f"step {self.step} {split}: {shown}")
         return metrics
 
+    def plan_to_budget(self) -> None:
+        """Fit ``train.steps`` and the evaluations to ``train.minutes`` (:mod:`tfkit.budget`), and
+        write the plan into config.yaml, so a resumed run follows the same schedule."""
+        if self.ranks.active:
+            raise UsageError("train.minutes plans a run of one process; under torchrun set train.steps instead")
+        self.console.print(f"timing {budget.PROBE_STEPS} steps and a validation to plan {self.cfg['minutes']:g} minutes...")
+        measured = budget.probe(self.recipe, self.model, self.cfg, self.device, self._autocast, build_optimizer)
+        self._eval_seconds = measured.eval_seconds
+        planned = budget.plan(self.cfg, 60 * self.cfg["minutes"] - self.seconds(), measured)
+        self.cfg.update(planned)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.cfg))
+        why = f"planned for train.minutes {self.cfg['minutes']:g}: {measured.step_seconds:.3f} s a step, {measured.eval_seconds:.1f} s a validation"
+        runs.save_config(self.run_dir, self.recipe.config, {f"train.{key}": f"{value} ({why})" for key, value in planned.items()})
+        self.console.print(f"train.steps = {planned['steps']:,}, train.eval_every = {planned['eval_every']:,}, "
+                           f"train.warmup = {planned['warmup']:,} ({why})", markup=False, highlight=False)
+
+    def _out_of_time(self) -> bool:
+        """Whether a budgeted run must stop now to end on time, its last validation included."""
+        return bool(self.cfg["minutes"]) and self.seconds() + self._eval_seconds > 60 * self.cfg["minutes"]
+
+    def _say_how_long(self, step_seconds: float) -> None:
+        """Once, early in a long run without a budget: how long it will take, and how to ask for less."""
+        left = (self.cfg["steps"] - self.step) * step_seconds
+        if not self.cfg["minutes"] and left > budget.LONG_RUN:
+            self.console.print(f"train.steps {self.cfg['steps']:,} at {step_seconds:.3g} s a step: about {budget.spoken(left)} "
+                               f"to go (--time 20m plans a run that fits 20 minutes; --max-steps N stops sooner)",
+                               markup=False, highlight=False)
+
     def fit(self, on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, float]:
-        """Train to ``train.steps``; ``on_step`` is called after each step (tests use it to interrupt)."""
+        """Train to ``train.steps``, or for ``train.minutes``; ``on_step`` is called after each step
+        (tests use it to interrupt)."""
+        if self.cfg["minutes"] and self.step == 0:
+            self.plan_to_budget()
         cfg, total = self.cfg, self.cfg["steps"]
+        told_how_long = self.step > 0
         stream = self._stream()
         metrics: dict[str, float] = {}
         last_eval = -1
@@ -387,6 +430,9 @@ class Trainer:
                     bar.update(task, info=info)
                     if progress and not self.console.is_terminal:  # logs and CI: a line instead of a bar
                         self.console.print(f"step {self.step}/{total}  {info}")
+                    if not told_how_long and self.ranks.main:
+                        self._say_how_long(elapsed / self.window["steps"])
+                        told_how_long = True
                     self.window = {"loss": 0.0, "steps": 0, "items": 0}
                     tick = time.perf_counter()
                 bar.update(task, completed=self.step)
@@ -396,6 +442,7 @@ class Trainer:
                     improved, patience_out = self._judge(metrics)
                 if improved or patience_out or self.step % cfg["save_every"] == 0:
                     self.save()
+                out_of_time = self._out_of_time()
                 if on_step is not None:
                     on_step(self.step)
                 # under torchrun only the flag agreed in the step's all-reduce counts: a signal landing
@@ -404,6 +451,10 @@ class Trainer:
                 if stop is not None:
                     self.save()
                     raise Interrupted(stop, self.run_dir, self.step)
+                if out_of_time and self.step < total:
+                    self.console.print(f"time budget of {cfg['minutes']:g} minutes reached at step {self.step} of {total}: "
+                                       f"stopping for the last validation")
+                    break
                 if patience_out:
                     best = self.best or {}
                     self.console.print(f"early stop at step {self.step}: no better validation {cfg['keep_best']} in "
