@@ -54,7 +54,7 @@ def vit() -> tuple[str, Graph, int, int]:
 
 def gpt() -> tuple[str, Graph, int, int]:
     from tfkit.recipes.causal_lm import CausalLM
-    from tfkit.recipes.causal_lm.recipe import NextTokenLogits
+    from tfkit.recipes.causal_lm.interop import NextTokenLogits
 
     c = SIZES["small"]["gpt"]
     model = CausalLM(c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu_tanh", "gpt", "learned", c["length"])

@@ -184,7 +184,7 @@ class TorchaudioConformerCTC(nn.Module):
 
 @row("Conformer training step (CTC)")
 def conformer_training() -> Row:
-    from tfkit.recipes.conformer.recipe import ConformerCTC
+    from tfkit.recipes.conformer.model import ConformerCTC
 
     c = config("conformer")
     batch, d, f = c["batch"], c["d_model"], c["d_ff"]
@@ -219,7 +219,7 @@ def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor,
     Returns masked ids, segment ids, flat chosen positions, their labels, (B, T) labels with -100
     elsewhere (transformers' convention), NSP labels."""
     from tfkit.recipes.bert.pretrain import mask_tokens
-    from tfkit.recipes.bert.tokens import CLS, SEP, SPECIALS
+    from tfkit.recipes.bert.data import CLS, SEP, SPECIALS
 
     vocab = config("bert")["vocab"]
     ids = torch.randint(len(SPECIALS), vocab, (batch, length))

@@ -1,5 +1,6 @@
-"""causal-lm: no position sees a later one, the KV cache equals the full forward, rotary positions
-depend only on distance, sampling is seeded, bits per byte count the real bytes, and it learns."""
+"""causal-lm: no position sees a later one, the KV cache equals the full forward whatever the parts
+and position, rotary positions depend only on distance, sampling is seeded, bits per byte count the
+real bytes, a corpus over the sampling thresholds prepares, and it learns."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tfkit import run as runs
 from tfkit.nn.position import RotaryPosition
 from tfkit.recipes.causal_lm import END_OF_TEXT, CausalLM, generate, sample_next, token_bytes, train_byte_bpe
 from tfkit.recipes.causal_lm.generate import penalize_repeats
-from tfkit.recipes.causal_lm.tokens import TextStream
+from tfkit.recipes.causal_lm.data import TextStream
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -32,9 +33,10 @@ def lm_config(*sets: str) -> dict:
     return configs.resolve(registry.get("recipe", "causal-lm").default_config(), None, [*TINY, *sets])
 
 
-def model(block: str = "gpt", position: str = "learned") -> CausalLM:
+def model(block: str = "gpt", position: str = "learned", feed_forward: str | None = None, norm: str | None = None) -> CausalLM:
     torch.manual_seed(0)
-    return CausalLM(50, 32, 4, 64, 2, 0.0, "gelu" if block == "gpt" else "swish", block, position, 40).eval()
+    return CausalLM(50, 32, 4, 64, 2, 0.0, "gelu" if block == "gpt" else "swish", block, position, 40,
+                    feed_forward=feed_forward, norm=norm).eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +46,14 @@ def lm_run(tmp_path_factory):
     return trainer.run_dir
 
 
-BLOCKS = [("gpt", "learned"), ("gpt", "sinusoidal"), ("llama", "rotary")]
+# (block, position, feed_forward, norm): the two transformers models, then parts and positions composed
+BLOCKS = [("gpt", "learned", None, None), ("gpt", "sinusoidal", None, None), ("llama", "rotary", None, None),
+          ("gpt", "rotary", "glu", None), ("llama", "learned", "mlp", "layer_norm")]
 
 
-@pytest.mark.parametrize("block, position", BLOCKS)
-def test_no_position_sees_a_later_one(block, position):
-    lm = model(block, position)
+@pytest.mark.parametrize("block, position, feed_forward, norm", BLOCKS)
+def test_no_position_sees_a_later_one(block, position, feed_forward, norm):
+    lm = model(block, position, feed_forward, norm)
     ids = torch.randint(1, 50, (2, 12))
     changed = ids.clone()
     changed[:, 7:] = torch.randint(1, 50, (2, 5))
@@ -57,9 +61,9 @@ def test_no_position_sees_a_later_one(block, position):
         torch.testing.assert_close(lm(ids)[:, :7], lm(changed)[:, :7], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("block, position", BLOCKS)
-def test_the_kv_cache_gives_the_full_forward_at_every_step(block, position):
-    lm = model(block, position)
+@pytest.mark.parametrize("block, position, feed_forward, norm", BLOCKS)
+def test_the_kv_cache_gives_the_full_forward_at_every_step(block, position, feed_forward, norm):
+    lm = model(block, position, feed_forward, norm)
     ids = torch.randint(1, 50, (1, 15))
     with torch.no_grad():
         full = lm.logits(lm(ids))
@@ -67,6 +71,31 @@ def test_the_kv_cache_gives_the_full_forward_at_every_step(block, position):
         steps = [lm.logits(lm(ids[:, :5], cache))]  # a prompt, then one token at a time
         steps += [lm.logits(lm(ids[:, t : t + 1], cache)) for t in range(5, 15)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_the_config_names_the_parts_and_position_and_export_refuses_what_transformers_lacks(tmp_path):
+    from tfkit.errors import UsageError
+    from tfkit.nn.blocks import GatedFeedForward
+    from tfkit.nn.position import NoPosition
+    from tfkit.recipes.causal_lm.interop import refuse_unrepresentable
+
+    config = lm_config("model.position=rotary", "model.feed_forward=glu", "model.norm=rms_norm")
+    recipe = registry.get("recipe", "causal-lm")(config)
+    recipe.imitate_builtin_data()
+    lm = recipe.build_model()
+    layer = lm.decoder.layers[0]
+    assert isinstance(lm.position, NoPosition) and isinstance(layer.self_attn.rotary, RotaryPosition)
+    assert isinstance(layer.feed_forward, GatedFeedForward) and isinstance(layer.norm1, torch.nn.RMSNorm)
+    assert layer.self_attn.in_proj.bias is not None  # the rest is still gpt's
+    refuse_unrepresentable({**config["model"], "position": "learned", "feed_forward": None, "norm": None})
+    refuse_unrepresentable({**config["model"], "position": "learned", "feed_forward": "mlp", "norm": "layer_norm"})  # gpt's own
+    for key, value, has in [("position", "rotary", "learned"), ("feed_forward", "glu", "mlp"), ("norm", "rms_norm", "layer_norm")]:
+        model_config = {**config["model"], "position": "learned", "feed_forward": None, "norm": None, key: value}
+        with pytest.raises(UsageError, match=f"model.{key} '{value}' with model.block gpt has no transformers equivalent "
+                                             f"\\(GPT2LMHeadModel has {has}; export it with --to onnx\\)"):
+            refuse_unrepresentable(model_config)
+    with pytest.raises(UsageError, match="model.feed_forward 'mlp' with model.block llama .*LlamaForCausalLM has glu"):
+        refuse_unrepresentable({**config["model"], "block": "llama", "position": "rotary", "feed_forward": "mlp", "norm": None})
 
 
 def test_rotary_scores_depend_only_on_the_distance():
@@ -359,3 +388,31 @@ def test_a_folder_of_text_files_is_one_document_each_read_from_a_memory_mapped_s
     code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(folder), "--max-steps", "1", "--set", "data.vocab_size=300")
     assert code == 2
     one_error_line(err, "7.txt: not UTF-8 text (byte 3)")
+
+
+def test_a_corpus_over_the_sampling_thresholds_prepares_with_every_document_once(tmp_path, monkeypatch):
+    from tfkit.recipes.causal_lm import data, recipe
+
+    corpus = tmp_path / "corpus.txt"
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # ✓" for i in range(300)]
+    corpus.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    # the real thresholds (5M characters, 1000 documents a chunk) want a big corpus: lower them instead
+    monkeypatch.setattr(recipe, "VOCAB_SAMPLE_CHARACTERS", 2000)
+    monkeypatch.setattr(data, "CHUNK", 7)
+    measured, choose_vocab_size = [], recipe.choose_vocab_size
+
+    def choose(sample, fit, total):
+        measured.append((len(sample), total))
+        return choose_vocab_size(sample, fit, total)
+
+    monkeypatch.setattr(recipe, "choose_vocab_size", choose)
+    sets = [s for s in TINY if not s.startswith("data.vocab_size")]  # auto, the default
+    config = configs.resolve(registry.get("recipe", "causal-lm").default_config(), None, [*sets, f"data.name={corpus}", "data.block_size=16"])
+    lm = registry.get("recipe", "causal-lm")(config)
+    lm.prepare()
+    train = list(data.read_documents(lm.config["data"], lm.config["seed"])["train"])
+    step = sum(len(t) for t in train) // 2000
+    assert step > 1 and measured == [(len(train[::step]), len(train))]  # every step-th of all the train documents
+    assert lm.tokenizer.get_vocab_size() == lm.config["data"]["vocab_size"] <= 500 and "data.vocab_size" in lm.chosen
+    documents = [d for s in lm.streams.values() for d in np.split(np.asarray(s), np.flatnonzero(s == lm.eot) + 1) if len(d)]
+    assert sorted(lm.tokenizer.decode(d.tolist()) for d in documents) == sorted(texts)  # read 7 at a time, each once, whole

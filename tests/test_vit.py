@@ -16,7 +16,7 @@ from tfkit import registry
 from tfkit import run as runs
 from tfkit.errors import UsageError
 from tfkit.inspect import attention_rollout
-from tfkit.nn.blocks import DropPath
+from tfkit.nn.blocks import DropPath, GatedFeedForward
 from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
 from tfkit.recipes.vit import VisionTransformer, crop_boxes, open_image, random_resized_crops
@@ -82,6 +82,51 @@ def test_cls_only_last_block_gives_the_full_models_logits_and_gradients(block):
     torch.testing.assert_close(short, full)
     for a, b in zip(short_grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("position, order_matters", [("learned", True), ("rotary", True), ("sinusoidal", True), ("none", False)])
+def test_positions_tell_the_patches_apart_and_none_sees_a_bag_of_them(position, order_matters):
+    torch.manual_seed(0)
+    model = VisionTransformer(8, 1, 10, 2, 32, 2, 4, 64, 0.0, 0.0, "gelu", "pre_ln", 1e-6, position=position).eval()
+    images = torch.randn(3, 1, 8, 8)
+    moved = images.view(3, 1, 4, 2, 4, 2).permute(0, 1, 4, 3, 2, 5).reshape(3, 1, 8, 8)  # the grid of 2×2 patches transposed
+    with torch.no_grad():
+        logits = model(images)
+        torch.testing.assert_close(logits, model(images, every_position=True))  # [CLS]-only last block or not
+        assert torch.allclose(logits, model(moved), atol=1e-5) != order_matters
+    assert ("position" in dict(model.named_parameters())) == (position == "learned")
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["model.position=rotary", "model.attention=relative_multi_head"], "model.position 'rotary' with model.attention 'relative_multi_head'"),
+    (["model.position=rotary", "model.d_model=36"], "model.position 'rotary': rotary positions need an even size per head, got 9"),
+])
+def test_positions_a_vit_cannot_place_are_refused_in_one_line(capsys, sets, fragment):
+    code, _, err = tfkit(capsys, "train", "vit", *(a for item in sets for a in ("--set", item)), "--max-steps", "1")
+    assert code == 2
+    one_error_line(err, fragment)
+
+
+@pytest.fixture(scope="module")
+def rotary_run(tmp_path_factory) -> object:
+    config = vit_config("model.position=rotary", "model.feed_forward=glu", "train.steps=100")
+    trainer = start_training(config, tmp_path_factory.mktemp("vit-rotary") / "run", torch.device("cpu"), console=quiet())
+    trainer.fit(progress=False)
+    return trainer.run_dir
+
+
+def test_a_vit_with_rotary_positions_and_a_gated_feed_forward_learns_the_digits(rotary_run):
+    recipe, model = runs.open_run(rotary_run)
+    assert "position" not in dict(model.named_parameters()) and model.encoder.layers[0].self_attn.rotary is not None
+    assert isinstance(model.encoder.layers[0].feed_forward, GatedFeedForward)
+    recipe.prepare(rotary_run)
+    assert recipe.evaluate(model, "test")["accuracy"] >= 85  # chance is 10; 100 steps gave 94-97 over seeds 0-2
+
+
+def test_the_hf_export_of_a_rotary_vit_is_refused_in_one_line(capsys, rotary_run, tmp_path):
+    code, _, err = tfkit(capsys, "export", str(rotary_run), str(tmp_path / "hf"), "--to", "hf")
+    assert code == 2
+    one_error_line(err, "model.position 'rotary' has no transformers ViT equivalent")
 
 
 def test_random_resized_crops_of_a_batch():

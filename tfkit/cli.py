@@ -121,7 +121,7 @@ def _options(method: Any, **given: Any) -> dict[str, Any]:
         flag = f"--{name.replace('_', '-')}"
         if name not in accepted:
             raise UsageError(f"{flag} does not apply to this recipe")
-        words, test = configs.RANGES[name]
+        words, test = {**configs.RANGES, **method.__self__.ranges}[name]  # a bound method of the run's recipe
         if not test(value):
             raise UsageError(f"{flag} must be {words}, got {value}")
     return chosen

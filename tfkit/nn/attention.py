@@ -124,14 +124,25 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        queries: int | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` (B, T, D), or cross-attention from ``x`` to ``context`` (B, S, D).
+
+        With ``queries`` self-attention computes only the first ``queries`` positions' outputs (a
+        classifier reading [CLS] alone): their queries attend to every key, and the other positions
+        cost only their key and value projections.
 
         For cross-attention ``x`` may hold G consecutive rows per context row, (B·G, T, D): beam
         search's hypotheses of one sentence. They attend as one sequence of G·T queries, so the keys
         and values of a context row are computed, cached and read once, not once per hypothesis."""
-        batch, length, _ = x.shape
-        if context is None:
+        weight, bias, d = self.in_proj.weight, self.in_proj.bias, self.d_model
+        if context is None and queries is not None:
+            (q,) = self._heads(linear(x[:, :queries], weight, bias, rows=slice(0, d)), 1)
+            k, v = self._heads(linear(x, weight, bias, rows=slice(d, None)), 2)
+            if self.rotary is not None:
+                q, k = self.rotary(q), self.rotary(k)
+            x = x[:, :queries]
+        elif context is None:
             q, k, v = self._heads(self.in_proj(x), 3)
             if self.rotary is not None:  # keys are rotated once, before the cache keeps them
                 offset = cache.length if cache is not None else 0
@@ -139,7 +150,6 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
-            weight, bias, d = self.in_proj.weight, self.in_proj.bias, self.d_model
             (q,) = self._heads(linear(x.reshape(context.size(0), -1, d), weight, bias, rows=slice(0, d)), 1)
             if cache is not None and cache.length:
                 k, v = cache.keys_values()
@@ -148,7 +158,7 @@ class MultiHeadAttention(nn.Module):
                 if cache is not None:
                     cache.append(k, v)
         out = self.attend(q, k, v, mask=mask, causal=causal)  # (B, H, T, d_k), or (B, H, G·T, d_k)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.d_model))
+        return self.out_proj(out.transpose(1, 2).reshape(*x.shape[:2], self.d_model))
 
     def _heads(self, projected: Tensor, parts: int) -> tuple[Tensor, ...]:
         """(B, T, parts·D) → ``parts`` tensors of (B, H, T, d_k)."""
@@ -201,9 +211,10 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
         mask: Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        queries: int | None = None,
     ) -> Tensor:
-        if context is not None or causal or cache is not None:
-            raise UsageError("relative_multi_head attention is for encoder self-attention only (use multi_head)")
+        if context is not None or causal or cache is not None or queries is not None:
+            raise UsageError("relative_multi_head attention is for whole-sequence encoder self-attention only (use multi_head)")
         batch, length, _ = x.shape
         q, k, v = self._heads(self.in_proj(x), 3)
         distances = torch.arange(length - 1, -length, -1, device=x.device)  # i - j from T-1 down to 1-T
@@ -211,8 +222,8 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
         relative = self.pos_proj(sinusoids_at(distances, self.d_model).to(x.dtype)) * d_k**-0.5  # (2T-1, D), scaled
         relative = relative.view(-1, heads, d_k).permute(1, 2, 0)  # (H, d_k, 2T-1)
         # one product per head of all B·T queries with all distances, rather than B·H small ones
-        queries = (q + self.position_bias).transpose(0, 1).reshape(heads, batch * length, d_k)
-        by_distance = (queries @ relative).view(heads, batch, length, -1).transpose(0, 1)  # (B, H, T, 2T-1)
+        biased = (q + self.position_bias).transpose(0, 1).reshape(heads, batch * length, d_k)
+        by_distance = (biased @ relative).view(heads, batch, length, -1).transpose(0, 1)  # (B, H, T, 2T-1)
         position_scores = _by_key(by_distance)
         if mask is not None:
             position_scores = position_scores.masked_fill(~mask, float("-inf"))

@@ -146,8 +146,8 @@ class EncoderBlock(nn.Module):
         def branch(sublayer_output: Tensor) -> Tensor:
             return self.drop_path(self.dropout(sublayer_output))
 
-        def attend(h: Tensor) -> Tensor:  # attention from the first ``outputs`` positions is cross-attention to all
-            return self.self_attn(h, mask=mask) if outputs is None else self.self_attn(h[:, :outputs], h, mask=mask)
+        def attend(h: Tensor) -> Tensor:
+            return self.self_attn(h, mask=mask, queries=outputs)
 
         if self.norm_first:
             x = x[:, :outputs] + branch(attend(self.norm1(x)))

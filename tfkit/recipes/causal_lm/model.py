@@ -8,28 +8,29 @@ import math
 
 from torch import Tensor, nn
 
-from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import CausalDecoder
 from tfkit.nn.dropout import Dropout
 from tfkit.nn.linear import linear
 from tfkit.nn.losses import linear_cross_entropy
+from tfkit.nn.position import build_position
 
 
 class CausalLM(nn.Module):
-    """Token embeddings (+ positions where they act on embeddings), a causal stack, the tied output."""
+    """Token embeddings, the position where it acts (on the embeddings, or on every self-attention's
+    queries and keys), a causal stack of ``block`` with its parts as named (None: the block's own),
+    the tied output."""
 
     def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float,
-                 activation: str, block: str, position: str, max_positions: int):
+                 activation: str, block: str, position: str, max_positions: int, attention: str | None = None,
+                 feed_forward: str | None = None, norm: str | None = None):
         super().__init__()
         self.max_positions = max_positions
         self.tokens = nn.Embedding(vocab_size, d_model)
-        kind = registry.get("position", position)
-        on_embeddings = kind.acts_on == "embeddings"
-        self.position = kind(d_model, max_positions) if on_embeddings else None
-        rotary = None if on_embeddings else kind(d_model // heads, max_positions)
+        self.position, rotary = build_position(position, d_model, heads, max_positions)
         self.dropout = Dropout(dropout)
-        self.decoder = CausalDecoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary)
+        self.decoder = CausalDecoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary,
+                                     attention=attention, feed_forward=feed_forward, norm=norm)
         for name, p in self.named_parameters():
             if p.dim() >= 2:  # GPT-2: N(0, 0.02), residual outputs scaled by 1/√(2·layers)
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "down.weight")) else 0.02)
@@ -46,9 +47,7 @@ class CausalLM(nn.Module):
         offset = cache[0].length if cache else 0
         if offset + token_ids.size(1) > self.max_positions:
             raise UsageError(f"{offset + token_ids.size(1)} tokens are more than the model's {self.max_positions} positions")
-        x = self.tokens(token_ids)
-        if self.position is not None:
-            x = self.position(x, offset)
+        x = self.position(self.tokens(token_ids), offset)
         hidden = self.decoder(self.dropout(x), cache)
         if targets is None:
             return hidden

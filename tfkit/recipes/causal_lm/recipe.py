@@ -30,20 +30,23 @@ from tfkit.recipe import (
     Vocabulary,
     batch_ranges,
 )
-from tfkit.recipes.causal_lm import hf
-from tfkit.recipes.causal_lm.corpus import read_documents, token_stream
-from tfkit.recipes.causal_lm.generate import stream
-from tfkit.recipes.causal_lm.model import CausalLM, LSTMLanguageModel
-from tfkit.recipes.causal_lm.tokens import (
+from tfkit.recipes.causal_lm import interop
+from tfkit.recipes.causal_lm.data import (
+    Documents,
     TextStream,
     end_of_text,
     load_tokenizer,
+    read_documents,
     token_bytes,
+    token_stream,
     train_byte_bpe,
 )
+from tfkit.recipes.causal_lm.generate import stream
+from tfkit.recipes.causal_lm.model import CausalLM, LSTMLanguageModel
 from tfkit.registry import register
 
 VOCAB_SAMPLE_CHARACTERS = 5_000_000
+INDUCTION_HEAD = 0.4  # an induction score above this marks an induction head
 
 
 @register("recipe", "causal-lm")
@@ -52,7 +55,7 @@ class CausalLanguageModel(TokenizerRecipe):
 
     config_file = "causal-lm.yaml"
     minimised = ("perplexity", "bits_per_byte")
-    ranges = configs.ranges((*configs.AT_LEAST_1, ("block_size",)), (*configs.FRACTION, ("held_out",)))
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("block_size", "stride")), (*configs.FRACTION, ("held_out",)))
     choices = {"model.family": ("transformer", "lstm")}
     BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
 
@@ -80,11 +83,10 @@ class CausalLanguageModel(TokenizerRecipe):
         self.settle_steps(len(self._blocks("train")))
 
     @staticmethod
-    def _vocab_size(documents: list[str]) -> tuple[int, str]:
+    def _vocab_size(documents: Documents) -> tuple[int, str]:
         """data.vocab_size from about VOCAB_SAMPLE_CHARACTERS of the training documents, evenly spaced."""
-        characters = sum(len(document) for document in documents)
-        sample = documents[:: max(1, characters // VOCAB_SAMPLE_CHARACTERS)]
-        return choose_vocab_size(sample, train_byte_bpe, len(documents))
+        sample, count = documents.sample(VOCAB_SAMPLE_CHARACTERS)
+        return choose_vocab_size(sample, train_byte_bpe, count)
 
     def imitate_builtin_data(self) -> None:
         self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
@@ -106,8 +108,8 @@ class CausalLanguageModel(TokenizerRecipe):
             return LSTMLanguageModel(vocab, m["d_model"], m["d_ff"], m["layers"], m["dropout"], m["max_positions"])
         if m["family"] != "transformer":
             raise UsageError(f"unknown model.family '{m['family']}' (valid: transformer, lstm)")
-        return CausalLM(vocab, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"],
-                        m["activation"], m["block"], m["position"], m["max_positions"])
+        return CausalLM(vocab, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
+                        m["position"], m["max_positions"], m["attention"], m["feed_forward"], m["norm"])
 
     # -- training ---------------------------------------------------------------------------------
     def _blocks(self, split: str, shift: int = 0) -> np.ndarray:
@@ -245,44 +247,29 @@ class CausalLanguageModel(TokenizerRecipe):
             tokens={"tokens": tokens},
             axes=lambda name: ("tokens", "tokens"),
             head_types=head_types,
+            head_types_title="head types, on random tokens repeated twice (* induction head)",
+            head_type_marks={"induction": INDUCTION_HEAD},
         )
 
     # -- starting from GPT-2 or Llama (tfkit train causal-lm --init FOLDER), and going back ----------
     @classmethod
     def pretrained_config(cls, path: Path) -> dict[str, Any]:
-        return {"model": hf.config_from_hf(path)}
+        return {"model": interop.config_from_hf(path)}
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
-        weights = hf.weights_from_hf(path, len(model.decoder.layers))
+        weights = interop.weights_from_hf(path, len(model.decoder.layers))
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # sizes changed with --set after --init
             raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
-        hf.export_hf(self.config["model"], model.state_dict(), self.tokenizer, self.eot, out)
+        interop.export_hf(self.config["model"], model.state_dict(), self.tokenizer, self.eot, out)
 
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
-        """(B, T) token ids → next-token logits at every position (B, T, V), the whole forward pass."""
-        vocab = self.tokenizer.get_vocab_size()
-
-        def example(batch: int, length: int) -> dict[str, torch.Tensor]:
-            return {"token_ids": torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch * 1000 + length))}
-
-        return [Graph("model", NextTokenLogits(model), example, ["logits"], {"token_ids": {0: "batch", 1: "length"}},
-                      limits={"length": {"max": self.config["model"]["max_positions"]}})]
+        return [interop.onnx_graph(model, self.tokenizer.get_vocab_size(), self.config["model"]["max_positions"])]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         return {**super().onnx_processing(out), "end_of_text": self.eot, "max_positions": self.config["model"]["max_positions"],
                 "outputs": "logits (B, T, V): position t's scores for token t + 1; generate by appending the chosen token and running again"}
 
-
-class NextTokenLogits(nn.Module):
-    """A causal LM's forward and output layer in one graph."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model(token_ids))

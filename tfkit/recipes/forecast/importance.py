@@ -21,13 +21,13 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from tfkit.inspect import (
-    _panels,
+    figure_panels,
     _save,
     attention_rollout,
     capture_attention,
     draw_heads,
 )
-from tfkit.recipes.forecast.series import Series
+from tfkit.recipes.forecast.data import Series
 
 if TYPE_CHECKING:
     from tfkit.recipes.forecast.recipe import Forecast
@@ -157,7 +157,7 @@ def page(recipe: Forecast, series: Series, found: dict[str, np.ndarray]) -> dict
 
 def _draw_series(context: np.ndarray, found: dict[str, np.ndarray], names: list[str], steps: int, path: Path) -> None:
     """The context window of every variable (scaled), and under it each step's importance."""
-    fig, _ = _panels(1, 4.0, "the context window and which steps mattered")
+    fig, _ = figure_panels(1, 4.0, "the context window and which steps mattered")
     fig.clear()
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     back = np.arange(-steps, 0)
@@ -176,7 +176,7 @@ def _draw_series(context: np.ndarray, found: dict[str, np.ndarray], names: list[
 
 
 def _draw_variables(ranking: dict[str, np.ndarray], names: list[str], path: Path) -> None:
-    fig, axes = _panels(len(ranking), 3.0, "which variables mattered")
+    fig, axes = figure_panels(len(ranking), 3.0, "which variables mattered")
     for ax, (key, values) in zip(axes, ranking.items()):
         ax.barh(names, values)
         ax.invert_yaxis()
@@ -186,7 +186,7 @@ def _draw_variables(ranking: dict[str, np.ndarray], names: list[str], path: Path
 
 def draw_forecast(series: Series, forecast: np.ndarray, point: np.ndarray, targets: list[str], path: Path) -> None:
     """The last stretch of each target's history, its forecast, and the interval of the outer quantiles."""
-    fig, axes = _panels(len(targets), 4.0, "forecast")
+    fig, axes = figure_panels(len(targets), 4.0, "forecast")
     horizon = len(forecast)
     shown = min(len(series), 4 * horizon)
     past, ahead = np.arange(-shown, 0), np.arange(horizon)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tfkit import registry
 from tfkit.nn.blocks import Encoder
+from tfkit.nn.position import build_position
 
 EPS = 1e-5
 
@@ -40,23 +40,29 @@ class PatchTransformer(nn.Module):
     patch a token, an encoder over a variable's tokens, and one linear head from all of a target's
     tokens to its ``horizon`` steps. Channel-independent: variables share the weights and never see
     each other, unless ``cross_variable`` adds an encoder layer across the variables at each patch
-    (with a learned embedding per variable, so a target can tell which variable informs it)."""
+    (with a learned embedding per variable, so a target can tell which variable informs it).
+
+    The position orders the patches: on their embeddings, or (rotary) on the temporal encoder's
+    queries and keys. Variables have no order: the across-variable layer gets no position, and its
+    attention is the block's own (a relative attention would invent an order)."""
 
     def __init__(self, variables: int, targets: int, context: int, horizon: int, quantiles: int, patch: int, stride: int,
                  d_model: int, heads: int, layers: int, d_ff: int, dropout: float, activation: str, block: str,
-                 position: str, cross_variable: bool):
+                 position: str, cross_variable: bool, attention: str | None = None, feed_forward: str | None = None,
+                 norm: str | None = None):
         super().__init__()
         self.targets, self.horizon, self.quantiles = targets, horizon, quantiles
         self.patch, self.stride = patch, stride
         self.count = (context + stride - patch) // stride + 1
         self.embed = nn.Linear(patch, d_model)
-        self.position = registry.get("position", position)(d_model, self.count)
+        self.position, rotary = build_position(position, d_model, heads, self.count)
         self.dropout = nn.Dropout(dropout)
-        self.temporal = Encoder(block, layers, d_model, heads, d_ff, dropout, activation)
+        self.temporal = Encoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary,
+                                attention=attention, feed_forward=feed_forward, norm=norm)
         self.cross_variable = cross_variable
         if cross_variable:
             self.variable = nn.Parameter(torch.randn(variables, d_model) * 0.02)
-            self.across = Encoder(block, 1, d_model, heads, d_ff, dropout, activation)
+            self.across = Encoder(block, 1, d_model, heads, d_ff, dropout, activation, feed_forward=feed_forward, norm=norm)
         self.head = nn.Linear(self.count * d_model, horizon * quantiles)
 
     def patches(self, context: Tensor) -> Tensor:

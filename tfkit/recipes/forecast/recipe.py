@@ -29,7 +29,8 @@ from tfkit.errors import UsageError
 from tfkit.onnx import Graph
 from tfkit.recipe import AttentionExample, Batch, Loss, Recipe, batch_ranges
 from tfkit.recipes.forecast import baselines as peers
-from tfkit.recipes.forecast import importance
+from tfkit.recipes.forecast import importance, interop
+from tfkit.recipes.forecast.data import Series, make_series, read_frame
 from tfkit.recipes.forecast.metrics import pinball, scores, seasonal_scale
 from tfkit.recipes.forecast.model import (
     DLinear,
@@ -37,7 +38,6 @@ from tfkit.recipes.forecast.model import (
     LSTMForecaster,
     PatchTransformer,
 )
-from tfkit.recipes.forecast.series import Series, make_series, read_frame
 from tfkit.registry import register
 
 # each built-in series' sizes; a user's series gets them from its length and season (_settle_sizes)
@@ -49,20 +49,6 @@ BUILTIN_SIZES = {
 }
 SERIES_FILE = "series.json"  # the variables, their roles and the training part's statistics
 BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second evaluate costs nothing
-
-
-class InUnits(nn.Module):
-    """A forecaster with the training part's scaling around it, and its quantiles sorted."""
-
-    def __init__(self, model: nn.Module, facts: dict[str, Any]):
-        super().__init__()
-        self.model, self.t = model, facts["targets"]
-        self.register_buffer("mean", torch.tensor(facts["mean"], dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(facts["std"], dtype=torch.float32))
-
-    def forward(self, values: Tensor) -> Tensor:
-        scaled = self.model((values - self.mean) / self.std).sort(dim=-1).values
-        return scaled * self.std[: self.t, None] + self.mean[: self.t, None]
 
 
 @register("recipe", "forecast")
@@ -188,7 +174,7 @@ class Forecast(Recipe):
         forecaster = PatchTransformer(
             variables, targets, data["context"], data["horizon"], len(self.quantiles or [0.5]), m["patch"], m["stride"],
             m["d_model"], m["heads"], m["layers"], m["d_ff"], m["dropout"], m["activation"], m["block"], m["position"],
-            m["cross_variable"],
+            m["cross_variable"], m["attention"], m["feed_forward"], m["norm"],
         )
         return InstanceNorm(forecaster, targets)
 
@@ -326,16 +312,7 @@ class Forecast(Recipe):
         print(f"wrote {picture}", file=sys.stderr)
 
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
-        """The last data.context steps of every variable (B, context, variables), in their own units →
-        forecasts (B, horizon, targets, quantiles) in the targets' units, quantiles sorted: the
-        training part's scaling is inside the graph."""
-        context, variables = self.config["data"]["context"], len(self.facts["names"])
-
-        def example(batch: int, length: int) -> dict[str, Tensor]:
-            scaled = torch.randn(batch, context, variables, generator=torch.Generator().manual_seed(batch * 1000 + length))
-            return {"values": scaled * torch.tensor(self.facts["std"]) + torch.tensor(self.facts["mean"])}
-
-        return [Graph("model", InUnits(model, self.facts), example, ["forecasts"], {"values": {0: "batch"}})]
+        return [interop.onnx_graph(model, self.facts, self.config["data"]["context"])]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         data = self.config["data"]

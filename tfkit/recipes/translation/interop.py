@@ -1,13 +1,14 @@
-"""translation's model as a transformers ``MarianMTModel`` folder (``tfkit export RUN OUT --to hf``),
-and back (``tfkit train translation --init FOLDER``).
+"""translation's model elsewhere: as a transformers ``MarianMTModel`` folder (``tfkit export RUN OUT
+--to hf``) and back (``tfkit train translation --init FOLDER``), and as ONNX graphs (``--to onnx``).
 
 Marian is the original Transformer as transformers has it: post-LN blocks, sinusoidal positions,
-embeddings scaled by √d_model and shared by the encoder, the decoder and the output layer. One
-difference is only a layout: tfkit interleaves the sines and cosines of a position (dimension 2i a
-sine, 2i + 1 its cosine), Marian puts all sines first and the cosines after them. Permuting the
-residual stream's dimensions the same way in every tensor that reads or writes it gives the same
-function exactly (layer norms and attention do not care about the order of dimensions), so the
-export permutes instead of approximating.
+multi-head attention, ReLU/GELU/SiLU feed-forwards and layer norms, embeddings scaled by √d_model and
+shared by the encoder, the decoder and the output layer; a model with anything else is refused by
+the config key that differs. One difference is only a layout: tfkit interleaves the sines and
+cosines of a position (dimension 2i a sine, 2i + 1 its cosine), Marian puts all sines first and the
+cosines after them. Permuting the residual stream's dimensions the same way in every tensor that
+reads or writes it gives the same function exactly (layer norms and attention do not care about the
+order of dimensions), so the export permutes instead of approximating.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
-from torch import Tensor
+from torch import Tensor, nn
 
 from tfkit.errors import UsageError
 from tfkit.hf import (
@@ -33,7 +34,11 @@ from tfkit.hf import (
     write_folder,
     write_tokenizer,
 )
+from tfkit.nn.blocks import Parts
 from tfkit.nn.position import sinusoids
+from tfkit.onnx import Graph
+from tfkit.recipes.translation.data import PAD
+from tfkit.recipes.translation.model import MAX_POSITIONS, DecoderStep, EncoderGraph
 
 # tfkit's tensors that read the residual stream (its dimensions are their columns); the others that
 # touch it write it or scale it (its dimensions are their first axis)
@@ -82,8 +87,14 @@ def permuted(weights: dict[str, Tensor], d_model: int, order: Tensor | None = No
 
 
 def check_exportable(model: dict[str, Any]) -> None:
+    """A one-line UsageError naming the first ``model.*`` key whose value Marian cannot hold."""
     wanted = {"position": "sinusoidal", "encoder.block": "post_ln", "decoder.block": "post_ln_decoder"}
     found = {"position": model["position"], "encoder.block": model["encoder"]["block"], "decoder.block": model["decoder"]["block"]}
+    marian = Parts()  # the post-LN blocks' own parts: what Marian's layers are
+    for stack in ("encoder", "decoder"):
+        for part in Parts.keys():
+            wanted[f"{stack}.{part}"] = getattr(marian, part)
+            found[f"{stack}.{part}"] = model[stack].get(part) or wanted[f"{stack}.{part}"]  # None: the block's own
     for key, value in wanted.items():
         if found[key] != value:
             raise UsageError(f"model.{key} '{found[key]}' has no transformers Marian equivalent (MarianMTModel has {value})")
@@ -159,3 +170,39 @@ def tokenizer_from_marian(folder: Path, specials: list[str]) -> Tokenizer:
     if found != specials:
         raise UsageError(f"{path}: ids 0-{len(specials) - 1} are {found}, not tfkit's {specials}")
     return tokenizer
+
+
+# -- ONNX: tfkit export RUN OUT --to onnx -------------------------------------------------------------
+def onnx_graphs(model: nn.Module, m: dict[str, Any], vocab: int) -> list[Graph]:
+    """The encoder, (B, S) source ids → memory (B, S, D); and one decoder step, the last target
+    token (B, 1), the memory, the source ids (for its padding) and the self-attention keys and
+    values of the T tokens before → the next token's logits (B, V) and the keys and values of T + 1.
+    Cross-attention's keys and values are computed from the memory inside each step. ``m`` is the
+    ``model.*`` config."""
+    layers, heads, d_model = m["decoder"]["layers"], m["heads"], m["d_model"]
+
+    def sources(batch: int, length: int, generator: torch.Generator) -> Tensor:
+        ids = torch.randint(4, vocab, (batch, length), generator=generator)
+        ids[1:, length // 2 :] = PAD  # padded rows, so the masks matter
+        return ids
+
+    def encoder_example(batch: int, length: int) -> dict[str, Tensor]:
+        return {"source_ids": sources(batch, length, torch.Generator().manual_seed(batch * 1000 + length))}
+
+    def step_example(batch: int, length: int) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(batch * 1000 + length)
+        source_ids = sources(batch, length + 3, generator)
+        past = torch.randn(2, layers, batch, heads, length, d_model // heads, generator=generator)
+        return {"token_ids": torch.randint(4, vocab, (batch, 1), generator=generator),
+                "memory": torch.randn(batch, length + 3, d_model, generator=generator), "source_ids": source_ids,
+                "past_keys": past[0], "past_values": past[1]}
+
+    source = {0: "batch", 1: "source"}
+    past = {1: "batch", 3: "past"}
+    return [
+        Graph("encoder", EncoderGraph(model), encoder_example, ["memory"], {"source_ids": source},
+              limits={"source": {"max": MAX_POSITIONS}}),
+        Graph("decoder_step", DecoderStep(model), step_example, ["logits", "present_keys", "present_values"],
+              {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
+              limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
+    ]

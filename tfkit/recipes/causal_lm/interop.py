@@ -1,7 +1,10 @@
-"""Hugging Face ``transformers`` folders, both ways: a GPT-2 or Llama folder's config.json as tfkit
-model sizes and its weights renamed to :class:`~tfkit.recipes.causal_lm.model.CausalLM`'s (``--init``),
-and a run's model as a ``GPT2LMHeadModel`` (block gpt) or ``LlamaForCausalLM`` (block llama) folder
-(``tfkit export --to hf``)."""
+"""A causal LM outside tfkit: Hugging Face ``transformers`` folders both ways, and the ONNX graph.
+
+A GPT-2 or Llama folder's config.json gives tfkit model sizes and its weights are renamed to
+:class:`~tfkit.recipes.causal_lm.model.CausalLM`'s (``--init``); a run's model becomes a
+``GPT2LMHeadModel`` (block gpt) or ``LlamaForCausalLM`` (block llama) folder (``tfkit export --to hf``)
+only when every part and its position are the ones that class has. The ONNX graph is the whole
+forward pass to next-token logits (``tfkit export --to onnx``)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from torch import Tensor
+from torch import Tensor, nn
 
+from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.hf import (
     Rename,
@@ -25,7 +29,8 @@ from tfkit.hf import (
     write_folder,
     write_tokenizer,
 )
-from tfkit.recipes.causal_lm.tokens import END_OF_TEXT
+from tfkit.onnx import Graph
+from tfkit.recipes.causal_lm.data import END_OF_TEXT
 
 RMS_EPS = torch.finfo(torch.float32).eps  # nn.RMSNorm's epsilon when none is given, as our llama block's norms are built
 ROPE_THETA = 10000.0  # RotaryPosition's base
@@ -119,15 +124,26 @@ def llama_config_from_hf(folder: Path) -> dict[str, Any]:
     }
 
 
+def refuse_unrepresentable(model: dict[str, Any]) -> None:
+    """A UsageError naming the first model.* key whose choice GPT2LMHeadModel or LlamaForCausalLM cannot
+    hold: they have one position and one kind of each part, the block's own."""
+    if model["family"] != "transformer":
+        raise UsageError(f"model.family '{model['family']}' has no transformers equivalent (export it with --to onnx)")
+    theirs = {"gpt": ("GPT2LMHeadModel", "learned"), "llama": ("LlamaForCausalLM", "rotary")}
+    if model["block"] not in theirs:
+        raise UsageError(f"model.block '{model['block']}' has no transformers equivalent (gpt and llama have; export it with --to onnx)")
+    name, position = theirs[model["block"]]
+    own = registry.get("block", model["block"]).parts
+    for key, wanted in (("position", position), ("attention", own.attention), ("feed_forward", own.feed_forward), ("norm", own.norm)):
+        if model[key] not in (None, wanted):
+            raise UsageError(f"model.{key} '{model[key]}' with model.block {model['block']} has no transformers equivalent "
+                             f"({name} has {wanted}; export it with --to onnx)")
+
+
 def export_hf(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: Tokenizer, eot: int, out: Path) -> None:
     """A causal-lm run's model (its model.* config and tensors) as a GPT2LMHeadModel or
     LlamaForCausalLM folder, with the byte-level BPE as a fast tokenizer."""
-    if model["family"] != "transformer":
-        raise UsageError(f"model.family '{model['family']}' has no transformers equivalent (export it with --to onnx)")
-    wanted = {"gpt": "learned", "llama": "rotary"}
-    if model["block"] in wanted and model["position"] != wanted[model["block"]]:
-        raise UsageError(f"model.position '{model['position']}' with model.block {model['block']} has no transformers equivalent "
-                         f"({'GPT2LMHeadModel' if model['block'] == 'gpt' else 'LlamaForCausalLM'} has {wanted[model['block']]} positions)")
+    refuse_unrepresentable(model)
     common = {"vocab_size": tokenizer.get_vocab_size(), "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True}
     if model["block"] == "gpt":
         config = {
@@ -137,7 +153,7 @@ def export_hf(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: Toke
             "resid_pdrop": model["dropout"], "embd_pdrop": model["dropout"], "attn_pdrop": model["dropout"],
         }
         hf = {f"transformer.{k}": v for k, v in to_hf(weights, gpt2_renames(model["layers"])).items()}
-    elif model["block"] == "llama":
+    else:
         config = {
             "model_type": "llama", "architectures": ["LlamaForCausalLM"], **common, "hidden_size": model["d_model"],
             "num_attention_heads": model["heads"], "num_key_value_heads": model["heads"], "head_dim": model["d_model"] // model["heads"],
@@ -147,9 +163,28 @@ def export_hf(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: Toke
             "attention_dropout": model["dropout"],
         }
         hf = {f"model.{k}": v for k, v in to_hf(weights, llama_renames(model["layers"])).items()}
-    else:
-        raise UsageError(f"model.block '{model['block']}' has no transformers equivalent (gpt and llama have)")
     write_folder(out, config, hf)
     write_tokenizer(out, tokenizer, model["max_positions"], {
         "bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT, "model_input_names": ["input_ids", "attention_mask"],
     })
+
+
+class NextTokenLogits(nn.Module):
+    """A causal LM's forward and output layer in one graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.model.logits(self.model(token_ids))
+
+
+def onnx_graph(model: nn.Module, vocab: int, max_positions: int) -> Graph:
+    """(B, T) token ids → next-token logits at every position (B, T, V), the whole forward pass."""
+
+    def example(batch: int, length: int) -> dict[str, Tensor]:
+        return {"token_ids": torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch * 1000 + length))}
+
+    return Graph("model", NextTokenLogits(model), example, ["logits"], {"token_ids": {0: "batch", 1: "length"}},
+                 limits={"length": {"max": max_positions}})

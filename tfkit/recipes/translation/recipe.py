@@ -1,32 +1,21 @@
-"""Translation with the original encoder-decoder Transformer (Vaswani et al., 2017).
-
-Shared BPE vocabulary and tied embeddings, sinusoidal positions, post-LN blocks with ReLU
-feed-forwards, label smoothing, the warmup schedule, teacher forcing; greedy and beam search with a
-KV cache; exact match, chrF and BLEU with sacrebleu. The built-in corpus is numbers written in English
-and German words: German puts units before tens ("siebenundvierzig"), so the model must reorder.
+"""The translation recipe's hooks: a joint BPE vocabulary over both languages, batches of sentences
+of similar length, label-smoothed teacher forcing, greedy and beam search over the KV cache, exact
+match, chrF and BLEU with sacrebleu, translating a file, and the cross-attention alignment to inspect.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import random
 import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import datasets
 import sacrebleu
 import torch
-from num2words import num2words
-from torch import Tensor, nn
+from torch import nn
 
 from tfkit import config as configs
-from tfkit import registry
 from tfkit.data import (
-    SPLITS,
-    VOCAB_SAMPLE,
-    cached,
     choose_vocab_size,
     encode_once,
     length_buckets,
@@ -40,11 +29,7 @@ from tfkit.data import (
 )
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
-from tfkit.nn.blocks import Decoder, Encoder
-from tfkit.nn.dropout import Dropout
-from tfkit.nn.linear import linear
-from tfkit.nn.losses import linear_cross_entropy
-from tfkit.onnx import GivenCache, Graph
+from tfkit.onnx import Graph
 from tfkit.recipe import (
     AttentionExample,
     Batch,
@@ -53,123 +38,10 @@ from tfkit.recipe import (
     Vocabulary,
     batch_ranges,
 )
-from tfkit.recipes.marian import (
-    config_from_marian,
-    export_marian,
-    tokenizer_from_marian,
-    weights_from_marian,
-)
+from tfkit.recipes.translation import interop
+from tfkit.recipes.translation.data import BOS, EOS, PAD, SPECIALS, UNK, numbers_corpus, read_pairs, sample_rows
+from tfkit.recipes.translation.model import MAX_POSITIONS, Seq2SeqTransformer
 from tfkit.registry import register
-
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-PAD, UNK, BOS, EOS = range(len(SPECIALS))
-MAX_POSITIONS = 1024
-
-
-def numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
-    """Unique random numbers, spread evenly over digit counts, written out in two languages."""
-    keys = ("source_lang", "target_lang", "train_size", "validation_size", "test_size", "max_number")
-    key = {"seed": seed, **{k: data[k] for k in keys}}
-    return cached("numbers", key, lambda: _numbers_corpus(data, seed))
-
-
-def _numbers_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
-    sizes = {s: data[f"{s}_size"] for s in SPLITS}
-    total, largest = sum(sizes.values()), data["max_number"]
-    if total > largest + 1:
-        raise UsageError(f"the builtin corpus needs {total} distinct numbers but data.max_number is {largest}")
-    rng = random.Random(seed)
-    digits = len(str(largest))
-    seen: set[int] = set()
-    numbers: list[int] = []
-    while len(numbers) < total:
-        d = rng.randint(1, digits)
-        n = rng.randint(0 if d == 1 else 10 ** (d - 1), min(10**d - 1, largest))
-        if n not in seen:
-            seen.add(n)
-            numbers.append(n)
-    out, start = {}, 0
-    for split in SPLITS:
-        chunk = numbers[start : start + sizes[split]]
-        start += sizes[split]
-        out[split] = datasets.Dataset.from_dict(
-            {"source": [_words(n, data["source_lang"]) for n in chunk], "target": [_words(n, data["target_lang"]) for n in chunk]}
-        )
-    return datasets.DatasetDict(out)
-
-
-def _words(n: int, lang: str) -> str:
-    try:
-        return num2words(n, lang=lang)
-    except NotImplementedError:
-        from num2words import CONVERTER_CLASSES
-
-        raise UsageError(f"num2words does not know language '{lang}' (valid: {', '.join(sorted(CONVERTER_CLASSES))})") from None
-
-
-class Seq2SeqTransformer(nn.Module):
-    """Encoder-decoder Transformer whose one embedding matrix serves source, target and output."""
-
-    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-                 position: str, encoder: dict[str, Any], decoder: dict[str, Any]):
-        super().__init__()
-        self.d_model = d_model
-        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
-        self.position = registry.get("position", position)(d_model, MAX_POSITIONS)
-        self.dropout = Dropout(dropout)
-        sizes = dict(d_model=d_model, heads=heads, d_ff=d_ff, dropout=dropout, activation=activation)
-        self.encoder = Encoder(encoder["block"], encoder["layers"], **sizes)
-        self.decoder = Decoder(decoder["block"], decoder["layers"], **sizes)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        # the output layer shares these weights, so keep logits O(1): N(0, 1/d), scaled by √d on input
-        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
-        with torch.no_grad():
-            self.embed.weight[PAD].zero_()
-
-    def _embed(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        return self.dropout(self.position(self.embed(tokens) * math.sqrt(self.d_model), offset))
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        mask = (src != PAD)[:, None, None, :]  # (B, 1, 1, S): padding is never attended
-        return self.encoder(self._embed(src), mask), mask
-
-    def decode(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor, cache: list | None = None, offset: int = 0) -> Tensor:
-        hidden = self.decoder(self._embed(tgt, offset), memory, memory_mask, cache)
-        return linear(hidden, self.embed.weight)  # (B, T, V)
-
-    def forward(self, src: Tensor, tgt: Tensor, targets: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
-        """Logits (B, T, V) for decoder inputs ``tgt``; given ``targets`` (B, T) instead the
-        label-smoothed cross-entropy summed over the targets that are not padding, without keeping
-        the logits (:func:`tfkit.nn.losses.linear_cross_entropy`)."""
-        memory, mask = self.encode(src)
-        if targets is None:
-            return self.decode(tgt, memory, mask)
-        hidden = self.decoder(self._embed(tgt), memory, mask)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.embed.weight, targets.flatten(), PAD, label_smoothing)
-
-
-class EncoderGraph(nn.Module):
-    def __init__(self, model: Seq2SeqTransformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, source_ids: Tensor) -> Tensor:
-        return self.model.encode(source_ids)[0]
-
-
-class DecoderStep(nn.Module):
-    """One step of incremental decoding with the self-attention cache as tensors (layers, B, H, T, d_k)."""
-
-    def __init__(self, model: Seq2SeqTransformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token_ids: Tensor, memory: Tensor, source_ids: Tensor, past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        caches = [(GivenCache(k, v), None) for k, v in zip(past_keys.unbind(0), past_values.unbind(0))]
-        logits = self.model.decode(token_ids, memory, (source_ids != PAD)[:, None, None, :], caches, offset=past_keys.size(3))
-        return logits[:, -1], torch.stack([c.k for c, _ in caches]), torch.stack([c.v for c, _ in caches])
 
 
 @register("recipe", "translation")
@@ -191,11 +63,11 @@ class Translation(TokenizerRecipe):
         # size costs memory only for its lengths
         self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
         train = splits["train"]
-        sample = functools.cache(lambda: [text for pair in self._pairs(self._sample(train), "train") for text in pair])
+        sample = functools.cache(lambda: [text for pair in self._pairs(sample_rows(train), "train") for text in pair])
         if run_dir is not None:
             self.load(run_dir)
         elif self.config["init"]:
-            self.tokenizer = tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
+            self.tokenizer = interop.tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
             fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
             self.settle("data.vocab_size", lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
@@ -212,24 +84,8 @@ class Translation(TokenizerRecipe):
     def imitate_builtin_data(self) -> None:
         self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
 
-    @staticmethod
-    def _sample(rows: datasets.Dataset) -> dict[str, list]:
-        """At most VOCAB_SAMPLE / 2 rows, evenly spaced, as {column: values}: what sizes are measured on."""
-        step = max(1, math.ceil(2 * len(rows) / VOCAB_SAMPLE))
-        return rows[::step] if step > 1 else rows[:]
-
     def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
-        """The (source, target) texts of rows given as {column: values}; they are rows first, first + 1, ..."""
-        data = self.config["data"]
-        if "translation" in rows:
-            langs = data["source_lang"], data["target_lang"]
-            pairs = [tuple(row.get(lang) for lang in langs) for row in rows["translation"]]
-        else:
-            pairs = list(zip(rows[data["source_column"]], rows[data["target_column"]]))
-        for i, pair in enumerate(pairs):
-            if not all(isinstance(text, str) and text.strip() for text in pair):
-                raise UsageError(f"the {split} data's row {first + i + 1} lacks a source or target text: {pair!r}")
-        return pairs
+        return read_pairs(rows, self.config["data"], split, first)
 
     def _encode(self, rows: dict[str, list], indices: list[int]) -> dict[str, list]:
         pairs = self._pairs(rows, "train", indices[0])
@@ -314,52 +170,21 @@ class Translation(TokenizerRecipe):
             out.write(translations.get(i, "") + "\n")
 
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
-        """The encoder, (B, S) source ids → memory (B, S, D); and one decoder step, the last target
-        token (B, 1), the memory, the source ids (for its padding) and the self-attention keys and
-        values of the T tokens before → the next token's logits (B, V) and the keys and values of T + 1.
-        Cross-attention's keys and values are computed from the memory inside each step."""
-        m, vocab = self.config["model"], self.tokenizer.get_vocab_size()
-        layers, heads, d_model = m["decoder"]["layers"], m["heads"], m["d_model"]
-
-        def sources(batch: int, length: int, generator: torch.Generator) -> Tensor:
-            ids = torch.randint(4, vocab, (batch, length), generator=generator)
-            ids[1:, length // 2 :] = PAD  # padded rows, so the masks matter
-            return ids
-
-        def encoder_example(batch: int, length: int) -> dict[str, Tensor]:
-            return {"source_ids": sources(batch, length, torch.Generator().manual_seed(batch * 1000 + length))}
-
-        def step_example(batch: int, length: int) -> dict[str, Tensor]:
-            generator = torch.Generator().manual_seed(batch * 1000 + length)
-            source_ids = sources(batch, length + 3, generator)
-            past = torch.randn(2, layers, batch, heads, length, d_model // heads, generator=generator)
-            return {"token_ids": torch.randint(4, vocab, (batch, 1), generator=generator),
-                    "memory": torch.randn(batch, length + 3, d_model, generator=generator), "source_ids": source_ids,
-                    "past_keys": past[0], "past_values": past[1]}
-
-        source = {0: "batch", 1: "source"}
-        past = {1: "batch", 3: "past"}
-        return [
-            Graph("encoder", EncoderGraph(model), encoder_example, ["memory"], {"source_ids": source},
-                  limits={"source": {"max": MAX_POSITIONS}}),
-            Graph("decoder_step", DecoderStep(model), step_example, ["logits", "present_keys", "present_values"],
-                  {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
-                  limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
-        ]
+        return interop.onnx_graphs(model, self.config["model"], self.tokenizer.get_vocab_size())
 
     @classmethod
     def pretrained_config(cls, path: Path) -> dict[str, Any]:
-        return {"model": config_from_marian(path)}
+        return {"model": interop.config_from_marian(path)}
 
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         m = self.config["model"]
         try:
-            model.load_state_dict(weights_from_marian(path, m["d_model"], m["encoder"]["layers"], m["decoder"]["layers"]))
+            model.load_state_dict(interop.weights_from_marian(path, m["d_model"], m["encoder"]["layers"], m["decoder"]["layers"]))
         except RuntimeError as e:  # sizes changed with --set after --init
             raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
-        export_marian(self.config["model"], model.state_dict(), self.tokenizer, {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
+        interop.export_marian(self.config["model"], model.state_dict(), self.tokenizer, {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
                       MAX_POSITIONS, self.config["data"]["max_tokens"], out)
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
