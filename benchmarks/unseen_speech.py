@@ -26,8 +26,8 @@ from rich.table import Table
 
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.recipes.conformer.recipe import error_rate, read_audio
-from tfkit.recipes.conformer.speech import default_voice_files, digit_strings
+from tfkit.recipes.conformer.data import default_voice_files, digit_strings, read_audio
+from tfkit.recipes.conformer.recipe import error_rate
 
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 def flite_files(texts: list[str], voice: str, folder: Path) -> list[Path]:

@@ -20,15 +20,16 @@ from conftest import quiet, straight_and_resumed_losses
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.data import ctc_characters
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
 from tfkit.nn.attention import RelativePositionMultiHeadAttention
 from tfkit.nn.conformer import ConformerBlock, ConvolutionModule, ConvolutionSubsampling, MaskedBatchNorm1d, frame_mask
-from tfkit.nn.position import sinusoids_at
+from tfkit.nn.position import LearnedPosition, NoPosition, RotaryPosition, SinusoidalPosition, sinusoids_at
+from tfkit.recipes.conformer import data as speech
 from tfkit.recipes.conformer import recipe as recipe_module
-from tfkit.recipes.conformer import speech
-from tfkit.recipes.conformer.recipe import spec_augment
+from tfkit.recipes.conformer.augment import spec_augment
+from tfkit.recipes.conformer.data import ctc_characters
+from tfkit.recipes.conformer.model import pad_features
 from tfkit.train import start_training
 from test_cli import one_error_line, tfkit
 
@@ -299,9 +300,9 @@ def test_ctc_characters_spend_fewer_labels_and_decode_exactly():
     is 8 CTC labels instead of 12 characters and a blank between each pair of e's."""
     rng = random.Random(0)
     texts = [speech.number_text(rng) for _ in range(500)]
-    tokenizer = ctc_characters(texts, recipe_module.SPECIALS)
+    tokenizer = ctc_characters(texts, speech.SPECIALS)
     assert tokenizer.encode("three three").tokens == ["▁t", "h", "r", "ee", "▁t", "h", "r", "ee"]
-    assert tokenizer.token_to_id("<blank>") == recipe_module.BLANK
+    assert tokenizer.token_to_id("<blank>") == speech.BLANK
     vocabulary = set(tokenizer.get_vocab())
     assert {p for p in vocabulary if p.startswith("▁")} == {"▁", *(f"▁{w[0]}" for t in texts for w in t.split())}
     assert {p for p in vocabulary if len(p) == 2 and p[0] == p[1]} == {"ee"}
@@ -435,9 +436,9 @@ def test_the_onnx_export_transcribes_two_recordings_as_tfkit_does(capsys, confor
     assert meta["graphs"]["model"]["outputs"] == ["log_probs", "output_lengths"] and meta["n_mels"] == 80
     recipe, model = runs.open_run(conformer_run)
     paths, _ = write_test_audio(conformer_run, tmp_path)
-    features = [recipe._log_mel()(recipe_module.read_audio(p, None, meta["sample_rate"])) for p in paths]
+    features = [recipe._log_mel()(speech.read_audio(p, None, meta["sample_rate"])) for p in paths]
     assert len(features[0]) != len(features[1])  # one is padded
-    batch, lengths = recipe_module.pad_features(features)
+    batch, lengths = pad_features(features)
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     log_probs, out_lengths = session.run(None, {"features": batch.numpy(), "lengths": lengths.numpy()})
     tokenizer = Tokenizer.from_file(str(tmp_path / "onnx" / meta["tokenizer"]))
@@ -489,6 +490,56 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
     code, _, err = tfkit(capsys, "train", "conformer", "--data", str(bad), "--max-steps", "1")
     assert code == 2
     one_error_line(err, "no column 'audio'")
+
+
+@pytest.mark.parametrize("position, kind", [("sinusoidal", SinusoidalPosition), ("learned", LearnedPosition), ("rotary", RotaryPosition)])
+def test_multi_head_attention_takes_each_position_where_it_acts(position, kind):
+    """An absolute position is added to the subsampled frames, a rotary one rotates every block's
+    queries and keys; either way a padded utterance gets the output it gets alone."""
+    recipe = registry.get("recipe", "conformer")(conformer_config("model.attention=multi_head", f"model.position={position}"))
+    recipe.imitate_builtin_data()
+    torch.manual_seed(0)
+    model = recipe.build_model().eval()
+    placed = model.encoder.layers[0].self_attn.rotary if kind is RotaryPosition else model.position
+    assert isinstance(placed, kind)
+    if kind is LearnedPosition:  # a vector per 40 ms frame of the longest recording read (300 s)
+        assert model.position.table.shape == (7499, 96)
+    features = torch.randn(2, 120, 80)
+    batched, _ = model(features, torch.tensor([120, 70]))
+    alone, (n,) = model(features[1:, :70], torch.tensor([70]))
+    torch.testing.assert_close(batched[1, :n], alone[0], atol=1e-4, rtol=1e-4)
+    if kind is RotaryPosition:  # the model without its position computes something else: it was applied
+        for layer in model.encoder.layers:
+            layer.self_attn.rotary = None
+    else:
+        model.position = NoPosition()
+    assert not torch.allclose(model(features, torch.tensor([120, 70]))[0], batched, atol=1e-4)
+
+
+def test_multi_head_attention_with_rotary_positions_learns(tmp_path):
+    """50 steps of a one-layer model on the tiny built-in speech (cached once for the module): finite
+    losses that fall (measured 5.26 over the first 5 steps, 3.19 over the last 5)."""
+    config = conformer_config("model.attention=multi_head", "model.position=rotary", "train.steps=50", "train.warmup=10",
+                              "train.log_every=5", "train.batch_size=8", "model.layers=1", "model.d_model=64", "model.d_ff=128")
+    trainer = start_training(config, tmp_path / "run", torch.device("cpu"), console=quiet())
+    trainer.fit(progress=False)
+    losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "lr" in r]
+    assert len(losses) == 10 and all(math.isfinite(loss) for loss in losses)
+    assert max(losses[-3:]) < 0.75 * losses[0], losses
+
+
+def test_relative_attention_with_rotary_positions_is_refused_before_the_data(capsys, monkeypatch):
+    def read(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(recipe_module, "load_splits", read)
+    code, _, err = tfkit(capsys, "train", "conformer", "--set", "model.position=rotary")
+    assert code == 2
+    one_error_line(err, "model.position 'rotary' with model.attention 'relative_multi_head': relative_multi_head attention has "
+                        "relative positions of its own")
+    code, _, err = tfkit(capsys, "train", "conformer", "--set", "model.attention=scaled_dot_product")
+    assert code == 2
+    one_error_line(err, "config key 'model.attention': unknown attention 'scaled_dot_product'")
 
 
 def test_conformer_resumes_exactly(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tfkit.recipes.conformer.speech import default_voice_files, digit_strings
+from tfkit.recipes.conformer.data import default_voice_files, digit_strings
 from test_cli import tfkit
 
 pytestmark = pytest.mark.skipif(not (os.environ.get("TFKIT_DEFAULT_RUNS") == "1" or os.environ.get("TFKIT_CONFORMER_RUN")),

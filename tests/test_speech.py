@@ -15,8 +15,8 @@ import torchaudio.functional as AF
 
 from tfkit import registry
 from tfkit.recipes.conformer import augment as A
-from tfkit.recipes.conformer import speech
-from tfkit.recipes.conformer.recipe import LogMel
+from tfkit.recipes.conformer import data as speech
+from tfkit.recipes.conformer.model import LogMel
 from test_cli import one_error_line, tfkit
 
 RATE = 16000

@@ -3,10 +3,10 @@
 In training each utterance of a batch takes, in this order and each with its own rate: speed
 perturbation (tempo and pitch together, Ko et al., 2015), a synthesised room, additive noise of a
 colour, other speakers (babble), a telephone channel, and vocal-tract-length perturbation of its
-spectrum (Jaitly and Hinton, 2013; applied by :class:`~tfkit.recipes.conformer.recipe.LogMel`). Every draw comes from the
+spectrum (Jaitly and Hinton, 2013; applied by :class:`~tfkit.recipes.conformer.model.LogMel`). Every draw comes from the
 ``torch.Generator`` passed in, which the loader seeds by batch, so a resumed run replays the same
 audio. The same pieces render the built-in speech's held-out channel, with settings training never
-draws.
+draws. Last, SpecAugment masks the batch's features (:func:`spec_augment`).
 """
 
 from __future__ import annotations
@@ -161,3 +161,26 @@ def augment(samples: Tensor, cfg: dict[str, Any], sample_rate: int, generator: t
         samples = telephone(samples, sample_rate)
     warp = uniform(cfg["vtlp"]["warp"], generator) if drawn("vtlp") else 1.0
     return samples, warp
+
+
+def spec_augment(features: Tensor, lengths: Tensor, cfg: dict[str, Any]) -> Tensor:
+    """SpecAugment (Park et al., 2019) on a padded batch (B, T, F): frequency masks up to
+    ``freq_width`` bins, drawn per utterance, and time masks up to ``time_width`` frames but never
+    more than ``time_ratio`` of each utterance's own length, so short utterances keep their words.
+    Masked cells get 0, the normalised mean; the input is left as it was. Draws from the global
+    generator (torchaudio's masks), which the loader seeds by batch."""
+    spectrograms = features.transpose(1, 2)[:, None]  # torchaudio masks (batch, channel, freq, time)
+    frequency = torchaudio.transforms.FrequencyMasking(cfg["freq_width"], iid_masks=True)
+    for _ in range(cfg["freq_masks"]):
+        spectrograms = frequency(spectrograms)
+    masked = spectrograms[:, 0].transpose(1, 2)
+    # each time mask is drawn as torchaudio's TimeMasking(time_width, p=time_ratio) draws one, but with
+    # each utterance's own length as the axis, for the whole batch at once (TimeMasking per utterance
+    # was most of the loader's time): a width uniform below the cap, a start uniform where it fits
+    cap = (lengths * cfg["time_ratio"]).long().clamp_max(cfg["time_width"])
+    frames, hit = torch.arange(features.size(1)), torch.zeros(features.shape[:2], dtype=torch.bool)
+    for _ in range(cfg["time_masks"]):
+        width = torch.rand(len(lengths)) * cap
+        start = (torch.rand(len(lengths)) * (lengths - width)).long()
+        hit |= (frames >= start[:, None]) & (frames < (start + width.long())[:, None])  # (B, T)
+    return masked.masked_fill(hit[..., None], 0.0)

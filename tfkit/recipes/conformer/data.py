@@ -1,5 +1,7 @@
-"""The built-in speech: numbers spoken by eSpeak NG, in every English accent it has and every voice
-variant, with test speakers unseen in training and a second test set on a channel unseen in training."""
+"""The speech the recipe reads: recordings of any user's manifest or folder, decoded and turned into
+training samples or log-mel features; the built-in corpus, numbers spoken by eSpeak NG in every
+English accent and voice variant it has, with test speakers unseen in training and a second test set
+on a channel unseen in training; and the CTC character vocabulary (:func:`ctc_characters`)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,22 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import soundfile
 import torch
 import torchaudio
 import torchaudio.functional as AF
 from num2words import num2words
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor
 
-from tfkit.data import SPLITS, cached
+from tfkit.data import SPLITS, cached, encode_once, list_column, report_unusable
+from tfkit.errors import UsageError
+from tfkit.nn.conformer import ConvolutionSubsampling
 from tfkit.recipes.conformer.augment import (
     add_noise,
     babble,
@@ -29,6 +35,124 @@ from tfkit.recipes.conformer.augment import (
     uniform,
 )
 
+SPECIALS = ["<blank>", "<unk>"]
+BLANK = 0
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+MAX_SECONDS = 300  # the longest recording read: 7,500 encoder frames, whose attention maps take 900 MB per layer
+
+
+# -- user recordings --------------------------------------------------------------------------------
+def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) -> Tensor:
+    """Decode a WAV/FLAC/OGG file (or its bytes) to mono float32 at ``sample_rate``; an unreadable,
+    empty, silent or too long (MAX_SECONDS, read from the header) file is a UsageError naming it."""
+    if data is None and not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    source = io.BytesIO(data) if data is not None else path
+    try:
+        seconds = soundfile.info(source).duration
+        if seconds > MAX_SECONDS:
+            raise UsageError(f"{path}: the recording is {seconds:.0f} s long, more than the {MAX_SECONDS} s tfkit "
+                             f"transcribes at once (attention grows with its square: cut it into shorter pieces)")
+        if data is not None:
+            source.seek(0)
+        samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if samples.shape[0] == 0:
+        raise UsageError(f"{path}: the audio is empty")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    if not torch.isfinite(mono).all():  # a float file can hold them; they would make every feature NaN
+        raise UsageError(f"{path}: the audio holds {int((~torch.isfinite(mono)).sum())} non-finite samples (NaN or Inf)")
+    if mono.abs().max() < 1e-4:
+        raise UsageError(f"{path}: the audio is silent")
+    return torchaudio.functional.resample(mono, rate, sample_rate) if rate != sample_rate else mono
+
+
+def to_int16(samples: Tensor) -> np.ndarray:
+    """Samples in [-1, 1] as 16-bit integers, as a WAV file holds them."""
+    return (samples * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy()
+
+
+def normalise_text(text: str, lowercase: bool) -> str:
+    text = " ".join(text.split())
+    return text.lower() if lowercase else text
+
+
+def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features: dict[str, Any],
+              log_mel: Callable[[Tensor], Tensor]) -> datasets.Dataset:
+    """Rows of transcript, frame count and log-mel features (flattened), or for training the 16-bit
+    samples the loader augments; each audio cell is a path (relative to the manifest or folder
+    ``data.name``) or decoded bytes. Unreadable or too short audio is reported in one warning and
+    left with 0 frames (held-out splits drop it)."""
+    if isinstance(rows.features[data["audio_column"]], datasets.Audio):
+        rows = rows.cast_column(data["audio_column"], datasets.Audio(decode=False))
+    spec = Path(data["name"]).expanduser()
+    base = spec if spec.is_dir() else spec.parent  # paths in a manifest are relative to it
+    kept = "samples" if split == "train" else "features"
+
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"text": [], kept: [], "frames": [], "problem": []}
+        for number, cell, text in zip(indices, batch[data["audio_column"]], batch[data["text_column"]]):
+            if not isinstance(text, str) or not text.strip():
+                raise UsageError(f"the {split} data's row {number + 1} has no transcript in column '{data['text_column']}'")
+            samples, problem = torch.zeros(0), ""
+            try:
+                if isinstance(cell, str):
+                    samples = read_audio(base / cell, None, data["sample_rate"])
+                else:
+                    samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
+                if ConvolutionSubsampling.output_lengths(torch.tensor(log_mel.frames(len(samples)))) < 1:
+                    problem = f"row {number + 1}: too short ({len(samples) / data['sample_rate']:.3f} s)"
+            except UsageError as e:
+                problem = str(e)
+            if problem:
+                samples = torch.zeros(0)
+            out["text"].append(normalise_text(text, data["lowercase"]))
+            if kept == "samples":
+                out[kept].append(to_int16(samples))
+            else:
+                out[kept].append(log_mel(samples).flatten().numpy())
+            out["frames"].append(log_mel.frames(len(samples)))
+            out["problem"].append(problem)
+        return out
+
+    settings = [split, kept, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), features]
+    values = datasets.Sequence(datasets.Value("int16" if kept == "samples" else "float32"))
+    columns = datasets.Features({"text": datasets.Value("string"), kept: values, "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
+    done = encode_once(rows, encode, settings, columns)
+    report_unusable(done, split, "unusable recordings")
+    return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
+
+
+def stored_features(rows: pa.Table, n_mels: int) -> list[Tensor]:
+    """The stored (flattened) feature rows of an Arrow table, each as (T, n_mels): views of one
+    buffer read at once (numpy formatting converts row by row)."""
+    values, bounds = list_column(rows, "features")
+    return [values[start:end].view(-1, n_mels) for start, end in zip(bounds, bounds[1:])]
+
+
+def ctc_characters(texts: Iterable[str], specials: list[str]) -> Tokenizer:
+    """Characters in fewer CTC labels than letters: a word's first letter carries the word boundary
+    (``▁t``, SentencePiece's mark) and a doubled letter is one label (``ee``), since CTC spends a blank
+    between two equal labels. At eSpeak's default rate "three three" was 14 labels in about 12
+    frames of 40 ms and came out "three hre"; now it is 8. A BPE whose only merges are those two
+    kinds, so that tokenizer.json decodes it anywhere."""
+    characters: set[str] = set()
+    initials: set[str] = set()
+    doubled: set[str] = set()
+    for text in texts:
+        characters.update(text)
+        initials.update(word[0] for word in text.split())
+        doubled.update(a for a, b in zip(text, text[1:]) if a == b != " ")
+    merges = [("▁", c) for c in sorted(initials)] + [(c, c) for c in sorted(doubled)]  # in this order: ▁ee is ▁e e
+    pieces = [*specials, "▁", *sorted(characters - {" ", "▁"}), *(a + b for a, b in merges)]
+    tokenizer = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return tokenizer
+
+
+# -- the built-in speech ----------------------------------------------------------------------------
 DIGITS = "zero one two three four five six seven eight nine".split()
 # eSpeak NG's English voices (en-Shaw, also English, writes Shavian letters); each speaker is one of
 # these with a voice variant, or with none (the plain voice: the default `espeak-ng` speaks with)
@@ -58,7 +182,7 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
     own seed, so one split's size leaves the others as they were. Training audio is clean, for the
     loader's augmentation; validation and test carry white noise at ``snr_db``; ``test_channel`` is
     the test utterances, clean, through :data:`HELD_OUT_CHANNEL`."""
-    from tfkit.espeak import synthesizer
+    from tfkit.recipes.conformer.espeak import synthesizer
 
     synth = synthesizer()
     rng = random.Random(seed)
@@ -138,7 +262,7 @@ def default_voice_files(texts: list[str], folder: Path) -> list[Path]:
         for text, path in zip(texts, paths):
             subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
         return paths
-    from tfkit.espeak import synthesizer
+    from tfkit.recipes.conformer.espeak import synthesizer
 
     synth = synthesizer()
     for text, path in zip(texts, paths):

@@ -1,4 +1,4 @@
-"""Speech synthesis with eSpeak NG (GPL-3.0), for the built-in speech data.
+"""Speech synthesis with eSpeak NG (GPL-3.0), for the built-in speech data (:mod:`.data`).
 
 The PyPI package ``espeakng-loader`` ships the eSpeak NG shared library with its voice data; we call
 its C API through ``ctypes`` in synchronous mode, where ``espeak_Synth`` returns after handing every
