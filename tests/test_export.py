@@ -50,7 +50,7 @@ def small_corpora(root: Path) -> dict[str, str]:
     library source files as .jsonl documents, and language-reference topics as .txt prose."""
     from pydoc_data.topics import topics
 
-    from tfkit.recipes.bert.corpus import sentences
+    from tfkit.recipes.bert.data import sentences
 
     source, prose = root / "source", root / "prose"
     source.mkdir()

@@ -30,7 +30,6 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
-    normalizers,
     pre_tokenizers,
     trainers,
 )
@@ -210,14 +209,43 @@ def encode_once(rows: datasets.Dataset, encode: Callable, settings: object, feat
                     features=features, new_fingerprint=name)
 
 
+MAX_UNUSABLE = 0.01  # past this share of a split's inputs unusable (and more than one), preparation stops
+
+
+class Unusable:
+    """The inputs of one split that a reader had to skip (a file that cannot be read or decoded, a
+    row with no usable value), reported once: a warning naming the first few and the count. Past
+    MAX_UNUSABLE of the split's inputs (and more than one) it is one error line instead: that many
+    is a wrong folder or a broken download, not noise, and a model trained on the rest would mislead.
+    Every recipe's readers report through it, so one bad file in ten thousand never costs a corpus."""
+
+    SHOWN = 3
+
+    def __init__(self, what: str, split: str):
+        self.what, self.split, self.skipped = what, split, []
+
+    def skip(self, problem: str) -> None:
+        """One input skipped; ``problem`` names it and says why (``path: not UTF-8 text``)."""
+        self.skipped.append(problem)
+
+    def report(self, total: int) -> None:
+        """After the split's ``total`` inputs (skipped ones included) were read."""
+        count = len(self.skipped)
+        if not count:
+            return
+        shown = "; ".join(self.skipped[: self.SHOWN]) + (f"; and {count - self.SHOWN} more" if count > self.SHOWN else "")
+        if count == total or (count > 1 and count > MAX_UNUSABLE * total):
+            raise UsageError(f"{count} of the {total} {self.what} in the {self.split} data cannot be used, more than "
+                             f"{MAX_UNUSABLE:.0%} ({shown}; fix or remove them)")
+        print(f"warning: skipped {count} of the {total} {self.what} in the {self.split} data ({shown})", file=sys.stderr)
+
+
 def report_unusable(encoded: datasets.Dataset, split: str, what: str) -> None:
-    """One warning for the rows whose ``problem`` column says why they cannot be used; an error if
-    no row can be."""
-    problems = [p for p in encoded["problem"] if p]
-    if problems:
-        print(f"warning: skipped {len(problems)} {what} in the {split} data, e.g. {problems[0]}", file=sys.stderr)
-    if len(problems) == len(encoded):
-        raise UsageError(f"none of the {len(encoded)} rows of the {split} data can be used (e.g. {problems[0]})")
+    """:class:`Unusable`'s report for rows whose ``problem`` column says why they cannot be used."""
+    unusable = Unusable(what, split)
+    for problem in filter(None, encoded["problem"]):
+        unusable.skip(problem)
+    unusable.report(len(encoded))
 
 
 def require_columns(rows: datasets.Dataset, split: str, columns: list[str], keys: str) -> None:
@@ -281,57 +309,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tok
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
-
-
-def ctc_characters(texts: Iterable[str], specials: list[str]) -> Tokenizer:
-    """Characters in fewer CTC labels than letters: a word's first letter carries the word boundary
-    (``▁t``, SentencePiece's mark) and a doubled letter is one label (``ee``), since CTC spends a blank
-    between two equal labels. At eSpeak's default rate "three three" was 14 labels in about 12
-    frames of 40 ms and came out "three hre"; now it is 8. A BPE whose only merges are those two
-    kinds, so that tokenizer.json decodes it anywhere."""
-    characters: set[str] = set()
-    initials: set[str] = set()
-    doubled: set[str] = set()
-    for text in texts:
-        characters.update(text)
-        initials.update(word[0] for word in text.split())
-        doubled.update(a for a, b in zip(text, text[1:]) if a == b != " ")
-    merges = [("▁", c) for c in sorted(initials)] + [(c, c) for c in sorted(doubled)]  # in this order: ▁ee is ▁e e
-    pieces = [*specials, "▁", *sorted(characters - {" ", "▁"}), *(a + b for a, b in merges)]
-    tokenizer = Tokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, merges, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    return tokenizer
-
-
-def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
-    """BERT's uncased WordPiece: lower-cased, accents stripped, punctuation split off, ## continuations.
-
-    The same text gives the same tokenizer in every process. The trainer numbers the ## pieces in
-    hash-map order, which changes from process to process, and breaks ties between equally frequent
-    merges by those numbers (huggingface/tokenizers#1794): so every ## piece of a character is
-    reserved up front in a fixed order, and the learned pieces are numbered in sorted order.
-
-    ``texts`` is read twice: pass a list or an iterable that starts afresh (an iterator is listed)."""
-    if iter(texts) is texts:
-        texts = list(texts)
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    characters: set[str] = set()
-    for text in texts:
-        characters.update(text)
-    letters = sorted(set(normalizer.normalize_str("".join(sorted(characters)))) - {" "})
-    reserved = [*specials, *(f"##{c}" for c in letters)]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=reserved, show_progress=False)
-    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
-    learner.train_from_iterator(texts, trainer=trainer)
-
-    learned = sorted(set(learner.get_vocab()) - set(specials))
-    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate([*specials, *learned])}, unk_token="[UNK]"))
-    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    tokenizer.add_special_tokens(specials)
     return tokenizer
 
 

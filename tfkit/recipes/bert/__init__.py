@@ -1,9 +1,11 @@
-"""BERT (Devlin et al., 2019): masked-LM + next-sentence pretraining, and fine-tuning.
+"""BERT (Devlin et al., 2019): masked-LM + next-sentence pretraining (``bert-pretrain``), and fine-tuning
+(``bert-finetune``).
 
-Read from the bottom up: ``tokens`` (special tokens and ``[CLS] A [SEP] B [SEP]``) and ``corpus`` (the
-built-in text of every task), ``model`` (the encoder and its heads), ``hf`` (Hugging Face folders),
-``base`` (what both recipes share), then the recipes: ``pretrain`` (``bert-pretrain``) and ``finetune``
-(``bert-finetune``, with its tasks in ``tasks`` and ``qa``). Nothing imports upwards.
+Start with ``model`` (the encoder, its positions and parts by name, and its heads), then the recipes'
+hooks: ``pretrain`` (masking and sentence pairs) and ``finetune`` (a head on a pretrained encoder, with
+its tasks in ``tasks`` and ``qa``), both on ``recipe`` (what they share: the tokenizer, encoding text
+pairs, the attention example). Below them, ``data`` holds the special tokens, WordPiece and the
+built-in corpora, and ``interop`` Hugging Face BERT folders, both ways. Nothing imports upwards.
 """
 
 from tfkit.recipes.bert import finetune, pretrain  # noqa: F401  (they register the recipes)

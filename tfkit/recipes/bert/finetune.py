@@ -12,24 +12,25 @@ from torch import Tensor, nn
 
 from tfkit import config as configs
 from tfkit import run as runs
-from tfkit.data import SPLITS, seeded_generator, train_wordpiece
+from tfkit.data import SPLITS, seeded_generator
 from tfkit.errors import UsageError
 from tfkit.hf import labels_config, read_config, write_folder
 from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss, batch_ranges
-from tfkit.recipes.bert.base import BertRecipe
-from tfkit.recipes.bert.hf import (
+from tfkit.recipes.bert.data import PAD, SPECIALS, check_specials, load_tokenizer, train_wordpiece
+from tfkit.recipes.bert.interop import (
     TASK_HEADS,
     bert_config_from_hf,
     bert_config_to_hf,
     bert_head_from_hf,
     bert_weights_from_hf,
     bert_weights_to_hf,
+    check_representable,
 )
 from tfkit.recipes.bert.model import BertWithHead, build_bert
 from tfkit.recipes.bert.qa import QuestionAnswering
+from tfkit.recipes.bert.recipe import BertRecipe
 from tfkit.recipes.bert.tasks import Classify, ClassifyPair, Tag
-from tfkit.recipes.bert.tokens import PAD, SPECIALS, check_specials, load_tokenizer
 from tfkit.registry import register
 
 TASKS = {"classify": Classify, "classify-pair": ClassifyPair, "tag": Tag, "qa": QuestionAnswering}
@@ -140,13 +141,17 @@ class BertFinetune(BertRecipe):
             checkpoint = runs.pick_checkpoint(path, runs.read_config(path))
             weights = {k.removeprefix("bert."): v for k, v in runs.read_weights(checkpoint / runs.WEIGHTS).items() if k.startswith("bert.")}
         else:
+            check_representable(self.config["model"])  # --set after --init may have asked for another model
             weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
         try:
-            missing, _ = model.bert.load_state_dict(weights, strict=False)
+            missing, unexpected = model.bert.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # sizes changed with --set after --init
             raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
         if set(missing) - {"pooler.weight", "pooler.bias"}:  # a per-token task model has no pooler: ours starts fresh
             raise UsageError(f"the weights in {path} lack {len(missing)} of the encoder's tensors, e.g. {missing[0]}")
+        if unexpected:  # e.g. learned positions that model.position, set after --init, leaves out
+            raise UsageError(f"the weights in {path} hold {len(unexpected)} tensors this config's encoder lacks, e.g. {unexpected[0]} "
+                             f"(keep the pretrained model's model.* keys)")
         if (path / "config.json").is_file():
             self._load_hf_head(model, path)
 

@@ -1,6 +1,7 @@
-"""BERT's encoder (Devlin et al., 2019) and its heads: the shared post-LN block stack with GELU, under
-token + segment + learned position embeddings, the tanh pooler over [CLS], the pretraining heads (masked
-LM tied to the token embeddings, next-sentence prediction) and the fine-tuning head."""
+"""BERT's encoder (Devlin et al., 2019) and its heads: token + segment embeddings with positions
+(``model.position``: BERT's learned table, or sinusoidal, rotary or none), the shared post-LN block stack
+with GELU (its parts by registry name), the tanh pooler over [CLS], the pretraining heads (masked LM tied
+to the token embeddings, next-sentence prediction) and the fine-tuning head."""
 
 from __future__ import annotations
 
@@ -13,21 +14,44 @@ from torch import Tensor, nn
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.dropout import Dropout
-from tfkit.nn.embeddings import TokenEmbedding
-from tfkit.recipes.bert.tokens import PAD
+from tfkit.nn.position import LearnedPosition, build_position
+from tfkit.recipes.bert.data import PAD
+
+
+class BertEmbedding(nn.Module):
+    """Token + segment embeddings, plus ``position`` where it acts on embeddings, then LayerNorm and
+    dropout. The tensors keep :class:`tfkit.nn.embeddings.TokenEmbedding`'s names (``position.table``
+    when learned), so saved runs and Hugging Face folders load."""
+
+    def __init__(self, vocab_size: int, d_model: int, position: nn.Module, segments: int, dropout: float, pad_id: int = 0):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.segments = nn.Embedding(segments, d_model)
+        self.position = position
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, token_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        """(B, T) token and segment ids → (B, T, D)."""
+        x = self.position(self.tokens(token_ids) + self.segments(segment_ids))
+        return self.dropout(self.norm(x))
 
 
 class Bert(nn.Module):
-    """BERT's encoder: embeddings, a stack of blocks, and the tanh pooler over [CLS]."""
+    """BERT's encoder: embeddings, a stack of blocks, and the tanh pooler over [CLS]. A position that
+    acts on queries and keys (rotary) adds nothing to the embeddings: the stack's self-attention applies it."""
 
     def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float,
-                 activation: str, block: str, max_positions: int, norm_eps: float):
+                 activation: str, block: str, max_positions: int, norm_eps: float, position: str = "learned",
+                 attention: str | None = None, feed_forward: str | None = None, norm: str | None = None):
         super().__init__()
-        self.embed = TokenEmbedding(vocab_size, d_model, max_positions, 2, dropout, PAD)
-        self.encoder = Encoder(block, layers, d_model, heads, d_ff, dropout, activation)
+        embedded, rotary = build_position(position, d_model, heads, max_positions)
+        self.embed = BertEmbedding(vocab_size, d_model, embedded, 2, dropout, PAD)
+        self.encoder = Encoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary=rotary,
+                               attention=attention, feed_forward=feed_forward, norm=norm)
         self.pooler = nn.Linear(d_model, d_model)
         for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.eps = norm_eps
 
     def forward(self, token_ids: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,11 +68,12 @@ def init_bert_weights(model: nn.Module, norm_eps: float) -> None:
             nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             module.eps = norm_eps
     for module in model.modules():
-        if isinstance(module, TokenEmbedding):
-            nn.init.normal_(module.position.table, std=0.02)
+        if isinstance(module, BertEmbedding):
+            if isinstance(module.position, LearnedPosition):
+                nn.init.normal_(module.position.table, std=0.02)
             with torch.no_grad():
                 module.tokens.weight[PAD].zero_()
 
@@ -59,7 +84,7 @@ def build_bert(vocab_size: int, config: dict[str, Any]) -> Bert:
         raise UsageError(f"data.max_length {longest} is more than the model's {m['max_positions']} positions "
                          f"(model.max_positions; a pretrained model fixes it)")
     return Bert(vocab_size, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
-                m["max_positions"], m["norm_eps"])
+                m["max_positions"], m["norm_eps"], m["position"], m["attention"], m["feed_forward"], m["norm"])
 
 
 class BertForPretraining(nn.Module):

@@ -24,31 +24,33 @@ from tfkit.data import (
     pad_rows,
     read_lines,
     require_columns,
-    train_wordpiece,
 )
 from tfkit.errors import UsageError
 from tfkit.hf import write_folder
 from tfkit.onnx import Graph
 from tfkit.recipe import Batch, Loss
-from tfkit.recipes.bert.base import BertRecipe
-from tfkit.recipes.bert.corpus import pretraining_corpus, sentences
-from tfkit.recipes.bert.hf import (
-    PRETRAINING_HEADS,
-    bert_config_from_hf,
-    bert_config_to_hf,
-    bert_head_from_hf,
-    bert_weights_from_hf,
-    bert_weights_to_hf,
-)
-from tfkit.recipes.bert.model import BertForPretraining, build_bert
-from tfkit.recipes.bert.tokens import (
+from tfkit.recipes.bert.data import (
     MASK,
     PAD,
     SPECIALS,
     check_specials,
     load_tokenizer,
     pair_ids,
+    pretraining_corpus,
+    sentences,
+    train_wordpiece,
 )
+from tfkit.recipes.bert.interop import (
+    PRETRAINING_HEADS,
+    bert_config_from_hf,
+    bert_config_to_hf,
+    bert_head_from_hf,
+    bert_weights_from_hf,
+    bert_weights_to_hf,
+    check_representable,
+)
+from tfkit.recipes.bert.model import BertForPretraining, build_bert
+from tfkit.recipes.bert.recipe import BertRecipe
 from tfkit.registry import register
 
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
@@ -348,6 +350,7 @@ class BertPretrain(BertRecipe):
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         """The encoder, and the masked-LM and next-sentence heads where the folder has them
         (BertForPreTraining); from a BertModel they start fresh."""
+        check_representable(self.config["model"])  # --set after --init may have asked for another model
         weights = {f"bert.{k}": v for k, v in bert_weights_from_hf(path, len(model.bert.encoder.layers)).items()}
         heads = bert_head_from_hf(path, PRETRAINING_HEADS)
         if heads is None:

@@ -28,9 +28,8 @@ from tfkit.data import (
 )
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
-from tfkit.recipes.bert.corpus import qa_corpus
+from tfkit.recipes.bert.data import CLS, PAD, SEP, qa_corpus
 from tfkit.recipes.bert.tasks import Task
-from tfkit.recipes.bert.tokens import CLS, PAD, SEP
 
 
 class Question(NamedTuple):

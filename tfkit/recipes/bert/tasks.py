@@ -24,8 +24,7 @@ from tfkit.data import (
 )
 from tfkit.errors import UsageError
 from tfkit.recipe import Batch
-from tfkit.recipes.bert.corpus import classify_corpus, pair_corpus, tag_corpus
-from tfkit.recipes.bert.tokens import PAD
+from tfkit.recipes.bert.data import PAD, classify_corpus, pair_corpus, tag_corpus
 
 if TYPE_CHECKING:
     from tfkit.recipes.bert.finetune import BertFinetune

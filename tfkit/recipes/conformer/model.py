@@ -11,7 +11,6 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from tfkit import registry
 from tfkit.errors import UsageError
 from tfkit.nn.blocks import Encoder
 from tfkit.nn.conformer import ConvolutionSubsampling, frame_mask
@@ -61,10 +60,11 @@ class ConformerCTC(nn.Module):
         super().__init__()
         self.subsampling = ConvolutionSubsampling(features, d_model, subsampling_channels, dropout)
         self.position, rotary = build_position(position, d_model, heads, max_frames)
-        if rotary is not None:
-            refuse_rotary(attention, position, d_model, heads, rotary)
-        self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, rotary=rotary,
-                               drop_path=drop_path, attention=attention, kernel_size=kernel_size)
+        try:
+            self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, rotary=rotary,
+                                   drop_path=drop_path, attention=attention, kernel_size=kernel_size)
+        except UsageError as e:  # relative_multi_head refuses a rotary position: name the keys that chose them
+            raise UsageError(f"model.position {position!r} with model.attention {attention!r}: {e}") from None
         self.head = nn.Linear(d_model, vocab_size)
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,11 +74,3 @@ class ConformerCTC(nn.Module):
         return self.head(x).float().log_softmax(-1), lengths
 
 
-def refuse_rotary(attention: str, position: str, d_model: int, heads: int, rotary: nn.Module) -> None:
-    """The attention's own refusal of a rotary position (relative_multi_head has positions of its
-    own), naming the config keys; tried on the meta device, so no weight is drawn."""
-    try:
-        with torch.device("meta"):
-            registry.get("attention", attention)(d_model, heads, rotary=rotary)
-    except UsageError as e:
-        raise UsageError(f"model.position {position!r} with model.attention {attention!r}: {e}") from None

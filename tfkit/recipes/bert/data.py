@@ -1,6 +1,8 @@
-"""The built-in text corpora, English prose every Python carries: the docstrings of the standard library
-(read with ``ast``, never imported) and the language reference in ``pydoc_data.topics``, turned into
-pretraining documents and the four fine-tuning tasks' data (classify, classify-pair, tag, qa)."""
+"""BERT's text: its vocabulary conventions (the special tokens at fixed ids, ``[CLS] A [SEP] B [SEP]``
+inputs, the uncased WordPiece a run trains or a Hugging Face folder carries), and the built-in corpora,
+English prose every Python carries: the docstrings of the standard library (read with ``ast``, never
+imported) and the language reference in ``pydoc_data.topics``, turned into pretraining documents and
+the four fine-tuning tasks' data (classify, classify-pair, tag, qa)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,83 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import datasets
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tfkit.data import cached
+from tfkit.errors import UsageError
 
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
+
+
+def pair_ids(
+    a: list[int], b: list[int] | None, max_length: int, cls: int = CLS, sep: int = SEP
+) -> tuple[list[int], list[int]]:
+    """[CLS] A [SEP] (B [SEP]) and segment ids, cutting tokens off the end of the longer side."""
+    a, b = list(a), (list(b) if b is not None else None)
+    budget = max_length - (3 if b is not None else 2)
+    while len(a) + (len(b) if b else 0) > budget:
+        (a if b is None or len(a) >= len(b) else b).pop()
+    ids = [cls, *a, sep] + ([*b, sep] if b is not None else [])
+    return ids, [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """tokenizer.json, or a BERT vocab.txt (uncased WordPiece) as Hugging Face folders carry."""
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.txt").is_file():
+        tokenizer = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        return tokenizer
+    raise UsageError(f"{folder} has no tokenizer.json or vocab.txt")
+
+
+def check_specials(tokenizer: Tokenizer, where: Path | str) -> None:
+    missing = [t for t in SPECIALS if tokenizer.token_to_id(t) is None]
+    if missing or tokenizer.token_to_id("[PAD]") != PAD:
+        raise UsageError(f"the tokenizer of {where} lacks {', '.join(missing) or '[PAD]'} at the ids tfkit's BERT expects")
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """BERT's uncased WordPiece: lower-cased, accents stripped, punctuation split off, ## continuations.
+
+    The same text gives the same tokenizer in every process. The trainer numbers the ## pieces in
+    hash-map order, which changes from process to process, and breaks ties between equally frequent
+    merges by those numbers (huggingface/tokenizers#1794): so every ## piece of a character is
+    reserved up front in a fixed order, and the learned pieces are numbered in sorted order.
+
+    ``texts`` is read twice: pass a list or an iterable that starts afresh (an iterator is listed)."""
+    if iter(texts) is texts:
+        texts = list(texts)
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    characters: set[str] = set()
+    for text in texts:
+        characters.update(text)
+    letters = sorted(set(normalizer.normalize_str("".join(sorted(characters)))) - {" "})
+    reserved = [*specials, *(f"##{c}" for c in letters)]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=reserved, show_progress=False)
+    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    learner.train_from_iterator(texts, trainer=trainer)
+
+    learned = sorted(set(learner.get_vocab()) - set(specials))
+    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate([*specials, *learned])}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens(specials)
+    return tokenizer
+
+
+# -- the built-in corpora ---------------------------------------------------------------------------
 SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "pydoc_data"}
 CLASSIFY_PACKAGES = ["asyncio", "email", "tkinter", "unittest", "xml"]  # the built-in classify labels
+
 
 def sentences(text: str) -> list[str]:
     """Prose sentences of a docstring: code, doctests and indented blocks are dropped."""

@@ -22,6 +22,18 @@ from tfkit.hf import (
 )
 
 
+def check_representable(model: dict[str, Any]) -> None:
+    """Refuse, in one line naming the config key, a model.* config that a transformers BERT cannot hold:
+    a post-LN stack of multi-head attention, MLP and LayerNorm over learned positions."""
+    if model["block"] != "post_ln":
+        raise UsageError(f"model.block '{model['block']}' has no transformers BERT equivalent (BERT is post_ln)")
+    if model["position"] != "learned":
+        raise UsageError(f"model.position '{model['position']}' has no transformers BERT equivalent (BERT's positions are learned)")
+    for key, bert in (("attention", "multi_head"), ("feed_forward", "mlp"), ("norm", "layer_norm")):
+        if model[key] not in (None, bert):
+            raise UsageError(f"model.{key} '{model[key]}' has no transformers BERT equivalent (BERT's is {bert}: set it to null)")
+
+
 def bert_config_from_hf(folder: Path) -> dict[str, Any]:
     """model.* overrides for a transformers BERT folder's config.json."""
     hf = read_config(folder, "bert", "BERT")
@@ -30,14 +42,14 @@ def bert_config_from_hf(folder: Path) -> dict[str, Any]:
     return {
         "d_model": hf["hidden_size"], "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
         "layers": hf["num_hidden_layers"], "activation": activation_from_hf(folder, hf.get("hidden_act", "gelu")),
-        "block": "post_ln", "max_positions": hf["max_position_embeddings"], "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+        "block": "post_ln", "position": "learned", "attention": None, "feed_forward": None, "norm": None,
+        "max_positions": hf["max_position_embeddings"], "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
     }
 
 
 def bert_config_to_hf(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """A transformers BertConfig (as config.json) for a tfkit BERT's model.* config."""
-    if model["block"] != "post_ln":
-        raise UsageError(f"model.block '{model['block']}' has no transformers BERT equivalent (BERT is post_ln)")
+    check_representable(model)
     return {
         "model_type": "bert", "vocab_size": vocab_size, "hidden_size": model["d_model"],
         "num_hidden_layers": model["layers"], "num_attention_heads": model["heads"], "intermediate_size": model["d_ff"],

@@ -13,12 +13,12 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from torch import nn
 
-from tfkit.data import VOCAB_SAMPLE, choose_vocab_size, length_limit, train_wordpiece
+from tfkit.data import VOCAB_SAMPLE, choose_vocab_size, length_limit
 from tfkit.errors import UsageError
 from tfkit.hf import write_tokenizer
 from tfkit.inspect import draw_heads
 from tfkit.recipe import AttentionExample, TokenizerRecipe, Vocabulary
-from tfkit.recipes.bert.tokens import PAD, SPECIALS, pair_ids
+from tfkit.recipes.bert.data import PAD, SPECIALS, pair_ids, train_wordpiece
 
 
 class BertRecipe(TokenizerRecipe):
