@@ -27,7 +27,7 @@ PLANTED = [
     "data.name=planted", "data.context=48", "data.horizon=1", "data.validation_size=200", "data.test_size=200",
     "model.cross_variable=true", "model.d_model=32", "model.d_ff=64", "model.dropout=0.0",
     "train.steps=600", "train.warmup=20", "train.log_every=10", "train.eval_every=0", "train.save_every=200",
-    "baselines.arima_orders=[[1,0,0],[2,0,0]]", "baselines.steps=100",
+    "baselines.steps=100", "baselines.seeds=1",  # set below the Transformer's 600 to keep the test short
 ]
 # a daily file of the user's: two targets and a covariate, a weekly season
 DATED = ["data.context=28", "data.horizon=7", "data.validation_size=56", "data.test_size=56", "data.targets=[sales,visits]",
@@ -128,12 +128,84 @@ def test_the_tiny_model_learns_the_planted_series_and_beats_its_peers(planted_ru
     result = json.loads(out)
     assert result["mase"] < 0.3  # 0.16 when written; the seasonal (here: last value) naive forecast is about 1
     peers = result["baselines"]
-    assert set(peers) == {"seasonal naive", "arima", "dlinear", "lstm"}
-    assert result["mase"] < peers["seasonal naive"]["mase"] and result["mase"] < peers["arima"]["mase"]  # neither sees the driver
-    assert (planted_run / "baselines.json").is_file()
+    assert {r.removesuffix(" [best classical on validation]") for r in peers} == {
+        "seasonal naive (1)", "AutoARIMA (season 1)", "AutoETS (season 1)", "AutoTheta (season 1)",
+        "DLinear (targets only; 1 seeds)", "LSTM (targets and covariates; 1 seeds)"}
+    classical = [r for r in peers if r.startswith(("seasonal", "Auto"))]
+    assert all(result["mase"] < peers[r]["mase"] for r in classical)  # none of them sees the driver
+    kept = planted_run / "baselines.json"
+    written = kept.stat().st_mtime_ns
     code, out, err = tfkit(capsys, "evaluate", str(planted_run))  # the table, from the kept baselines
     assert code == 0, err
-    assert "this run" in out and "lstm" in out and "ARIMA orders" not in err  # nothing refitted
+    assert "this run" in out and "change" in out  # the rows' long names wrap in a narrow console
+    assert kept.stat().st_mtime_ns == written  # nothing refitted
+
+
+def test_the_neural_peers_get_the_transformers_steps_and_schedule(daily_csv, monkeypatch):
+    from tfkit import train
+
+    recipe = registry.get("recipe", "forecast")(forecast_config(f"data.name={daily_csv}", *DATED, "train.warmup=2", "baselines.seeds=2"))
+    recipe.prepare()
+    assert recipe.config["baselines"]["steps"] == recipe.config["train"]["steps"] == 6
+    used = []
+    factor = train.lr_factor
+    monkeypatch.setattr(train, "lr_factor", lambda cfg: used.append(dict(cfg)) or factor(cfg))
+    truths = recipe._unscale(recipe.windows(recipe.origins["validation"])[1].numpy())
+    rows = recipe._neural_baselines("validation", truths)
+    assert len(used) == 4 and all(c == {**recipe.config["train"], "steps": 6} for c in used)  # 2 models, 2 seeds each
+    assert used[0]["schedule"] == "warmup_cosine" and used[0]["warmup"] == 2
+    assert all(r["mase_sd"] > 0 for r in rows.values())  # the seeds differ
+    explicit = registry.get("recipe", "forecast")(forecast_config(f"data.name={daily_csv}", *DATED, "baselines.steps=3"))
+    explicit.prepare()
+    assert explicit.neural_budget()["steps"] == 3 and explicit.neural_budget()["schedule"] == recipe.config["train"]["schedule"]
+
+
+def test_the_classical_peers_fit_on_the_training_part_and_forecast_from_the_history_alone():
+    from tfkit.recipes.forecast import baselines as peers
+
+    rng = np.random.default_rng(0)
+    t = np.arange(240)
+    values = (10 + 0.02 * t + np.sin(2 * np.pi * t / 7) + 0.3 * rng.normal(size=240))[:, None]
+    train_end, origin = 160, 200
+    changed = values.copy()
+    changed[train_end:] += 5 * rng.normal(size=(80, 1))  # everything after the training part
+    fitted = peers.fit_classical(values, train_end, 7, list(peers.CLASSICAL))
+    refitted = peers.fit_classical(changed, train_end, 7, list(peers.CLASSICAL))
+    assert list(fitted) == ["AutoARIMA (season 7)", "AutoETS (season 7)", "AutoTheta (season 7)"]
+    for row in fitted:
+        (model,), (other,) = fitted[row], refitted[row]
+        # the same parameters: the forecast from the training part, and from any other history, agree
+        for history in (values, changed):
+            for at in (train_end, origin):
+                np.testing.assert_array_equal(peers.classical_forecasts([model], history, np.array([at]), 7),
+                                              peers.classical_forecasts([other], history, np.array([at]), 7))
+        before = peers.classical_forecasts([model], values, np.array([origin]), 7)
+        future = values.copy()
+        future[origin:] += 100.0  # the steps from the origin on change...
+        np.testing.assert_array_equal(peers.classical_forecasts([model], future, np.array([origin]), 7), before)  # ...its forecast does not
+        assert not np.array_equal(peers.classical_forecasts([model], future, np.array([origin + 7]), 7),
+                                  peers.classical_forecasts([model], values, np.array([origin + 7]), 7))
+
+
+def test_the_percentage_is_against_the_best_classical_row_on_validation(daily_csv, monkeypatch):
+    from tfkit.recipes.forecast import baselines as peers
+
+    recipe = registry.get("recipe", "forecast")(forecast_config(f"data.name={daily_csv}", *DATED, "baselines.seeds=1",
+                                                                "baselines.classical=[autoets,autotheta]"))
+    recipe.prepare()
+    forecast = peers.classical_forecasts
+    from statsforecast.models import AutoTheta
+
+    def spoiled(models, values, origins, horizon):  # Theta made worse on validation alone, ETS on test alone
+        out = forecast(models, values, origins, horizon)
+        worse = origins[0] < recipe.bounds[1] if isinstance(models[0], AutoTheta) else origins[0] >= recipe.bounds[1]
+        return out + (50.0 if worse else 0.0)
+
+    monkeypatch.setattr(peers, "classical_forecasts", spoiled)
+    result = recipe._fit_baselines("test")
+    assert result["reference"] == "AutoETS (season 7) [best classical on validation]"
+    assert result["validation"]["AutoETS (season 7)"]["mase"] < result["validation"]["AutoTheta (season 7)"]["mase"]
+    assert result["scores"]["AutoTheta (season 7)"]["mase"] < result["scores"][result["reference"]]["mase"]  # better on test, not chosen
 
 
 def test_the_importances_find_the_planted_driver_and_its_lag(planted_run, tmp_path, capsys):

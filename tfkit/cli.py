@@ -18,6 +18,7 @@ from rich.table import Table
 from tfkit import config as configs
 from tfkit import errors, registry
 from tfkit import run as runs
+from tfkit.recipe import Recipe
 from tfkit.errors import TfkitError, UsageError
 
 app = typer.Typer(
@@ -109,6 +110,11 @@ def train(
         del trainer
         gc.collect()
     if ranks.main:
+        if registry.get("recipe", resolved["recipe"]).baselines is not Recipe.baselines:  # peers belong with the result
+            recipe, model = runs.open_run(run_dir, pick_device(device))  # the best checkpoint, as evaluate scores it
+            recipe.prepare(run_dir)
+            peers = recipe.baselines("test")  # kept in the run directory, as evaluate keeps them
+            stderr.print(_comparison(f"{run_dir} (test)", {"this run": recipe.evaluate(model, "test"), **peers}, recipe.reference))
         print(run_dir)
 
 

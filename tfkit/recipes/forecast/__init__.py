@@ -3,7 +3,7 @@
 Reading order: ``data`` (reading, checking and making a series regular; the built-in series),
 ``model`` (PatchTST and the DLinear and LSTM baselines, each inside a per-window normalisation),
 ``metrics`` (MAE, RMSE, MASE, sMAPE, Pearson, coverage; the losses), ``baselines`` (seasonal naive,
-ARIMA, and the loop that trains DLinear and the LSTM), ``importance`` (occlusion, rollout,
+statsforecast's AutoARIMA, AutoETS and AutoTheta, and the loop that trains DLinear and the LSTM), ``importance`` (occlusion, rollout,
 permutation; the pictures), ``interop`` (the ONNX graph, in the series' units), ``recipe`` (the
 splits by time, windows, backtest, predict, inspect).
 """

@@ -1,15 +1,30 @@
 """The peers a forecast is judged against, each fitted on the training part alone and asked for the
-same origins: the seasonal naive forecast, ARIMA (statsmodels, the order with the lowest AIC over a
-stated grid), DLinear and an LSTM (trained on the same windows with the same loss and optimiser)."""
+same origins.
+
+Classical: the seasonal naive forecast, and statsforecast's AutoARIMA, AutoETS and AutoTheta with the
+series' season. Each is fitted once on the training part; at every origin its ``forward`` applies
+those fitted parameters to the history before the origin (no re-estimation), so no origin sees its
+future and none sees another's. ETS and ARIMA are not made for long seasons: above ``LONG_SEASON``
+steps (R's ``ets`` refuses them, and a 52-week seasonal ARIMA takes minutes per fit) the practitioner's
+choice is MSTL (Bandara et al., 2021): an STL decomposition with that season, and AutoARIMA or AutoETS
+on the deseasonalised rest; the row's name says which was used.
+
+Neural: DLinear and an LSTM, trained on the same windows with the same loss, optimiser, number of
+steps and learning-rate schedule as the Transformer (``baselines.steps: auto``), over several seeds.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+LONG_SEASON = 24  # the longest season ETS and seasonal ARIMA are fitted with directly (R's ets refuses more)
+CLASSICAL = ("autoarima", "autoets", "autotheta")  # the names baselines.classical takes
 
 
 def seasonal_naive(values: np.ndarray, origins: np.ndarray, horizon: int, season: int) -> np.ndarray:
@@ -20,48 +35,70 @@ def seasonal_naive(values: np.ndarray, origins: np.ndarray, horizon: int, season
     return values[origins[:, None] + steps[None] - back[None]][..., None]
 
 
-def arima(series: np.ndarray, train_end: int, origins: np.ndarray, horizon: int, orders: list[list[int]]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """(origins, H, T, 1) from one ARIMA per target column of ``series`` (scaled), fitted on
-    ``series[:train_end]``; each origin is forecast by filtering that model over the history before
-    it. Also the chosen order per target."""
-    from statsmodels.tools.sm_exceptions import ConvergenceWarning
-    from statsmodels.tsa.arima.model import ARIMA
+def classical_model(name: str, season: int) -> tuple[str, Any]:
+    """The row name and the unfitted statsforecast model for ``name`` at ``season``."""
+    from statsforecast.models import MSTL, AutoARIMA, AutoETS, AutoTheta
 
-    out = np.zeros((len(origins), horizon, series.shape[1], 1))
-    chosen = []
-    with warnings.catch_warnings():  # a poor order in the grid may not converge; its AIC says so
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        for t in range(series.shape[1]):
-            fits = []
-            for order in orders:
-                trend = "c" if order[1] == 0 else "t"  # a constant, or a drift once differenced
-                try:
-                    fits.append(ARIMA(series[:train_end, t], order=tuple(order), trend=trend).fit())
-                except (np.linalg.LinAlgError, ValueError):
-                    continue
-            best = min(fits, key=lambda fit: fit.aic)
-            chosen.append(tuple(best.model.order))
+    long = season > LONG_SEASON
+    if name == "autoarima":
+        if long:
+            return f"MSTL({season}) + AutoARIMA", MSTL(season_length=season, trend_forecaster=AutoARIMA())
+        return f"AutoARIMA (season {season})", AutoARIMA(season_length=season)
+    if name == "autoets":
+        if long:  # ETS on the deseasonalised rest: error, trend and damping chosen by AICc, no season
+            return f"MSTL({season}) + AutoETS", MSTL(season_length=season, trend_forecaster=AutoETS(model="ZZN"))
+        return f"AutoETS (season {season})", AutoETS(season_length=season)
+    if name == "autotheta":
+        return f"AutoTheta (season {season})", AutoTheta(season_length=season)
+    from tfkit.errors import UsageError
+
+    raise UsageError(f"unknown baselines.classical entry '{name}' (valid: {', '.join(CLASSICAL)})")
+
+
+def fit_classical(values: np.ndarray, train_end: int, season: int, names: list[str]) -> dict[str, list[Any]]:
+    """{row name: one fitted model per target column of ``values``}, each fitted on ``values[:train_end]``."""
+    fitted: dict[str, list[Any]] = {}
+    with warnings.catch_warnings():  # statsforecast warns of poorly conditioned candidates it then skips
+        warnings.simplefilter("ignore")
+        for name in names:
+            row = classical_model(name, season)[0]
+            fitted[row] = [classical_model(name, season)[1].fit(values[:train_end, t].copy()) for t in range(values.shape[1])]
+    return fitted
+
+
+def classical_forecasts(models: list[Any], values: np.ndarray, origins: np.ndarray, horizon: int) -> np.ndarray:
+    """(origins, H, T, 1): each origin forecast by the fitted models from ``values`` before it only."""
+    out = np.zeros((len(origins), horizon, values.shape[1], 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t, model in enumerate(models):
             for i, origin in enumerate(origins):
-                out[i, :, t, 0] = best.apply(series[:origin, t]).forecast(horizon)
-    return out, chosen
+                out[i, :, t, 0] = model.forward(y=values[:origin, t].copy(), h=horizon)["mean"]
+    return out
 
 
 def fit(model: nn.Module, batches: Callable[[int], Iterator[dict[str, Tensor]]], loss: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-        steps: int, lr: float, validate: Callable[[nn.Module], float], checks: int = 5) -> nn.Module:
-    """Train ``model`` for ``steps`` AdamW steps over the epochs of ``batches``; keep the weights with
-    the lowest ``validate`` of ``checks`` checks along the way (as the Transformer's keep_best does)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    best, best_state, step, epoch = float("inf"), None, 0, 0
-    every = max(1, steps // checks)
+        train: dict[str, Any], validate: Callable[[nn.Module], float]) -> nn.Module:
+    """Train ``model`` as the trainer trains the Transformer: ``train`` is the train section with the
+    baselines' step count (its optimiser, peak rate, weight decay, clipping, warmup and schedule); keep
+    the weights with the lowest ``validate``, checked every ``train.eval_every`` steps and at the end."""
+    from tfkit.train import build_optimizer, lr_factor
+
+    steps = train["steps"]
+    optimizer = build_optimizer(model, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train))
+    every = train["eval_every"] or steps
+    best, best_state, step, epoch = math.inf, None, 0, 0
     while step < steps:
         for batch in batches(epoch):
             model.train()
             value = loss(model, batch)
             optimizer.zero_grad()
             value.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if train["clip_grad_norm"]:
+                nn.utils.clip_grad_norm_(model.parameters(), train["clip_grad_norm"])
             optimizer.step()
+            scheduler.step()
             step += 1
             if step % every == 0 or step == steps:
                 model.eval()

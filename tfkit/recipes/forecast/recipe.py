@@ -53,11 +53,11 @@ BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second eva
 
 @register("recipe", "forecast")
 class Forecast(Recipe):
-    """Multivariate forecasting: patch Transformer (PatchTST), backtest against ARIMA, DLinear, LSTM."""
+    """Multivariate forecasting: patch Transformer (PatchTST), backtest against AutoARIMA, AutoETS, AutoTheta, DLinear, LSTM."""
 
     config_file = "forecast.yaml"
     minimised = ("mae", "mse", "rmse", "mase", "smape")
-    ranges = configs.ranges((*configs.AT_LEAST_1, ("patch", "stride")))
+    ranges = configs.ranges((*configs.AT_LEAST_1, ("patch", "stride", "seeds")))
     unit = "win"
     facts: dict[str, Any]  # what series.json holds
 
@@ -90,6 +90,7 @@ class Forecast(Recipe):
             "test": np.arange(n_validation, len(self.series) - horizon + 1, stride),
         }
         self.settle_steps(len(self.origins["train"]))
+        self.settle("baselines.steps", lambda: (self.config["train"]["steps"], "the Transformer's train.steps"))
 
     def builtin_sizes(self) -> dict[str, Any]:
         return BUILTIN_SIZES.get(self.config["data"]["name"], {})
@@ -187,9 +188,9 @@ class Forecast(Recipe):
         future = origins[:, None] + torch.arange(data["horizon"])
         return self.scaled[past], self.scaled[future][..., : self.facts["targets"]]
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, seed: int | None = None) -> Iterator[Batch]:
         size = self.config["train"]["batch_size"]
-        generator = seeded_generator(self.config["seed"], epoch)
+        generator = seeded_generator(self.config["seed"] if seed is None else seed, epoch)
         origins = self.origins["train"][torch.randperm(len(self.origins["train"]), generator=generator).numpy()]
         for start in range(0, len(origins), size):
             context, future = self.windows(origins[start : start + size])
@@ -234,43 +235,81 @@ class Forecast(Recipe):
         t = self.facts["targets"]
         return scores(forecasts, truths, np.array(self.facts["mase_scale"]), np.array(self.facts["std"][:t]), self.quantiles)
 
-    reference = "arima"  # the row the evaluate table measures the others against, in percent
+    reference: str | None = None  # the best classical row on validation, once baselines() has chosen it
 
     def baselines(self, split: str) -> dict[str, dict[str, float]]:
         """The peers' scores on the origins of ``split``; kept in the run directory, keyed by what
-        they depend on, so only the first evaluate pays for fitting them."""
+        they depend on, so only the first evaluate pays for fitting them. Sets :attr:`reference`, the
+        classical row with the lowest validation MASE, which the table measures every row against."""
         key = hashlib.sha1(json.dumps([split, self.config["seed"], self.config["data"], self.config["baselines"],
-                                       self.config["model"]["quantiles"], self.config["train"]["batch_size"]],
+                                       self.config["model"]["quantiles"], self.config["train"]],
                                       sort_keys=True).encode()).hexdigest()[:16]
         kept = runs.read_json(self.run_dir, BASELINES_FILE) if (self.run_dir / BASELINES_FILE).is_file() else {}
         if key not in kept:
             kept[key] = self._fit_baselines(split)
             runs.write_json(self.run_dir, BASELINES_FILE, kept)
-        return kept[key]
+        self.reference = kept[key]["reference"]
+        return kept[key]["scores"]
 
-    def _fit_baselines(self, split: str) -> dict[str, dict[str, float]]:
+    def _fit_baselines(self, split: str) -> dict[str, Any]:
+        """{"scores": {row: metrics}, "reference": row, "validation": {classical row: metrics}}."""
         data, cfg = self.config["data"], self.config["baselines"]
-        origins, t = self.origins[split], self.facts["targets"]
-        truths = self._unscale(self.windows(origins)[1].numpy())
-        values = self.series.values[:, :t]
+        t, horizon = self.facts["targets"], data["horizon"]
         quantiles = len(self.quantiles or [0.5])  # a point forecast carries no interval: each quantile is the point
-        naive = np.repeat(peers.seasonal_naive(values, origins, data["horizon"], self.series.season), quantiles, -1)
-        arima, orders = peers.arima(self.scaled[:, :t].double().numpy(), self.bounds[0], origins, data["horizon"], cfg["arima_orders"])
-        arima = np.repeat(self._unscale(arima), quantiles, -1)
-        print(f"note: ARIMA orders by AIC: {', '.join(f'{n} {o}' for n, o in zip(self.facts['names'], orders))}", file=sys.stderr)
-        out = {"seasonal naive": self._scores(naive, truths), "arima": self._scores(arima, truths)}
+
+        def truths(part: str) -> np.ndarray:
+            return self._unscale(self.windows(self.origins[part])[1].numpy())
+
+        values = self.series.values[:, :t]
+        naive = peers.seasonal_naive(values, self.origins[split], horizon, self.series.season)
+        out = {f"seasonal naive ({self.series.season})": self._scores(np.repeat(naive, quantiles, -1), truths(split))}
+        fitted = peers.fit_classical(values, self.bounds[0], self.series.season, cfg["classical"])
+        validation = {}
+        for row, models in fitted.items():
+            for part in dict.fromkeys(["validation", split]):
+                forecasts = np.repeat(peers.classical_forecasts(models, values, self.origins[part], horizon), quantiles, -1)
+                scored = self._scores(forecasts, truths(part))
+                if part == "validation":
+                    validation[row] = scored
+                if part == split:
+                    out[row] = scored
+        reference = min(validation, key=lambda row: validation[row]["mase"]) if validation else None
+        if reference is not None:  # the row's name says it was chosen, and on what
+            out = {(f"{row} [best classical on validation]" if row == reference else row): v for row, v in out.items()}
+            reference = f"{reference} [best classical on validation]"
+        out.update(self._neural_baselines(split, truths(split)))
+        return {"scores": out, "reference": reference, "validation": validation}
+
+    def neural_budget(self) -> dict[str, Any]:
+        """The train section DLinear and the LSTM are trained with: the Transformer's (optimiser, peak
+        rate, warmup, schedule, clipping, validation checks), with ``baselines.steps`` steps."""
+        return {**self.config["train"], "steps": self.config["baselines"]["steps"]}
+
+    def _neural_baselines(self, split: str, truths: np.ndarray) -> dict[str, dict[str, float]]:
+        """DLinear (the targets alone) and the LSTM (every variable), each trained with
+        ``baselines.seeds`` seeds; the mean of each metric, and its sd as ``<metric>_sd``."""
+        data, cfg = self.config["data"], self.config["baselines"]
+        t, variables, horizon = self.facts["targets"], len(self.facts["names"]), data["horizon"]
+        quantiles = len(self.quantiles or [0.5])
         size = sum(p.numel() for p in self.build_model().parameters())
-        variables, horizon = len(self.facts["names"]), data["horizon"]
         hidden = cfg["lstm_hidden"] or peers.lstm_hidden(size, variables, horizon * t * quantiles, cfg["lstm_layers"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config["seed"])
-            for name, forecaster in (("dlinear", DLinear(t, data["context"], horizon, quantiles)),
-                                     ("lstm", LSTMForecaster(variables, t, horizon, quantiles, hidden, cfg["lstm_layers"]))):
-                model = self._train_baseline(InstanceNorm(forecaster, t))
-                out[name] = self._scores(self.forecast(model, self.windows(origins)[0]), truths)
+        budget = self.neural_budget()
+        seeds = range(self.config["seed"], self.config["seed"] + cfg["seeds"])
+        rows = {f"DLinear (targets only; {len(seeds)} seeds)": lambda: DLinear(t, data["context"], horizon, quantiles),
+                f"LSTM (targets and covariates; {len(seeds)} seeds)": lambda: LSTMForecaster(variables, t, horizon, quantiles, hidden, cfg["lstm_layers"])}
+        out = {}
+        for row, make in rows.items():
+            runs_ = []
+            for seed in seeds:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    model = self._train_baseline(InstanceNorm(make(), t), budget, seed)
+                runs_.append(self._scores(self.forecast(model, self.windows(self.origins[split])[0]), truths))
+            out[row] = {m: float(np.mean([r[m] for r in runs_])) for m in runs_[0]}
+            out[row].update({f"{m}_sd": float(np.std([r[m] for r in runs_], ddof=1)) if len(runs_) > 1 else 0.0 for m in runs_[0]})
         return out
 
-    def _train_baseline(self, model: nn.Module) -> nn.Module:
+    def _train_baseline(self, model: nn.Module, budget: dict[str, Any], seed: int) -> nn.Module:
         def validate(candidate: nn.Module) -> float:
             outputs = self.eval_outputs(candidate, "validation")
             return self.score("validation", [outputs[i] for i in sorted(outputs)])["mase"]
@@ -278,7 +317,7 @@ class Forecast(Recipe):
         def loss(candidate: nn.Module, batch: Batch) -> Tensor:
             return self._loss_sum(candidate, batch) / batch["future"].numel()
 
-        return peers.fit(model, self.train_batches, loss, self.config["baselines"]["steps"], self.config["train"]["lr"], validate)
+        return peers.fit(model, lambda epoch: self.train_batches(epoch, seed), loss, budget, validate)
 
     # -- using a trained run ----------------------------------------------------------------------
     def read_history(self, path: Path) -> Series:
