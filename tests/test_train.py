@@ -9,12 +9,13 @@ import signal
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
 
+from conftest import quiet, tiny_config
 from tfkit import run as runs
 from tfkit.errors import TfkitError, UsageError
+from tfkit.optim import lr_factor
 from tfkit.recipe import Loss
-from tfkit.train import Interrupted, lr_factor, start_training
+from tfkit.train import Interrupted, start_training
 
 CPU = torch.device("cpu")
 

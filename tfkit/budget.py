@@ -24,6 +24,7 @@ from torch import nn
 
 from tfkit.errors import UsageError
 from tfkit.nn.linear import packed_weights
+from tfkit.optim import build_optimizer
 from tfkit.recipe import Recipe
 
 PROBE_STEPS = 6  # timed optimiser steps; the first, which warms caches and allocators up, is not counted
@@ -57,7 +58,7 @@ class Probe:
 
 
 def probe(recipe: Recipe, model: nn.Module, cfg: dict[str, Any], device: torch.device,
-          autocast: Callable[[], AbstractContextManager], build_optimizer: Callable) -> Probe:
+          autocast: Callable[[], AbstractContextManager]) -> Probe:
     """Time PROBE_STEPS training steps and one validation on a copy of ``model``."""
     twin = copy.deepcopy(model)
     optimizer = build_optimizer(twin, cfg)

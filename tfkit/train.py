@@ -1,6 +1,6 @@
 """One training loop for every recipe.
 
-Optimiser (Adam/AdamW), learning-rate schedule, autocast on CUDA, gradient accumulation and clipping,
+The optimiser, its schedule and autocast (tfkit.optim), gradient accumulation and clipping,
 periodic evaluation, metrics, checkpoints that survive a kill at any instant (tfkit.run), the best
 checkpoint by a validation metric and early stopping on it, exact resume, and a clean stop on
 SIGINT/SIGTERM.
@@ -39,6 +39,7 @@ from tfkit import run as runs
 from tfkit.distributed import Ranks
 from tfkit.errors import TfkitError, UsageError, first_line
 from tfkit.nn.linear import packed_weights
+from tfkit.optim import autocast_dtype, build_optimizer, lr_factor
 from tfkit.recipe import Recipe
 
 
@@ -67,51 +68,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available (use --device cpu)")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto`` means bf16 on CUDA and fp32 on CPU, where
-    low-precision matmuls are far slower than fp32 on most processors."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    # weight decay on matrices only, not on biases, norms or position tables of rank 1
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # the names are checked with the config
-    return optimizers[cfg["optimizer"]](groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
-
-
-def lr_factor(cfg: dict[str, Any]) -> Callable[[int], float]:
-    """Multiplier of the peak ``train.lr`` after ``step`` optimiser steps.
-
-    noam: the paper's d^-0.5·min(s^-0.5, s·w^-1.5), written as peak·min(s/w, √(w/s)) so the peak is
-    explicit; warmup_cosine: linear warmup, then cosine decay to zero at ``train.steps``;
-    constant: linear warmup, then flat.
-    """
-    warmup, total, kind = max(1, cfg["warmup"]), cfg["steps"], cfg["schedule"]
-
-    def noam(step: int) -> float:
-        s = step + 1
-        return min(s / warmup, math.sqrt(warmup / s))
-
-    def warmup_cosine(step: int) -> float:
-        s = step + 1
-        if s < warmup:
-            return s / warmup
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    def constant(step: int) -> float:
-        return min(1.0, (step + 1) / warmup)
-
-    return {"noam": noam, "warmup_cosine": warmup_cosine, "constant": constant}[kind]
 
 
 def check_best_options(cfg: dict[str, Any]) -> None:
@@ -367,7 +323,7 @@ class Trainer:
         if self.ranks.active:
             raise UsageError("train.minutes plans a run of one process; under torchrun set train.steps instead")
         self.console.print(f"timing {budget.PROBE_STEPS} steps and a validation to plan {self.cfg['minutes']:g} minutes...")
-        measured = budget.probe(self.recipe, self.model, self.cfg, self.device, self._autocast, build_optimizer)
+        measured = budget.probe(self.recipe, self.model, self.cfg, self.device, self._autocast)
         self._eval_seconds = measured.eval_seconds
         planned = budget.plan(self.cfg, 60 * self.cfg["minutes"] - self.seconds(), measured)
         self.cfg.update(planned)

@@ -82,7 +82,7 @@ def fit(model: nn.Module, batches: Callable[[int], Iterator[dict[str, Tensor]]],
     """Train ``model`` as the trainer trains the Transformer: ``train`` is the train section with the
     baselines' step count (its optimiser, peak rate, weight decay, clipping, warmup and schedule); keep
     the weights with the lowest ``validate``, checked every ``train.eval_every`` steps and at the end."""
-    from tfkit.train import build_optimizer, lr_factor
+    from tfkit.optim import build_optimizer, lr_factor
 
     steps = train["steps"]
     optimizer = build_optimizer(model, train)
