@@ -18,8 +18,9 @@ from typing import Iterable, Iterator
 import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from tfkit.data import cached
+from tfkit.data import SPLITS, Unusable, cached
 from tfkit.errors import UsageError
+from tfkit.progress import Preparing
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
@@ -84,6 +85,47 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, specials: list[str]) 
     tokenizer.decoder = decoders.WordPiece()
     tokenizer.add_special_tokens(specials)
     return tokenizer
+
+
+# -- the user's text ---------------------------------------------------------------------------------
+def text_folder(path: Path, column: str) -> datasets.DatasetDict | None:
+    """A folder of .txt files (subfolders too; no train/validation/test files) as one training split
+    of lines in ``column``, each file's documents (a blank line between them) ended by a blank row,
+    read into datasets' cache with progress shown; None for any other source. A file that is not
+    UTF-8 is skipped and counted (:class:`tfkit.data.Unusable`: a warning naming the first few, one
+    error line past 1% of the files): in a folder of many, one bad file is noise, not a wrong folder."""
+    if not path.is_dir() or any(next(path.glob(f"{split}.*"), None) for split in SPLITS):
+        return None
+    files = sorted(f for f in path.rglob("*.txt") if f.is_file())
+    if not files:
+        return None
+    # the cache is named by these; a tuple, which datasets does not cut into one generator call per file
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+    def lines(stamps: tuple[tuple[str, int, int], ...]) -> Iterator[dict[str, str]]:
+        with Preparing(f"reading the {len(stamps):,} text files", total=len(stamps), unit="files") as shown:
+            for name, size, _ in stamps:
+                try:
+                    text = Path(name).read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    yield {column: "", "problem": f"{name}: not UTF-8 text (byte {e.start})"}
+                    text = ""
+                except OSError as e:
+                    yield {column: "", "problem": f"{name}: {e.strerror or type(e).__name__}"}
+                    text = ""
+                for line in text.splitlines():
+                    yield {column: line, "problem": ""}
+                yield {column: "", "problem": ""}  # the file's last document ends here
+                shown.advance(1, size)
+
+    features = datasets.Features({column: datasets.Value("string"), "problem": datasets.Value("string")})
+    rows = datasets.Dataset.from_generator(lines, features=features, gen_kwargs={"stamps": stamps})
+    unusable = Unusable("text files", "train")
+    problems = rows.filter(lambda problem: bool(problem), input_columns="problem")["problem"][:]
+    for problem in problems:
+        unusable.skip(problem)
+    unusable.report(len(files))
+    return datasets.DatasetDict({"train": rows.remove_columns("problem")})
 
 
 # -- the built-in corpora ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from tfkit import config as configs
 from tfkit.data import (
+    as_evaluation,
     derive_seed,
     encode_once,
     length_buckets,
@@ -28,6 +29,7 @@ from tfkit.data import (
 from tfkit.errors import UsageError
 from tfkit.hf import write_folder
 from tfkit.onnx import Graph
+from tfkit.progress import Preparing
 from tfkit.recipe import Batch, Loss
 from tfkit.recipes.bert.data import (
     MASK,
@@ -38,6 +40,7 @@ from tfkit.recipes.bert.data import (
     pair_ids,
     pretraining_corpus,
     sentences,
+    text_folder,
     train_wordpiece,
 )
 from tfkit.recipes.bert.interop import (
@@ -98,11 +101,15 @@ class TableText:
         np.add.at(edges, documents[:, 0], 1)
         np.add.at(edges, documents[:, 1], -1)
         self.table, self.chosen = table, np.cumsum(edges)[:-1] > 0
+        self.shown: Preparing | None = None  # where the sentences read are counted, while one is
 
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self.table), 10_000):
             texts = self.table[start : start + 10_000]["text"]
-            yield from (text for text, chosen in zip(texts, self.chosen[start : start + 10_000]) if chosen)
+            chosen = self.chosen[start : start + 10_000]
+            yield from (text for text, chosen in zip(texts, chosen) if chosen)
+            if self.shown is not None:
+                self.shown.advance(int(chosen.sum()))
 
 
 def document_bounds(table: datasets.Dataset) -> np.ndarray:
@@ -179,7 +186,11 @@ class BertPretrain(BertRecipe):
         """Sentences and their token ids live in Arrow tables (memory-mapped when read from files);
         memory holds sentence lengths, document bounds and the held-out batches."""
         data, seed = self.config["data"], self.config["seed"]
-        splits = load_splits(data["name"], lambda: pretraining_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
+        folder = text_folder(Path(data["name"]).expanduser(), data["text_column"]) if data["name"] != "builtin" else None
+        if folder is not None:
+            splits = as_evaluation(folder) or folder
+        else:
+            splits = load_splits(data["name"], lambda: pretraining_corpus(seed), seed, hub_config=data["hub_config"], carve=False)
         texts = {split: sentence_rows(rows, data["text_column"], split) for split, rows in splits.items()}
         self.documents = {split: document_bounds(table) for split, table in texts.items()}
         for split in self._carve(seed):
@@ -192,12 +203,18 @@ class BertPretrain(BertRecipe):
         else:
             training = TableText(texts["train"], self.documents["train"])
             self.settle_vocabulary(training, int(training.chosen.sum()))
-            self.tokenizer = train_wordpiece(training, data["vocab_size"], SPECIALS)
+            # WordPiece reads the text twice: once for its characters, once to learn
+            with Preparing("training the tokenizer on the train sentences", total=2 * int(training.chosen.sum()), unit="sentences") as shown:
+                training.shown = shown
+                self.tokenizer = train_wordpiece(training, data["vocab_size"], SPECIALS)
+            training.shown = None
         self.ids, self.lengths = {}, {}
         encoded: dict[int, datasets.Dataset] = {}  # carved splits share the training table
         for split, table in texts.items():
             if id(table) not in encoded:
-                encoded[id(table)] = encode_once(table, self._encode, {"tokenizer": self.tokenizer.to_str()}, TOKEN_COLUMNS)
+                with Preparing(f"encoding the {split} sentences", total=len(table), unit="sentences") as shown:
+                    encode = lambda batch, indices: self._encode(batch, indices, shown)  # noqa: E731
+                    encoded[id(table)] = encode_once(table, encode, {"tokenizer": self.tokenizer.to_str()}, TOKEN_COLUMNS)
             self.ids[split] = encoded[id(table)]
             self.lengths[split] = self.ids[split].data.column("length").to_numpy()
         a, b, _ = nsp_pairs(self.documents["train"], np.random.default_rng(seed))
@@ -206,8 +223,9 @@ class BertPretrain(BertRecipe):
         # held-out pairs and masks are drawn once, so every evaluation scores the same questions
         self.held_out = {split: list(self._batches(split, seed + 7919, shuffle=False)) for split in ("validation", "test")}
 
-    def _encode(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def _encode(self, batch: dict[str, list], indices: list[int], shown: Preparing) -> dict[str, list]:
         ids = self.token_ids(batch["text"])
+        shown.advance(len(ids))
         return {"ids": ids, "length": [len(row) for row in ids]}
 
     def _carve(self, seed: int) -> list[str]:

@@ -6,9 +6,11 @@ on a channel unseen in training; and the CTC character vocabulary (:func:`ctc_ch
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -26,6 +28,7 @@ from torch import Tensor
 from tfkit.data import SPLITS, cached, encode_once, list_column, report_unusable
 from tfkit.errors import UsageError
 from tfkit.nn.conformer import ConvolutionSubsampling
+from tfkit.progress import Preparing
 from tfkit.recipes.conformer.augment import (
     add_noise,
     babble,
@@ -82,8 +85,15 @@ def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features
               log_mel: Callable[[Tensor], Tensor]) -> datasets.Dataset:
     """Rows of transcript, frame count and log-mel features (flattened), or for training the 16-bit
     samples the loader augments; each audio cell is a path (relative to the manifest or folder
-    ``data.name``) or decoded bytes. Unreadable or too short audio is reported in one warning and
-    left with 0 frames (held-out splits drop it)."""
+    ``data.name``) or decoded bytes, read with progress shown. Two kinds of recording are left with
+    0 frames (held-out splits drop them), each reported in one warning naming the first few:
+
+    - one that cannot be read or decoded (or is empty, silent, too long) is *unusable*: counted under
+      :class:`tfkit.data.Unusable`'s rule, so more than 1% of a split stops preparation in one line,
+      since that many is a wrong folder or a broken download;
+    - one too short to leave a frame after subsampling is a good file the model cannot use, like an
+      utterance too short for its transcript (the recipe drops those too): it is a filter on the
+      data, not damage, and does not count toward the 1% (a corpus of short clips is still a corpus)."""
     if isinstance(rows.features[data["audio_column"]], datasets.Audio):
         rows = rows.cast_column(data["audio_column"], datasets.Audio(decode=False))
     spec = Path(data["name"]).expanduser()
@@ -91,21 +101,23 @@ def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features
     kept = "samples" if split == "train" else "features"
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"text": [], kept: [], "frames": [], "problem": []}
+        out: dict[str, list] = {"text": [], kept: [], "frames": [], "problem": [], "short": []}
         for number, cell, text in zip(indices, batch[data["audio_column"]], batch[data["text_column"]]):
             if not isinstance(text, str) or not text.strip():
                 raise UsageError(f"the {split} data's row {number + 1} has no transcript in column '{data['text_column']}'")
-            samples, problem = torch.zeros(0), ""
+            path = base / cell if isinstance(cell, str) else cell.get("path")
+            samples, problem, short = torch.zeros(0), "", ""
             try:
                 if isinstance(cell, str):
-                    samples = read_audio(base / cell, None, data["sample_rate"])
+                    samples = read_audio(path, None, data["sample_rate"])
                 else:
-                    samples = read_audio(cell.get("path"), cell.get("bytes"), data["sample_rate"])
+                    samples = read_audio(path, cell.get("bytes"), data["sample_rate"])
                 if ConvolutionSubsampling.output_lengths(torch.tensor(log_mel.frames(len(samples)))) < 1:
-                    problem = f"row {number + 1}: too short ({len(samples) / data['sample_rate']:.3f} s)"
+                    short = f"{path or f'row {number + 1}'} ({len(samples) / data['sample_rate']:.3f} s)"
             except UsageError as e:
                 problem = str(e)
-            if problem:
+            shown.advance(1, len(cell["bytes"]) if isinstance(cell, dict) and cell.get("bytes") else _file_size(path))
+            if problem or short:
                 samples = torch.zeros(0)
             out["text"].append(normalise_text(text, data["lowercase"]))
             if kept == "samples":
@@ -114,14 +126,33 @@ def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features
                 out[kept].append(log_mel(samples).flatten().numpy())
             out["frames"].append(log_mel.frames(len(samples)))
             out["problem"].append(problem)
+            out["short"].append(short)
         return out
 
-    settings = [split, kept, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), features]
+    # "short": the column that tells a too-short recording from an unreadable one (a cache written
+    # before it holds only "problem", and is not reused)
+    settings = [split, kept, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), features, "short"]
     values = datasets.Sequence(datasets.Value("int16" if kept == "samples" else "float32"))
-    columns = datasets.Features({"text": datasets.Value("string"), kept: values, "frames": datasets.Value("int64"), "problem": datasets.Value("string")})
-    done = encode_once(rows, encode, settings, columns)
-    report_unusable(done, split, "unusable recordings")
+    columns = datasets.Features({"text": datasets.Value("string"), kept: values, "frames": datasets.Value("int64"),
+                                 "problem": datasets.Value("string"), "short": datasets.Value("string")})
+    with Preparing(f"reading the {split} recordings", total=len(rows), unit="recordings") as shown:
+        done = encode_once(rows, encode, settings, columns)
+    report_unusable(done, split, "recordings")
+    short = [name for name in done["short"][:] if name]
+    if short:
+        named = "; ".join(short[:3]) + (f"; and {len(short) - 3} more" if len(short) > 3 else "")
+        print(f"warning: skipped {len(short)} of the {len(done)} recordings in the {split} data as too short to leave one "
+              f"frame after subsampling ({named})", file=sys.stderr)
+    if not any(frames > 0 for frames in done["frames"][:]):
+        raise UsageError(f"none of the {len(done)} recordings in the {split} data can be used (too short or unreadable)")
     return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
+
+
+def _file_size(path: Path | str | None) -> int:
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0
 
 
 def stored_features(rows: pa.Table, n_mels: int) -> list[Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 from num2words import num2words
 
-from tfkit.data import SPLITS, VOCAB_SAMPLE, cached
+from tfkit.data import SPLITS, VOCAB_SAMPLE, Unusable, cached
 from tfkit.errors import UsageError
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -63,18 +63,34 @@ def _words(n: int, lang: str) -> str:
         raise UsageError(f"num2words does not know language '{lang}' (valid: {', '.join(sorted(CONVERTER_CLASSES))})") from None
 
 
-def read_pairs(rows: dict[str, list], data: dict[str, Any], split: str, first: int = 0) -> list[tuple[str, str]]:
-    """The (source, target) texts of rows given as {column: values}, by the ``data.*`` config; they
-    are rows first, first + 1, ... (a row without both texts is named by its number)."""
+def read_pairs(rows: dict[str, list], data: dict[str, Any], first: int = 0) -> tuple[list[tuple[str, str] | None], list[str]]:
+    """The (source, target) texts of rows given as {column: values}, by the ``data.*`` config (None
+    for a row without both), and why each such row cannot be used: rows first, first + 1, ... A pair is one row of a file of
+    many, so a row without both texts is skipped and counted (under :class:`tfkit.data.Unusable`'s
+    1% rule), never the file."""
     if "translation" in rows:
         langs = data["source_lang"], data["target_lang"]
-        found = [tuple(row.get(lang) for lang in langs) for row in rows["translation"]]
+        found = [tuple(row.get(lang) for lang in langs) if isinstance(row, dict) else (None, None) for row in rows["translation"]]
     else:
         found = list(zip(rows[data["source_column"]], rows[data["target_column"]]))
+    pairs, problems = [], []
     for i, pair in enumerate(found):
-        if not all(isinstance(text, str) and text.strip() for text in pair):
-            raise UsageError(f"the {split} data's row {first + i + 1} lacks a source or target text: {pair!r}")
-    return found
+        if all(isinstance(text, str) and text.strip() for text in pair):
+            pairs.append(pair)
+        else:
+            pairs.append(None)
+            problems.append(f"row {first + i + 1} lacks a {'source' if not (isinstance(pair[0], str) and pair[0].strip()) else 'target'} text")
+    return pairs, problems
+
+
+def usable_pairs(rows: dict[str, list], data: dict[str, Any], split: str) -> list[tuple[str, str]]:
+    """A whole split's usable pairs, the others reported (a warning, or one error line past 1%)."""
+    pairs, problems = read_pairs(rows, data)
+    unusable = Unusable("sentence pairs", split)
+    for problem in problems:
+        unusable.skip(problem)
+    unusable.report(len(pairs))
+    return [pair for pair in pairs if pair is not None]
 
 
 def sample_rows(rows: datasets.Dataset) -> dict[str, list]:

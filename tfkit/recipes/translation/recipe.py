@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+import datasets
 import sacrebleu
 import torch
 from torch import nn
 
 from tfkit import config as configs
 from tfkit.data import (
+    Unusable,
     choose_vocab_size,
     encode_once,
     length_buckets,
@@ -23,6 +25,7 @@ from tfkit.data import (
     load_splits,
     pad_rows,
     read_lines,
+    report_unusable,
     require_columns,
     seeded_generator,
     train_bpe,
@@ -30,6 +33,7 @@ from tfkit.data import (
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError
 from tfkit.onnx import Graph
+from tfkit.progress import Preparing
 from tfkit.recipe import (
     AttentionExample,
     Batch,
@@ -39,7 +43,17 @@ from tfkit.recipe import (
     batch_ranges,
 )
 from tfkit.recipes.translation import interop
-from tfkit.recipes.translation.data import BOS, EOS, PAD, SPECIALS, UNK, numbers_corpus, read_pairs, sample_rows
+from tfkit.recipes.translation.data import (
+    BOS,
+    EOS,
+    PAD,
+    SPECIALS,
+    UNK,
+    numbers_corpus,
+    read_pairs,
+    sample_rows,
+    usable_pairs,
+)
 from tfkit.recipes.translation.model import MAX_POSITIONS, Seq2SeqTransformer
 from tfkit.registry import register
 
@@ -61,37 +75,72 @@ class Translation(TokenizerRecipe):
         # validation and test are read whole; the training split stays an Arrow table (memory-mapped
         # when it comes from files or the cache) and is encoded into another, so a corpus of any
         # size costs memory only for its lengths
-        self.pairs = {split: self._pairs(splits[split][:], split) for split in ("validation", "test")}
+        self.pairs = {split: usable_pairs(splits[split][:], data, split) for split in ("validation", "test")}
         train = splits["train"]
-        sample = functools.cache(lambda: [text for pair in self._pairs(sample_rows(train), "train") for text in pair])
+        sample = functools.cache(lambda: [text for pair in self._pairs(sample_rows(train)) for text in pair])
+        unusable = None  # the training rows without both texts, when the tokenizer's pass has counted them
         if run_dir is not None:
             self.load(run_dir)
         elif self.config["init"]:
             self.tokenizer = interop.tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
+            if not sample():  # the pass that counts them comes after the tokenizer
+                raise UsageError(f"none of the sampled rows of the train data has both a source and a target text "
+                                 f"(columns {data['source_column']!r} and {data['target_column']!r})")
             fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
             self.settle("data.vocab_size", lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
-            texts = (text for start in range(0, len(train), 10_000)
-                     for pair in self._pairs(train[start : start + 10_000], "train", start) for text in pair)
-            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS)
+            unusable = Unusable("sentence pairs", "train")
+            with Preparing("training the tokenizer on the train pairs", total=len(train), unit="pairs") as shown:
+                self.tokenizer = train_bpe(self._texts(train, shown, unusable), data["vocab_size"], SPECIALS)
+            unusable.report(len(train))  # too many stop here, before the encoding pass
         self.settle("data.max_tokens", lambda: length_limit(len(e.ids) for e in self.tokenizer.encode_batch(sample())))
         self.settle_steps(len(train))
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
-        settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")), self.tokenizer.to_str()]
-        self.train = encode_once(train, self._encode, settings)
+        # "problem": the column naming an unusable row (a cache written before it is not reused)
+        settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")),
+                    self.tokenizer.to_str(), "problem"]
+        with Preparing("encoding the train pairs", total=len(train), unit="pairs") as shown:
+            self.train = encode_once(train, lambda rows, indices: self._encode(rows, indices, shown), settings)
+        if unusable is None:
+            report_unusable(self.train, "train", "sentence pairs")
+        if any(self.train["problem"][:]):
+            self.train = self.train.filter(lambda problem: not problem, input_columns="problem")
         self.train_lengths: list[int] = self.train["length"][:]  # a list: a Column reads Arrow item by item
 
     def imitate_builtin_data(self) -> None:
         self.tokenizer = Vocabulary(self.BUILTIN_SIZES["data.vocab_size"])
 
-    def _pairs(self, rows: dict[str, list], split: str, first: int = 0) -> list[tuple[str, str]]:
-        return read_pairs(rows, self.config["data"], split, first)
+    def _pairs(self, rows: dict[str, list], first: int = 0) -> list[tuple[str, str]]:
+        """The usable pairs of some training rows (the unusable ones are reported once they are encoded)."""
+        return [pair for pair in read_pairs(rows, self.config["data"], first)[0] if pair is not None]
 
-    def _encode(self, rows: dict[str, list], indices: list[int]) -> dict[str, list]:
-        pairs = self._pairs(rows, "train", indices[0])
-        sources = self._source_ids([src for src, _ in pairs])
-        targets = [[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in pairs])]
-        return {"source": sources, "target": targets, "length": [len(ids) for ids in sources]}
+    def _texts(self, train: datasets.Dataset, shown: Preparing, unusable: Unusable) -> Iterator[str]:
+        """Both texts of every usable training pair, read 10,000 rows at a time; the others go to ``unusable``."""
+        for start in range(0, len(train), 10_000):
+            rows = train[start : start + 10_000]
+            pairs, problems = read_pairs(rows, self.config["data"], start)
+            for pair in filter(None, pairs):
+                yield from pair
+            for problem in problems:
+                unusable.skip(problem)
+            shown.advance(len(next(iter(rows.values()))))
+
+    def _encode(self, rows: dict[str, list], indices: list[int], shown: Preparing) -> dict[str, list]:
+        """Token ids of each row's pair; a row without both texts keeps empty ids and says why."""
+        pairs, problems = read_pairs(rows, self.config["data"], indices[0])
+        why = iter(problems)
+        usable = [pair for pair in pairs if pair is not None]
+        sources = iter(self._source_ids([src for src, _ in usable]))
+        targets = iter([[BOS, *ids, EOS] for ids in self._ids([tgt for _, tgt in usable])])
+        out: dict[str, list] = {"source": [], "target": [], "length": [], "problem": []}
+        for pair in pairs:
+            source, target = (next(sources), next(targets)) if pair is not None else ([], [])
+            out["source"].append(source)
+            out["target"].append(target)
+            out["length"].append(len(source))
+            out["problem"].append("" if pair is not None else next(why))
+        shown.advance(len(indices))
+        return out
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         limit = self.config["data"]["max_tokens"]

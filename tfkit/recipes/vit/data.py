@@ -2,13 +2,15 @@
 
 The built-in data are the 1,797 real 8×8 handwritten digits that scikit-learn ships. User images
 (files, or a Hugging Face dataset's image column) are decoded once, resized (shorter side) and
-centre-cropped to data.image_size, and kept as flattened uint8 rows in datasets' cache; an image that
-cannot be read is reported and left out, not fatal.
+centre-cropped to data.image_size, and kept as flattened uint8 rows in datasets' cache. An image that
+cannot be read or decoded is skipped and counted (:class:`tfkit.data.Unusable`: one warning naming the
+first few; more than 1% of a split's images stop preparation with one error line).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from tfkit.data import check_labels, encode_once, list_column, report_unusable
 from tfkit.errors import UsageError
+from tfkit.progress import Preparing
 
 # torchvision is imported where it is used: importing it costs 2 s, which every other recipe's
 # start-up (and each resume after a crash) would pay
@@ -117,7 +120,8 @@ def median_image_size(rows: datasets.Dataset, data: dict[str, Any]) -> tuple[int
 
 def decode_images(rows: datasets.Dataset, split: str, data: dict[str, Any], labels: list[str]) -> datasets.Dataset:
     """Rows of pixels at data.image_size (uint8, flattened) and class index, encoded once into
-    datasets' cache; an unreadable image is reported in one warning and left with target -1."""
+    datasets' cache, with progress shown; an unreadable image is left with target -1 and counted
+    (:func:`report_unusable`: a warning, or one error line past 1% of the split)."""
     image_column, label_column = data["image_column"], data["label_column"]
     feature = rows.features[label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
@@ -132,14 +136,16 @@ def decode_images(rows: datasets.Dataset, split: str, data: dict[str, Any], labe
         for cell, label in zip(batch[image_column], batch[label_column]):
             label = names[label] if names is not None else str(label)
             row, target, problem = np.zeros(0, np.uint8), index[label], ""
+            path = base / cell if isinstance(cell, str) else cell.get("path")
             try:
-                if isinstance(cell, str):
-                    image = open_image(base / cell, channels=data["channels"])
+                if isinstance(cell, str) or cell.get("bytes") is None:
+                    image = open_image(path, channels=data["channels"])
                 else:
-                    image = open_image(cell.get("path"), data=cell.get("bytes"), channels=data["channels"])
+                    image = open_image(path, data=cell["bytes"], channels=data["channels"])
                 row = resize(image, data["image_size"]).flatten().numpy()
             except UsageError as e:
                 target, problem = -1, str(e)
+            shown.advance(1, _size(cell, path))
             out["pixels"].append(row)
             out["target"].append(target)
             out["problem"].append(problem)
@@ -148,6 +154,17 @@ def decode_images(rows: datasets.Dataset, split: str, data: dict[str, Any], labe
     settings = [split, *(data[k] for k in ("name", "image_column", "label_column", "channels", "image_size")), labels]
     columns = datasets.Features({"pixels": datasets.Sequence(datasets.Value("uint8")), "target": datasets.Value("int64"),
                                  "problem": datasets.Value("string")})
-    done = encode_once(rows, decode, settings, columns)
-    report_unusable(done, split, "unreadable images")
+    with Preparing(f"decoding the {split} images", total=len(rows), unit="images") as shown:
+        done = encode_once(rows, decode, settings, columns)
+    report_unusable(done, split, "images")
     return done
+
+
+def _size(cell: str | dict, path: Path | str | None) -> int:
+    """The bytes an image cell holds or names (0 where its file is missing)."""
+    if isinstance(cell, dict) and cell.get("bytes") is not None:
+        return len(cell["bytes"])
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0
