@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
-from test_cli import one_error_line, tfkit
 
+from conftest import one_error_line, tfkit
 from tfkit import progress
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

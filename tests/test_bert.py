@@ -10,8 +10,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import quiet
 
+from conftest import TINY, one_error_line, quiet, recipe_config, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
@@ -22,17 +22,10 @@ from tfkit.recipes.bert.model import Bert, BertForPretraining, build_bert
 from tfkit.recipes.bert.pretrain import IS_NEXT, NOT_NEXT, document_bounds, mask_tokens, nsp_pairs, sentence_rows
 from tfkit.recipes.bert.qa import Question, Window, answer_f1, best_answers, normalize_answer, read_squad, window_answer, windows
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
-
-TINY_PRETRAIN = [
-    "data.vocab_size=600", "model.d_model=64", "model.heads=4", "model.d_ff=128", "model.layers=2", "model.dropout=0.0",
-    "train.steps=700", "train.batch_size=64", "train.lr=0.002", "train.warmup=50", "train.eval_every=0",
-    "train.log_every=10", "train.save_every=700", "data.max_length=32",
-]
 
 
 def pretrain_config(*sets: str) -> dict:
-    return configs.resolve(registry.get("recipe", "bert-pretrain").default_config(), None, [*TINY_PRETRAIN, *sets])
+    return recipe_config("bert-pretrain", *sets)
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +256,6 @@ def test_hugging_face_bert_imports_with_the_same_outputs(tmp_path):
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------
-TINY_FINETUNE = [
-    "data.vocab_size=600", "model.d_model=64", "model.heads=4", "model.d_ff=128", "model.layers=2",
-    "train.steps=150", "train.lr=0.001", "train.warmup=15", "train.eval_every=0", "train.log_every=10",
-    "train.save_every=150", "data.max_length=48",
-]
 
 
 def finetune(tmp_path, name: str, *sets: str, init=None):
@@ -275,7 +263,7 @@ def finetune(tmp_path, name: str, *sets: str, init=None):
     defaults = recipe_cls.default_config()
     if init is not None:
         defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})
-    tiny = [s for s in TINY_FINETUNE if init is None or not s.startswith("model.")]  # init fixes the sizes
+    tiny = [s for s in TINY["bert-finetune"] if init is None or not s.startswith("model.")]  # init fixes the sizes
     config = configs.resolve(defaults, None, [*tiny, *sets])
     trainer = start_training(config, tmp_path / name, torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)

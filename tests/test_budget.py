@@ -8,15 +8,14 @@ import signal
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
 from rich.console import Console
 
+from conftest import one_error_line, quiet, tfkit, tiny_config
 from tfkit import budget
 from tfkit import config as configs
 from tfkit import run as runs
 from tfkit.errors import UsageError
 from tfkit.train import Interrupted, start_training
-from test_cli import one_error_line, tfkit
 
 
 @pytest.mark.parametrize("text, minutes", [("20m", 20), ("1h30m", 90), ("90s", 1.5), ("1.5h", 90), ("45", 45), (" 2m 30s", 2.5)])

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, quiet, tiny_config
 from safetensors.torch import load_file
 
+from conftest import TINY, one_error_line, quiet, tfkit, tiny_config
 from tfkit import run as runs
 from tfkit.errors import TfkitError
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
 
 # a model small enough that a step and its save take a few milliseconds; a checkpoint every step
 KILLS = 10
-KILLED = [*TINY, "data.train_size=600", "train.steps=120", "train.log_every=1", "train.save_every=1", "train.warmup=20"]
+KILLED = [*TINY["translation"], "data.train_size=600", "train.steps=120", "train.log_every=1", "train.save_every=1", "train.warmup=20"]
 
 
 def train_command(run_dir: Path, resume: bool) -> list[str]:
@@ -125,7 +124,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
 
 def test_a_real_full_filesystem(tmp_path, capsys):
     """A tmpfs with room for the run and one checkpoint, not for a second one beside it."""
-    sets = sum((["--set", s] for s in [*TINY, "data.train_size=300", "train.steps=6", "train.save_every=3"]), [])
+    sets = sum((["--set", s] for s in [*TINY["translation"], "data.train_size=300", "train.steps=6", "train.save_every=3"]), [])
     code, _, err = tfkit(capsys, "train", "translation", "--out", str(tmp_path / "sized"), "--max-steps", "3", *sets)
     assert code == 0, err
     size = sum(p.stat().st_size for p in (tmp_path / "sized").rglob("*") if p.is_file())

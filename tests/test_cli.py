@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import TINY
 
+from conftest import TINY, one_error_line, tfkit
 from tfkit import registry
 from tfkit import run as runs
-from tfkit.cli import main
-
-
-def tfkit(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str, fragment: str) -> None:
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and fragment in errors[0], err
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["train", "predict", "evaluate", "export", "inspect-attention", "report", "recipes", "components"])
@@ -72,12 +53,12 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys, args, fragment):
 
 
 def test_missing_and_unreadable_data(capsys, tmp_path):
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(tmp_path / "none.tsv"), *sum((["--set", s] for s in TINY), []))
+    code, _, err = tfkit(capsys, "train", "translation", "--data", str(tmp_path / "none.tsv"), *sum((["--set", s] for s in TINY["translation"]), []))
     assert code == 2
     one_error_line(err, "does not exist")
     bad = tmp_path / "pairs.tsv"
     bad.write_text("src\ttgt\n" + "ein\tone\n" * 50)
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(bad), *sum((["--set", s] for s in TINY), []))
+    code, _, err = tfkit(capsys, "train", "translation", "--data", str(bad), *sum((["--set", s] for s in TINY["translation"]), []))
     assert code == 2
     one_error_line(err, "has no column 'source'")
 
@@ -197,7 +178,7 @@ def test_user_tsv_and_jsonl_data_train_end_to_end(capsys, tmp_path):
 
 
 def test_resume_through_the_cli_and_refusing_to_overwrite(capsys, tmp_path):
-    sets = sum((["--set", s] for s in [*TINY, "data.train_size=200", "train.eval_every=0"]), [])
+    sets = sum((["--set", s] for s in [*TINY["translation"], "data.train_size=200", "train.eval_every=0"]), [])
     run = tmp_path / "run"
     code, _, err = tfkit(capsys, "train", "translation", "--max-steps", "2", "--out", str(run), *sets)
     assert code == 0, err

@@ -15,9 +15,8 @@ import pytest
 import soundfile
 import torch
 import torch.nn.functional as F
-from conftest import quiet, straight_and_resumed_losses
 
-from tfkit import config as configs
+from conftest import one_error_line, quiet, recipe_config, straight_and_resumed_losses, tfkit
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
@@ -31,18 +30,10 @@ from tfkit.recipes.conformer.augment import spec_augment
 from tfkit.recipes.conformer.data import ctc_characters
 from tfkit.recipes.conformer.model import pad_features
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
-
-TINY_CONFORMER = [
-    "data.train_size=500", "data.validation_size=40", "data.test_size=40", "model.subsampling_channels=32",
-    "model.d_model=96", "model.heads=4", "model.d_ff=192", "model.layers=2", "model.kernel_size=7",
-    "train.steps=400", "train.batch_size=16", "train.lr=0.003", "train.warmup=60", "train.eval_every=0",
-    "train.log_every=10", "train.save_every=200",
-]
 
 
 def conformer_config(*sets: str) -> dict:
-    return configs.resolve(registry.get("recipe", "conformer").default_config(), None, [*TINY_CONFORMER, *sets])
+    return recipe_config("conformer", *sets)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tfkit
 from tfkit.recipes.conformer.data import default_voice_files, digit_strings
-from test_cli import tfkit
 
 pytestmark = pytest.mark.skipif(not (os.environ.get("TFKIT_DEFAULT_RUNS") == "1" or os.environ.get("TFKIT_CONFORMER_RUN")),
                                 reason="the default runs take ~20 min each: set TFKIT_DEFAULT_RUNS=1 or TFKIT_CONFORMER_RUN=RUN")

@@ -12,26 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_causal_lm import TINY as TINY_LM
 
 from conftest import TINY, quiet
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.train import start_training
-from test_bert import TINY_FINETUNE, TINY_PRETRAIN
-from test_causal_lm import TINY as TINY_LM
-from test_conformer import TINY_CONFORMER
-from test_vit import TINY_VIT
 
 STEPS = 4
 # tiny data, no dropout (ranks draw their own masks), a loss logged at every step
 TINY_RUNS = {
-    "translation": [*TINY, "data.train_size=300", "model.dropout=0.0", "train.batch_size=16", "train.accumulate=2"],  # with accumulation
-    "bert-pretrain": [*TINY_PRETRAIN, "train.batch_size=16"],
-    "bert-finetune": [*TINY_FINETUNE, "model.dropout=0.0", "train.batch_size=16"],
-    "vit": [*TINY_VIT, "train.batch_size=32"],
+    "translation": [*TINY["translation"], "data.train_size=300", "model.dropout=0.0", "train.batch_size=16", "train.accumulate=2"],  # with accumulation
+    "bert-pretrain": [*TINY["bert-pretrain"], "train.batch_size=16"],
+    "bert-finetune": [*TINY["bert-finetune"], "model.dropout=0.0", "train.batch_size=16"],
+    "vit": [*TINY["vit"], "train.batch_size=32"],
     "causal-lm": [*TINY_LM, "train.batch_size=8"],
-    "conformer": [*TINY_CONFORMER, "data.train_size=60", "data.validation_size=8", "data.test_size=8", "model.dropout=0.0", "train.batch_size=6"],
+    "conformer": [*TINY["conformer"], "data.train_size=60", "data.validation_size=8", "data.test_size=8", "model.dropout=0.0", "train.batch_size=6"],
 }
 
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet
 
+from conftest import one_error_line, quiet, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.errors import UsageError
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quiet, straight_and_resumed_losses
 
+from conftest import one_error_line, quiet, straight_and_resumed_losses, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit.recipes.forecast.data import PLANTED_LAG, planted
 from tfkit.run import read_metrics
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
 
 # the planted series, one step ahead, with the encoder layer across variables: the target is the driver
 # PLANTED_LAG steps earlier, so the driver must rank first, the noise last, and the driver's lag-6 step matter most

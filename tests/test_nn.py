@@ -11,11 +11,11 @@ from torch import nn
 
 from tfkit import registry
 from tfkit.errors import UsageError
+from tfkit.nn import linear as packing
 from tfkit.nn import losses
 from tfkit.nn.attention import KVCache, MultiHeadAttention, ScaledDotProductAttention, causal_mask
-from tfkit.nn import linear as packing
-from tfkit.nn.dropout import Dropout, dropout
 from tfkit.nn.blocks import CausalDecoder, Decoder, Encoder
+from tfkit.nn.dropout import Dropout, dropout
 from tfkit.nn.position import LearnedPosition, SinusoidalPosition
 
 D, H, B = 32, 4, 3

@@ -19,7 +19,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from tfkit import page as pages
+from tfkit import page as report_page
 from tfkit import run as runs
 from tfkit.cli import main
 from tfkit.inspect import attention_rollout
@@ -86,7 +86,7 @@ def data_of(folder: Path) -> dict:
 
 def decode(blob: str, shape: list[int]) -> np.ndarray:
     """What the page decodes: base64 → inflate → (q/255)²."""
-    return pages.dequantise(np.frombuffer(zlib.decompress(base64.b64decode(blob)), np.uint8)).reshape(shape)
+    return report_page.dequantise(np.frombuffer(zlib.decompress(base64.b64decode(blob)), np.uint8)).reshape(shape)
 
 
 def close_to(shown, exact) -> bool:
@@ -101,7 +101,7 @@ def test_page_loads_nothing_from_outside(pages):
         policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
         assert "default-src 'none'" in policy and "unsafe" not in policy
         script = re.findall(r"<script>(.*?)</script>", html, re.S)
-        assert len(script) == 1 and pages.sha256(script[0]) in policy  # only the page's own script may run
+        assert len(script) == 1 and report_page.sha256(script[0]) in policy  # only the page's own script may run
         markup = re.sub(r"<(script|style)\b[^>]*>.*?</\1>", "", html, flags=re.S)
         assert re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]+)""", markup) == ["data:,"]  # the empty favicon
         assert "url(" not in re.search(r"<style>(.*?)</style>", html, re.S).group(1)
@@ -118,8 +118,8 @@ def test_weights_round_trip_within_eight_bits_of_the_root(pages):
     assert table["columns"][:5] == ["module", "head", "entropy (nats)", "most attended", "weight"]
     assert len(table["rows"]) == sum(weights[name].shape[0] for name in weights.files)
     # the uniform row's 1/512 survives (it is 0 in plain 8 bits), and 1 stays 1
-    assert pages.dequantise(pages.quantise(np.array([1 / 512, 1.0])))[0] == pytest.approx(1 / 512, rel=0.1)
-    assert pages.dequantise(pages.quantise(np.array([1.0])))[0] == 1.0
+    assert report_page.dequantise(report_page.quantise(np.array([1 / 512, 1.0])))[0] == pytest.approx(1 / 512, rel=0.1)
+    assert report_page.dequantise(report_page.quantise(np.array([1.0])))[0] == 1.0
 
 
 def test_translation_page_aligns_cross_attention(pages):
@@ -186,8 +186,8 @@ def synthetic(layers: int, heads: int, length: int, seed: int = 0) -> tuple[Atte
 
 def test_modules_past_the_cap_are_listed_but_left_out(monkeypatch, tmp_path):
     example, weights = synthetic(3, 2, 10)
-    monkeypatch.setattr(report, "CAP", 2 * 2 * 10 * 10)
-    left_out = report.write_report(tmp_path / "report.html", "capped", example, weights)
+    monkeypatch.setattr(report_page, "CAP", 2 * 2 * 10 * 10)
+    left_out = report_page.write_report(tmp_path / "report.html", "capped", example, weights)
     assert left_out == ["encoder.layers.2.self_attn"]
     data = data_of(tmp_path)
     assert [m["weights"] is None for m in data["modules"]] == [False, False, True]
@@ -195,7 +195,7 @@ def test_modules_past_the_cap_are_listed_but_left_out(monkeypatch, tmp_path):
 
 
 def test_the_command_says_which_modules_it_left_out(trained_run, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(report, "CAP", 1)
+    monkeypatch.setattr(report_page, "CAP", 1)
     cli("inspect-attention", str(trained_run), "drei", "--out", str(tmp_path))
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "the matrices of 6 modules (from encoder.layers.0.self_attn on) are in attention.npz only" in err
@@ -205,7 +205,7 @@ def test_the_command_says_which_modules_it_left_out(trained_run, monkeypatch, ca
 def test_markup_in_the_input_stays_text(tmp_path):
     example, weights = synthetic(1, 1, 3)
     example.tokens["tokens"][1] = "</script><script>alert(1)</script><!--"
-    report.write_report(tmp_path / "report.html", "<b>title</b>", example, weights)
+    report_page.write_report(tmp_path / "report.html", "<b>title</b>", example, weights)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert len(re.findall(r"<script", html)) == 2 and "<b>" not in html  # the data block and the page's own
     assert data_of(tmp_path)["axes"]["tokens"][1] == "</script><script>alert(1)</script><!--"
@@ -214,11 +214,11 @@ def test_markup_in_the_input_stays_text(tmp_path):
 def test_a_recipe_panel_of_an_unknown_kind_is_a_usage_error(tmp_path):
     example, weights = synthetic(1, 1, 4)
     example.page = lambda weights: {"panels": [{"kind": "video", "title": "x"}]}
-    with pytest.raises(pages.TfkitError, match="panel kind 'video' is not one of text, table, image, plot, alignment"):
-        report.write_report(tmp_path / "report.html", "bad", example, weights)
+    with pytest.raises(report_page.TfkitError, match="panel kind 'video' is not one of text, table, image, plot, alignment"):
+        report_page.write_report(tmp_path / "report.html", "bad", example, weights)
     example.page = lambda weights: {"panels": [{"kind": "plot", "title": "series", "lines": {"load": np.zeros(4)}}]}
-    with pytest.raises(pages.TfkitError, match="the plot panel 'series' needs its lines as lists of numbers"):
-        report.write_report(tmp_path / "report.html", "bad", example, weights)
+    with pytest.raises(report_page.TfkitError, match="the plot panel 'series' needs its lines as lists of numbers"):
+        report_page.write_report(tmp_path / "report.html", "bad", example, weights)
 
 
 # -- in a real browser -----------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def test_export_png_and_csv(browser, pages):
     rows = list(csv_rows(opened.download("#csv")))
     tokens = json.loads((folder / "tokens.json").read_text())["axes"]
     assert rows[0] == ["query \\ key", *tokens["source"]] and [r[0] for r in rows[1:]] == tokens["target"]
-    mean = pages.dequantise(pages.quantise(weights["decoder.layers.1.cross_attn"])).mean(0)
+    mean = report_page.dequantise(report_page.quantise(weights["decoder.layers.1.cross_attn"])).mean(0)
     np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], dtype=float), mean, atol=2e-6)  # float32 sums, six decimals
     for button in ("heatmap", "tokens", "panel-0"):
         png = opened.download(f"button[data-png='{button}']")
@@ -419,8 +419,8 @@ def test_each_modality_shows_its_own_view(browser, pages, recipe, view, tmp_path
 
 def test_a_module_past_the_cap_says_where_it_is(browser, monkeypatch, tmp_path):
     example, weights = synthetic(2, 2, 6)
-    monkeypatch.setattr(report, "CAP", 2 * 6 * 6)
-    report.write_report(tmp_path / "report.html", "capped", example, weights)
+    monkeypatch.setattr(report_page, "CAP", 2 * 6 * 6)
+    report_page.write_report(tmp_path / "report.html", "capped", example, weights)
     opened = Opened(browser, tmp_path / "report.html")
     opened.select(1, 0)
     assert "(not in the page)" in opened.page.text_content("#module option[value='1']")
@@ -431,7 +431,7 @@ def test_a_module_past_the_cap_says_where_it_is(browser, monkeypatch, tmp_path):
 def test_a_base_size_input_opens_in_seconds(browser, tmp_path):
     example, weights = synthetic(12, 12, 512)
     start = time.perf_counter()
-    assert report.write_report(tmp_path / "report.html", "12 × 12 × 512", example, weights) == []
+    assert report_page.write_report(tmp_path / "report.html", "12 × 12 × 512", example, weights) == []
     written = time.perf_counter() - start
     size = (tmp_path / "report.html").stat().st_size
     opened = Opened(browser, tmp_path / "report.html")
@@ -453,7 +453,7 @@ def test_a_new_recipe_gets_its_views_from_data_alone(browser, tmp_path):
         {"kind": "table", "title": "variables", "columns": ["variable", "importance"], "rows": [["load", 0.8], ["price", 0.2]]},
         {"kind": "text", "title": "note", "lines": ["context of 8 steps"], "place": "above"},
     ]}
-    report.write_report(tmp_path / "report.html", "new recipe", example, weights)
+    report_page.write_report(tmp_path / "report.html", "new recipe", example, weights)
     opened = Opened(browser, tmp_path / "report.html")
     page = opened.page
     assert page.text_content("#above") == "notecontext of 8 steps"

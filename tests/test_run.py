@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
 
+from conftest import quiet, tiny_config
 from tfkit import config as configs
 from tfkit import run as runs
 from tfkit.errors import UsageError

@@ -10,13 +10,13 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import one_error_line, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
 from tfkit.data import choose_vocab_size, length_limit, train_bpe
 from tfkit.recipe import MIN_STEPS
 from tfkit.recipes.vit import patch_for
-from test_cli import one_error_line, tfkit
 
 TINY_TRANSLATION = ["model.d_model=32", "model.d_ff=64", "model.encoder.layers=1", "model.decoder.layers=1",
                     "train.batch_size=16", "train.eval_every=0", "decode.beam=1"]
@@ -194,8 +194,8 @@ def test_forecast_sizes_follow_the_season_and_the_built_in_macro_trains_as_it_is
 
 
 def test_the_steps_are_chosen_from_the_data_when_not_set(tmp_path):
-    from tfkit.train import start_training
     from conftest import quiet
+    from tfkit.train import start_training
 
     folder = digit_folder(tmp_path / "digits", 8, per_class=3)
     recipe_cls = registry.get("recipe", "vit")

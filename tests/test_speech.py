@@ -13,11 +13,11 @@ import torch
 import torchaudio
 import torchaudio.functional as AF
 
+from conftest import one_error_line, recipe_config, tfkit
 from tfkit import registry
 from tfkit.recipes.conformer import augment as A
 from tfkit.recipes.conformer import data as speech
 from tfkit.recipes.conformer.model import LogMel
-from test_cli import one_error_line, tfkit
 
 RATE = 16000
 
@@ -190,11 +190,10 @@ def test_the_held_out_channel_is_the_test_set_through_a_room_babble_and_a_loudsp
 
 
 def test_evaluate_scores_the_held_out_channel_beside_the_test_split(capsys, tmp_path):
-    from tfkit.train import start_training
     from conftest import quiet
-    from test_conformer import conformer_config
+    from tfkit.train import start_training
 
-    config = conformer_config("train.steps=0", "data.train_size=40", "data.validation_size=8", "data.test_size=8")
+    config = recipe_config("conformer", "train.steps=0", "data.train_size=40", "data.validation_size=8", "data.test_size=8")
     start_training(config, tmp_path / "run", torch.device("cpu"), console=quiet()).fit(progress=False)
     code, out, err = tfkit(capsys, "evaluate", str(tmp_path / "run"), "--json")
     assert code == 0, err

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
-from test_cli import one_error_line, tfkit
 
+from conftest import one_error_line, quiet, tfkit, tiny_config
 from tfkit import run as runs
 from tfkit.decode import beam_search, greedy_search
 from tfkit.errors import UsageError

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import quiet, straight_and_resumed_losses
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import one_error_line, quiet, recipe_config, straight_and_resumed_losses, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
@@ -21,17 +21,10 @@ from tfkit.nn.embeddings import PatchEmbedding
 from tfkit.nn.position import resize_grid
 from tfkit.recipes.vit import VisionTransformer, crop_boxes, open_image, random_resized_crops
 from tfkit.train import start_training
-from test_cli import one_error_line, tfkit
-
-TINY_VIT = [
-    "model.patch=4", "model.d_model=48", "model.depth=2", "model.d_ff=96", "model.drop_path=0.0",
-    "augment.crop_scale=[1.0, 1.0]", "train.steps=200", "train.lr=0.003", "train.warmup=30",
-    "train.eval_every=0", "train.log_every=10", "train.save_every=100",
-]
 
 
 def vit_config(*sets: str) -> dict:
-    return configs.resolve(registry.get("recipe", "vit").default_config(), None, [*TINY_VIT, *sets])
+    return recipe_config("vit", *sets)
 
 
 @pytest.fixture(scope="module")
