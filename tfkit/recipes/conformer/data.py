@@ -165,9 +165,9 @@ def stored_features(rows: pa.Table, n_mels: int) -> list[Tensor]:
 def ctc_characters(texts: Iterable[str], specials: list[str]) -> Tokenizer:
     """Characters in fewer CTC labels than letters: a word's first letter carries the word boundary
     (``▁t``, SentencePiece's mark) and a doubled letter is one label (``ee``), since CTC spends a blank
-    between two equal labels. At eSpeak's default rate "three three" was 14 labels in about 12
-    frames of 40 ms and came out "three hre"; now it is 8. A BPE whose only merges are those two
-    kinds, so that tokenizer.json decodes it anywhere."""
+    between two equal labels: "three three" is 8 labels where letters, boundaries and the blank
+    between the e's take 14, which matters at eSpeak's default rate (about 12 frames of 40 ms for
+    it). A BPE whose only merges are those two kinds, so that tokenizer.json decodes it anywhere."""
     characters: set[str] = set()
     initials: set[str] = set()
     doubled: set[str] = set()
