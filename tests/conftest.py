@@ -54,6 +54,11 @@ TINY = {
         "augment.crop_scale=[1.0, 1.0]", "train.steps=200", "train.lr=0.003", "train.warmup=30",
         "train.eval_every=0", "train.log_every=10", "train.save_every=100",
     ],
+    "causal-lm": [
+        "data.vocab_size=512", "data.block_size=64", "model.d_model=64", "model.heads=4", "model.d_ff=256",
+        "model.layers=2", "model.max_positions=128", "train.steps=300", "train.batch_size=16", "train.lr=0.003",
+        "train.warmup=30", "train.log_every=10", "train.eval_every=0", "train.save_every=300",
+    ],
     "conformer": [
         "data.train_size=500", "data.validation_size=40", "data.test_size=40", "model.subsampling_channels=32",
         "model.d_model=96", "model.heads=4", "model.d_ff=192", "model.layers=2", "model.kernel_size=7",

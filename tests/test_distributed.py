@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_causal_lm import TINY as TINY_LM
 
 from conftest import TINY, quiet
 from tfkit import config as configs
@@ -27,7 +26,7 @@ TINY_RUNS = {
     "bert-pretrain": [*TINY["bert-pretrain"], "train.batch_size=16"],
     "bert-finetune": [*TINY["bert-finetune"], "model.dropout=0.0", "train.batch_size=16"],
     "vit": [*TINY["vit"], "train.batch_size=32"],
-    "causal-lm": [*TINY_LM, "train.batch_size=8"],
+    "causal-lm": [*TINY["causal-lm"], "train.batch_size=8"],
     "conformer": [*TINY["conformer"], "data.train_size=60", "data.validation_size=8", "data.test_size=8", "model.dropout=0.0", "train.batch_size=6"],
 }
 

@@ -78,9 +78,10 @@ def probe(recipe: Recipe, model: nn.Module, cfg: dict[str, Any], device: torch.d
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        with torch.no_grad(), autocast(), packed_weights():
+        with torch.no_grad(), autocast(), packed_weights():  # as Trainer.evaluate runs a validation
             twin.eval()
-            recipe.evaluate(twin, "validation")
+            outputs = recipe.eval_outputs(twin, "validation")
+            recipe.score("validation", [outputs[place] for place in sorted(outputs)])
         eval_seconds = time.perf_counter() - start
     return Probe(sorted(times[1:])[len(times[1:]) // 2], eval_seconds)
 

@@ -314,7 +314,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tok
 
 VOCAB_SIZES = (500, 1000, 2000, 4000, 8000, 16000, 32000)
 VOCAB_SAMPLE = 100_000  # texts the vocabulary size is measured on; more cost time and change little
-MEDIAN_COUNT = 10  # calibrated on a real 22k-pair corpus: benchmarks/vocab_sweep.py
+MEDIAN_COUNT = 10  # from a sweep on a real 22k-pair corpus scored on its test split; benchmarks/vocab_sweep.py now scores validation, not yet re-run
 
 
 def choose_vocab_size(texts: list[str], fit: Callable[[list[str], int], Tokenizer], total: int | None = None) -> tuple[int, str]:

@@ -1,7 +1,8 @@
 """Causal language modelling with the decoder-only Transformer (GPT; Radford et al., 2018, 2019).
 
-Read from the bottom up: ``data`` (byte-level BPE, END_OF_TEXT, the bytes behind each token; the
-built-in standard-library source and user text as documents, and their token streams), ``model`` (the
+Read from the bottom up: ``families`` (near-duplicate documents grouped, and splits that keep a
+family whole), ``data`` (byte-level BPE, END_OF_TEXT, the bytes behind each token; the built-in
+standard-library source and user text as documents, and their token streams), ``model`` (the
 Transformer and the LSTM baseline, one interface), ``generate`` (sampling over the KV cache),
 ``interop`` (Hugging Face GPT-2 and Llama folders, the ONNX graph), then ``recipe`` (``causal-lm``:
 blocks, loss, perplexity, bits per byte, predict, inspect). Nothing imports upwards.

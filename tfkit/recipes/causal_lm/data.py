@@ -4,9 +4,11 @@ Tokens: GPT-2's byte-level BPE, every byte a base token, so any text round-trips
 stands for known bytes (what bits per byte divide by); documents are separated by END_OF_TEXT.
 
 Documents: the built-in corpus, the Python standard library's own source files (test suites left out),
-split 90/5/5 by file so held-out files are never seen; a user's .txt file, whose documents are
-separated by blank lines; a folder of .txt files, one document per file; .jsonl/.csv rows or a Hugging
-Face dataset, one document per row. Each split's documents, each followed by END_OF_TEXT, are encoded
+split 90/5/5 by near-duplicate family (:mod:`families`) so a held-out file is neither seen nor a
+near-copy of one seen; a user's .txt file, whose documents are separated by blank lines; a folder of
+.txt files, one document per file, where a file that cannot be read or decoded is skipped and counted
+(:class:`tfkit.data.Unusable`); both split by family too when they have no held-out splits of their own;
+.jsonl/.csv rows or a Hugging Face dataset, one document per row. Each split's documents, each followed by END_OF_TEXT, are encoded
 once into a file of int32 token ids under the cache folder and memory-mapped, so a corpus larger than
 memory trains; the file is named by the tokenizer and the documents' text, so a resumed run (or another
 rank) reads the very same stream.
@@ -17,10 +19,9 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
-import random
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tfkit.data import (
     SPLITS,
+    Unusable,
     cache_dir,
     cached,
     complete_splits,
@@ -40,6 +42,7 @@ from tfkit.data import (
     require_columns,
 )
 from tfkit.errors import UsageError
+from tfkit.recipes.causal_lm import families
 
 # -- tokens ---------------------------------------------------------------------------------------
 END_OF_TEXT = "<|endoftext|>"  # between documents; tfkit's tokenizers give it id 0, GPT-2's 50256
@@ -118,7 +121,8 @@ CHUNK = 1000  # documents read (and encoded) at a time
 
 
 def stdlib_source(seed: int) -> datasets.DatasetDict:
-    """The standard library's .py files (one document each, test suites left out), split 90/5/5 by file."""
+    """The standard library's .py files (one document each, test suites left out), split 90/5/5 by
+    near-duplicate family."""
 
     def build() -> datasets.DatasetDict:
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -130,12 +134,41 @@ def stdlib_source(seed: int) -> datasets.DatasetDict:
                 texts.append(path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, OSError):
                 continue
-        random.Random(seed).shuffle(texts)
-        cut = len(texts) // 20
-        parts = {"validation": texts[:cut], "test": texts[cut : 2 * cut], "train": texts[2 * cut :]}
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": t}) for s, t in parts.items()})
+        parts = families.split_documents(texts, seed, 0.05)
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [texts[i] for i in parts[s]]}) for s in SPLITS})
 
-    return cached("stdlib-source", {"seed": seed, "python": sys.version.split()[0]}, build)
+    key = {"seed": seed, "python": sys.version.split()[0], "families": [families.THRESHOLD, families.SHINGLE_WORDS]}
+    return cached("stdlib-source", key, build)
+
+
+def by_family(documents: datasets.Dataset, texts: Iterable[str], seed: int, held_out: float) -> datasets.DatasetDict:
+    """A source's only split, ``documents`` (``texts`` being their text, in order), cut into train,
+    validation and test by near-duplicate family."""
+    parts = families.split_documents(texts, seed, held_out)
+    for split in ("validation", "test"):
+        if not parts[split] or not parts["train"]:
+            raise UsageError(f"the data has too few documents ({len(documents)}) to hold out a {split} split")
+    return datasets.DatasetDict({s: documents.select(parts[s]) for s in SPLITS})
+
+
+def readable_files(folder: Path) -> list[str]:
+    """The .txt files under ``folder`` (subfolders too) that hold UTF-8 text, in sorted order; one
+    that cannot be read or decoded is skipped and counted, and too many stop the run."""
+    files = sorted(f for f in folder.rglob("*.txt") if f.is_file())
+    if not files:
+        raise UsageError(f"data folder {folder} holds no .txt files (one document each) and no train file")
+    unusable, good = Unusable("files", str(folder)), []
+    for path in files:
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            unusable.skip(f"{path}: not UTF-8 text (byte {e.start})")
+        except OSError as e:
+            unusable.skip(f"{path}: cannot be read ({e.strerror or type(e).__name__})")
+        else:
+            good.append(str(path))
+    unusable.report(len(files))
+    return good
 
 
 def text_documents(path: Path) -> datasets.DatasetDict:
@@ -167,6 +200,11 @@ class Documents:
         for chunk in self.chunks():
             yield from chunk
 
+    def every_text(self) -> Iterator[str]:
+        """Every row's text in order, an empty one too (so places match the rows)."""
+        for chunk in self.rows.iter(batch_size=CHUNK):
+            yield from ([read_text(Path(v)) for v in chunk[self.column]] if self.files else chunk[self.column])
+
     def sample(self, characters: int) -> tuple[list[str], int]:
         """About ``characters`` of the documents, every k-th one so the sample spans them all, and how
         many documents there are. Two passes: the documents are a stream, larger than memory."""
@@ -182,17 +220,20 @@ def read_documents(data: dict[str, Any], seed: int) -> dict[str, Documents]:
     documents (``data.held_out`` each), so no document is split between them."""
     path, held_out = Path(data["name"]).expanduser(), data["held_out"]
     if path.suffix == ".txt":
-        splits = complete_splits(text_documents(path), seed, held_out)
+        documents = text_documents(path)["train"]
+        splits = by_family(documents, documents["text"], seed, held_out)
         return {s: Documents(splits[s], "text") for s in SPLITS}
     if path.is_dir() and not any(f for s in SPLITS for f in path.glob(f"{s}.*")):
-        files = sorted(str(f) for f in path.rglob("*.txt") if f.is_file())
-        if not files:
-            raise UsageError(f"data folder {path} holds no .txt files (one document each) and no train file")
-        splits = complete_splits(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"path": files})}), seed, held_out)
+        files = datasets.Dataset.from_dict({"path": readable_files(path)})
+        splits = by_family(files, Documents(files, "path", files=True).every_text(), seed, held_out)
         return {s: Documents(splits[s], "path", files=True) for s in SPLITS}
     split_texts = {s: f for s in SPLITS if (f := path / f"{s}.txt").is_file()} if path.is_dir() else {}
     if split_texts:  # train.txt and the others: documents between blank lines, as in one .txt file
-        splits = complete_splits(datasets.DatasetDict({s: text_documents(f)["train"] for s, f in split_texts.items()}), seed, held_out)
+        loaded = datasets.DatasetDict({s: text_documents(f)["train"] for s, f in split_texts.items()})
+        if list(loaded) == ["train"]:
+            splits = by_family(loaded["train"], loaded["train"]["text"], seed, held_out)
+        else:
+            splits = complete_splits(loaded, seed, held_out)
         return {s: Documents(splits[s], "text") for s in SPLITS}
     splits = load_splits(data["name"], lambda: stdlib_source(seed), seed, held_out=held_out, hub_config=data["hub_config"])
     for split in SPLITS:
