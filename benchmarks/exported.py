@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from harness import timed
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor
-
-from harness import timed
 from rows import SIZES
+from torch import Tensor
 
 from tfkit.onnx import Graph, export_graph
 
@@ -36,7 +35,10 @@ def bert_classifier() -> tuple[str, Graph, int, int]:
     bert = Bert(c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu", "post_ln", c["length"], 1e-12)
 
     def example(batch: int, length: int) -> dict[str, Tensor]:
-        return {"token_ids": torch.randint(5, c["vocab"], (batch, length)), "segment_ids": torch.zeros(batch, length, dtype=torch.long)}
+        return {
+            "token_ids": torch.randint(5, c["vocab"], (batch, length)),
+            "segment_ids": torch.zeros(batch, length, dtype=torch.long),
+        }
 
     axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
     graph = Graph("bert", BertWithHead(bert, 2, 0.0, 1e-12), example, ["logits"], axes, limits={"length": {"max": c["length"]}})
@@ -47,8 +49,16 @@ def vit() -> tuple[str, Graph, int, int]:
     from tfkit.recipes.vit import VisionTransformer
 
     c = SIZES["small"]["vit"]
-    model = VisionTransformer(c["image"], 3, c["classes"], c["patch"], c["d_model"], c["depth"], c["heads"], c["d_ff"], 0.0, 0.0, "gelu", "pre_ln", 1e-6)
-    graph = Graph("vit", model, lambda batch, _: {"images": torch.randn(batch, 3, c["image"], c["image"])}, ["logits"], {"images": {0: "batch"}})
+    model = VisionTransformer(
+        c["image"], 3, c["classes"], c["patch"], c["d_model"], c["depth"], c["heads"], c["d_ff"], 0.0, 0.0, "gelu", "pre_ln", 1e-6
+    )
+    graph = Graph(
+        "vit",
+        model,
+        lambda batch, _: {"images": torch.randn(batch, 3, c["image"], c["image"])},
+        ["logits"],
+        {"images": {0: "batch"}},
+    )
     return "ViT (6 layers, 32×32 images)", graph, c["batch"], c["image"]
 
 
@@ -57,9 +67,17 @@ def gpt() -> tuple[str, Graph, int, int]:
     from tfkit.recipes.causal_lm.interop import NextTokenLogits
 
     c = SIZES["small"]["gpt"]
-    model = CausalLM(c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu_tanh", "gpt", "learned", c["length"])
-    graph = Graph("gpt", NextTokenLogits(model), lambda batch, length: {"token_ids": torch.randint(0, c["vocab"], (batch, length))},
-                  ["logits"], {"token_ids": {0: "batch", 1: "length"}}, limits={"length": {"max": c["length"]}})
+    model = CausalLM(
+        c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu_tanh", "gpt", "learned", c["length"]
+    )
+    graph = Graph(
+        "gpt",
+        NextTokenLogits(model),
+        lambda batch, length: {"token_ids": torch.randint(0, c["vocab"], (batch, length))},
+        ["logits"],
+        {"token_ids": {0: "batch", 1: "length"}},
+        limits={"length": {"max": c["length"]}},
+    )
     return "GPT logits (4 layers, 128 tokens)", graph, c["batch"], c["length"]
 
 
@@ -109,7 +127,14 @@ def main() -> None:
             torch.manual_seed(0)
             name, graph, batch, length = build()
             r = measure(graph, batch, length, args.threads, warmup, iters, Path(folder))
-            table.add_row(name, str(r["batch"]), f"{r['tfkit_ms']:.1f}", f"{r['onnxruntime_ms']:.1f}", f"{r['ratio']:.2f}×", f"{r['max_abs_diff']:.1e}")
+            table.add_row(
+                name,
+                str(r["batch"]),
+                f"{r['tfkit_ms']:.1f}",
+                f"{r['onnxruntime_ms']:.1f}",
+                f"{r['ratio']:.2f}×",
+                f"{r['max_abs_diff']:.1e}",
+            )
     Console(width=None if sys.stdout.isatty() else 132).print(table)
 
 

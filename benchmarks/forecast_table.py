@@ -34,7 +34,9 @@ METRICS = ("mase", "smape", "mae", "pearson")
 
 def one_seed(sets: list[str], seed: int, out: Path) -> tuple[dict[str, dict[str, float]], str, dict]:
     """{row: test metrics} for one seed, the reference row, and the chosen sizes."""
-    config = configs.resolve(registry.get("recipe", "forecast").default_config(), None, [*sets, f"seed={seed}", "baselines.seeds=1"])
+    config = configs.resolve(
+        registry.get("recipe", "forecast").default_config(), None, [*sets, f"seed={seed}", "baselines.seeds=1"]
+    )
     trainer = start_training(config, out / f"seed{seed}", torch.device("cpu"))
     trainer.fit(progress=False)
     run_dir = trainer.run_dir
@@ -65,12 +67,22 @@ def main() -> None:
             print(f"seed {seed}: " + ", ".join(f"{k} {v['mase']:.3f}" for k, v in per_seed[-1].items()), flush=True)
     reference = strip_seeds(reference)
     n = len(per_seed)
-    table = {row: {m: (float(np.mean([s[row][m] for s in per_seed])), float(np.std([s[row][m] for s in per_seed], ddof=1)) if n > 1 else 0.0)
-                   for m in METRICS} for row in per_seed[0]}
+    table = {
+        row: {
+            m: (
+                float(np.mean([s[row][m] for s in per_seed])),
+                float(np.std([s[row][m] for s in per_seed], ddof=1)) if n > 1 else 0.0,
+            )
+            for m in METRICS
+        }
+        for row in per_seed[0]
+    }
     base = table[reference]["mase"][0]
-    print(f"\n{config['data']['name']}: test part, {n} seeds ({', '.join(map(str, args.seeds))}); Transformer {config['train']['steps']} steps, "
-          f"DLinear and LSTM {config['baselines']['steps']} steps, both {config['train']['schedule']} with {config['train']['warmup']} warmup; "
-          f"% against {reference} (the best classical row on validation); {time.perf_counter() - started:.0f} s\n")
+    print(
+        f"\n{config['data']['name']}: test part, {n} seeds ({', '.join(map(str, args.seeds))}); Transformer {config['train']['steps']} steps, "
+        f"DLinear and LSTM {config['baselines']['steps']} steps, both {config['train']['schedule']} with {config['train']['warmup']} warmup; "
+        f"% against {reference} (the best classical row on validation); {time.perf_counter() - started:.0f} s\n"
+    )
     print("| model | MASE | vs reference | sMAPE (%) | MAE | Pearson |")
     print("|-------|-----:|-----:|-----:|-----:|-----:|")
     ours = table["PatchTST (tfkit, this recipe)"]["mase"]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+
 @dataclass
 class Side:
     """One implementation of a row: ``call`` does one timed unit of work (a training step, a decode)."""

@@ -100,7 +100,11 @@ def augmentation_costs(batches: int) -> None:
     order = length_buckets(recipe.train_frames, recipe.config["train"]["batch_size"], torch.Generator().manual_seed(0), pool=50)
     audio = [recipe._train_samples(rows) for rows in order[:batches]]
     off = {name: {**settings, "rate": 0.0} for name, settings in defaults.items()}
-    mixes = {"none (features only)": off, **{name: {**off, name: {**defaults[name], "rate": 1.0}} for name in defaults}, "default mix": defaults}
+    mixes = {
+        "none (features only)": off,
+        **{name: {**off, name: {**defaults[name], "rate": 1.0}} for name in defaults},
+        "default mix": defaults,
+    }
 
     def per_batch(cfg: dict) -> float:
         draws = torch.Generator().manual_seed(0)
@@ -120,7 +124,9 @@ def augmentation_costs(batches: int) -> None:
         for _ in range(10):
             trainer._train_step(stream)
         step_ms = 100 * (time.perf_counter() - start)
-    table = Table(title=f"speech augmentation, ms per batch of {recipe.config['train']['batch_size']} (built-in speech, CPU, {torch.get_num_threads()} threads)")
+    table = Table(
+        title=f"speech augmentation, ms per batch of {recipe.config['train']['batch_size']} (built-in speech, CPU, {torch.get_num_threads()} threads)"
+    )
     for column in ("augmentation", "ms / batch", "beside a training step"):
         table.add_column(column, justify="left" if column == "augmentation" else "right")
     base = per_batch(off)

@@ -8,9 +8,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from harness import SETUP, Row, decoding_side, on_device, train_flops, training_side
+from torch import Tensor, nn
 
 ROWS: dict[str, Callable[[], Row]] = {}
 
@@ -36,7 +35,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "gpt": dict(vocab=8000, d_model=256, heads=4, d_ff=1024, layers=4, length=128, batch=16, new_tokens=128),
     },
     "base": {
-        "seq2seq": dict(vocab=32000, d_model=512, heads=8, d_ff=2048, layers=6, dropout=0.1, length=64, batch=128, decode_batch=64),
+        "seq2seq": dict(
+            vocab=32000, d_model=512, heads=8, d_ff=2048, layers=6, dropout=0.1, length=64, batch=128, decode_batch=64
+        ),
         "vit": dict(image=224, patch=16, d_model=768, depth=12, heads=12, d_ff=3072, classes=1000, batch=128),
         "conformer": dict(mels=80, frames=1600, d_model=256, layers=16, heads=4, d_ff=1024, kernel=31, batch=32, vocab=256),
         "bert": dict(vocab=30522, d_model=768, heads=12, d_ff=3072, layers=12, dropout=0.1, length=512, batch=32),
@@ -74,8 +75,12 @@ class TorchSeq2Seq(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), device=tgt.device)
         pad = src == 0
         hidden = self.transformer(
-            self._embed(src), self._embed(tgt), tgt_mask=causal, tgt_is_causal=True,
-            src_key_padding_mask=pad, memory_key_padding_mask=pad,
+            self._embed(src),
+            self._embed(tgt),
+            tgt_mask=causal,
+            tgt_is_causal=True,
+            src_key_padding_mask=pad,
+            memory_key_padding_mask=pad,
         )
         return F.linear(hidden, self.embed.weight)
 
@@ -85,8 +90,15 @@ def tfkit_seq2seq() -> nn.Module:
 
     c = config("seq2seq")
     return Seq2SeqTransformer(
-        c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["dropout"], "relu", "sinusoidal",
-        {"block": "post_ln", "layers": c["layers"]}, {"block": "post_ln_decoder", "layers": c["layers"]},
+        c["vocab"],
+        c["d_model"],
+        c["heads"],
+        c["d_ff"],
+        c["dropout"],
+        "relu",
+        "sinusoidal",
+        {"block": "post_ln", "layers": c["layers"]},
+        {"block": "post_ln_decoder", "layers": c["layers"]},
     )
 
 
@@ -95,13 +107,24 @@ def marian() -> nn.Module:
 
     c = config("seq2seq")
     marian_config = MarianConfig(
-        vocab_size=c["vocab"], decoder_vocab_size=c["vocab"], d_model=c["d_model"],
-        encoder_layers=c["layers"], decoder_layers=c["layers"],
-        encoder_attention_heads=c["heads"], decoder_attention_heads=c["heads"],
-        encoder_ffn_dim=c["d_ff"], decoder_ffn_dim=c["d_ff"], activation_function="relu", dropout=c["dropout"],
-        max_position_embeddings=1024, pad_token_id=0, decoder_start_token_id=2, eos_token_id=3,
+        vocab_size=c["vocab"],
+        decoder_vocab_size=c["vocab"],
+        d_model=c["d_model"],
+        encoder_layers=c["layers"],
+        decoder_layers=c["layers"],
+        encoder_attention_heads=c["heads"],
+        decoder_attention_heads=c["heads"],
+        encoder_ffn_dim=c["d_ff"],
+        decoder_ffn_dim=c["d_ff"],
+        activation_function="relu",
+        dropout=c["dropout"],
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        decoder_start_token_id=2,
+        eos_token_id=3,
         forced_eos_token_id=None,  # its default forces EOS as the last token, work tfkit does not do
-        scale_embedding=True, share_encoder_decoder_embeddings=True,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
     )
     return MarianMTModel(marian_config)
 
@@ -146,16 +169,22 @@ def vit_training() -> Row:
     from tfkit.recipes.vit import VisionTransformer
 
     c = config("vit")
-    batch, size, patch, d, depth, heads, f, classes = (c[k] for k in ("batch", "image", "patch", "d_model", "depth", "heads", "d_ff", "classes"))
+    batch, size, patch, d, depth, heads, f, classes = (
+        c[k] for k in ("batch", "image", "patch", "d_model", "depth", "heads", "d_ff", "classes")
+    )
     images, labels = on_device(torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,)))
 
     def loss(model: nn.Module) -> Tensor:
         return F.cross_entropy(model(images), labels)
 
     torch.manual_seed(0)
-    ours = training_side("tfkit", VisionTransformer(size, 3, classes, patch, d, depth, heads, f, 0.0, 0.0, "gelu", "pre_ln", 1e-6), loss)
+    ours = training_side(
+        "tfkit", VisionTransformer(size, 3, classes, patch, d, depth, heads, f, 0.0, 0.0, "gelu", "pre_ln", 1e-6), loss
+    )
     torch.manual_seed(0)
-    timm = TimmViT(img_size=size, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=f / d, num_classes=classes)
+    timm = TimmViT(
+        img_size=size, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=f / d, num_classes=classes
+    )
     peer = training_side("timm", timm, loss)
     patches = (size // patch) ** 2
     matmuls = [(3 * patch * patch * d, patches), (depth * (4 * d * d + 2 * d * f), patches + 1), (d * classes, 1)]
@@ -191,7 +220,10 @@ def conformer_training() -> Row:
     lengths = torch.linspace(c["frames"], 0.75 * c["frames"], batch).long()  # padding exercises the masks
     labels = c["frames"] // 10  # per utterance, as the CPU size's 40 in 400 frames; CTC needs <= 1 per output frame (4 frames)
     features, lengths, targets, target_lengths = on_device(
-        torch.randn(batch, c["frames"], c["mels"]), lengths, torch.randint(1, c["vocab"], (batch * labels,)), torch.full((batch,), labels)
+        torch.randn(batch, c["frames"], c["mels"]),
+        lengths,
+        torch.randint(1, c["vocab"], (batch * labels,)),
+        torch.full((batch,), labels),
     )
 
     def loss(model: nn.Module) -> Tensor:
@@ -199,27 +231,36 @@ def conformer_training() -> Row:
         return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, zero_infinity=True)
 
     torch.manual_seed(0)
-    ours = ConformerCTC(c["mels"], c["vocab"], d, d, c["heads"], f, c["layers"], c["kernel"], 0.1, 0.0, "swish", "relative_multi_head")
+    ours = ConformerCTC(
+        c["mels"], c["vocab"], d, d, c["heads"], f, c["layers"], c["kernel"], 0.1, 0.0, "swish", "relative_multi_head"
+    )
     torch.manual_seed(0)
     peer = TorchaudioConformerCTC(**c)
     t1, f1 = (c["frames"] - 1) // 2, (c["mels"] - 1) // 2
     n, f2 = (t1 - 1) // 2, (f1 - 1) // 2
     block = 2 * 2 * d * f + 4 * d * d + 3 * d * d  # two feed-forwards, attention, the conv module's pointwise convs
     matmuls = [
-        (9 * d, t1 * f1), (9 * d * d, n * f2), (f2 * d * d, n),  # subsampling convolutions and projection
-        (c["layers"] * block, n), (c["layers"] * c["kernel"] * d, n),  # blocks, depthwise convolutions
+        (9 * d, t1 * f1),
+        (9 * d * d, n * f2),
+        (f2 * d * d, n),  # subsampling convolutions and projection
+        (c["layers"] * block, n),
+        (c["layers"] * c["kernel"] * d, n),  # blocks, depthwise convolutions
         (d * c["vocab"], n),  # CTC head
     ]
-    return Row("Conformer training step (CTC)", training_side("tfkit", ours, loss), training_side("torchaudio", peer, loss),
-               flops=train_flops(batch, d, matmuls, [(c["layers"], n, n)]))
+    return Row(
+        "Conformer training step (CTC)",
+        training_side("tfkit", ours, loss),
+        training_side("torchaudio", peer, loss),
+        flops=train_flops(batch, d, matmuls, [(c["layers"], n, n)]),
+    )
 
 
 def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """[CLS] A [SEP] B [SEP] with random ordinary tokens, no padding; 15% chosen by tfkit's mask_tokens.
     Returns masked ids, segment ids, flat chosen positions, their labels, (B, T) labels with -100
     elsewhere (transformers' convention), NSP labels."""
-    from tfkit.recipes.bert.pretrain import mask_tokens
     from tfkit.recipes.bert.data import CLS, SEP, SPECIALS
+    from tfkit.recipes.bert.pretrain import mask_tokens
 
     vocab = config("bert")["vocab"]
     ids = torch.randint(len(SPECIALS), vocab, (batch, length))
@@ -234,8 +275,9 @@ def bert_batch(batch: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor,
 
 @row("BERT pretraining step (MLM+NSP)")
 def bert_pretraining() -> Row:
-    from tfkit.recipes.bert.model import Bert, BertForPretraining
     from transformers import BertConfig, BertForPreTraining
+
+    from tfkit.recipes.bert.model import Bert, BertForPretraining
 
     c = config("bert")
     batch, n, d, f, layers, vocab = c["batch"], c["length"], c["d_model"], c["d_ff"], c["layers"], c["vocab"]
@@ -256,9 +298,19 @@ def bert_pretraining() -> Row:
     ours = training_side("tfkit", BertForPretraining(bert, 1e-12), ours_loss)
     torch.manual_seed(0)
     bert_config = BertConfig(
-        vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=c["heads"], intermediate_size=f,
-        hidden_act="gelu", hidden_dropout_prob=c["dropout"], attention_probs_dropout_prob=c["dropout"],
-        max_position_embeddings=n, type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, attn_implementation="sdpa",
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=c["heads"],
+        intermediate_size=f,
+        hidden_act="gelu",
+        hidden_dropout_prob=c["dropout"],
+        attention_probs_dropout_prob=c["dropout"],
+        max_position_embeddings=n,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+        attn_implementation="sdpa",
     )
     peer = training_side("BertForPreTraining", BertForPreTraining(bert_config), peer_loss)
     chosen = len(positions) / batch  # per sample; both sides are credited with MLM logits here only
@@ -282,9 +334,21 @@ def gpt_pair() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     ours = CausalLM(c["vocab"], c["d_model"], c["heads"], c["d_ff"], c["layers"], 0.0, "gelu_tanh", "gpt", "learned", positions)
     torch.manual_seed(0)
-    gpt2 = GPT2Config(vocab_size=c["vocab"], n_positions=positions, n_embd=c["d_model"], n_layer=c["layers"], n_head=c["heads"],
-                      n_inner=c["d_ff"], activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    gpt2 = GPT2Config(
+        vocab_size=c["vocab"],
+        n_positions=positions,
+        n_embd=c["d_model"],
+        n_layer=c["layers"],
+        n_head=c["heads"],
+        n_inner=c["d_ff"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
     return ours, GPT2LMHeadModel(gpt2)
 
 
@@ -303,8 +367,12 @@ def gpt_training() -> Row:
 
     ours, peer = gpt_pair()
     matmuls = [(layers * (4 * d * d + 2 * d * f), n), (d * c["vocab"], n)]  # blocks; the tied output layer
-    return Row("GPT training step", training_side("tfkit", ours, ours_loss), training_side("GPT2LMHeadModel", peer, peer_loss),
-               flops=train_flops(batch, d, matmuls, [(layers, n, n)]))
+    return Row(
+        "GPT training step",
+        training_side("tfkit", ours, ours_loss),
+        training_side("GPT2LMHeadModel", peer, peer_loss),
+        flops=train_flops(batch, d, matmuls, [(layers, n, n)]),
+    )
 
 
 def gpt_generation_row(name: str, prompt_length: int, new_tokens: int) -> Row:
@@ -322,8 +390,14 @@ def gpt_generation_row(name: str, prompt_length: int, new_tokens: int) -> Row:
         assert len(out) == new_tokens
 
     def peer() -> None:
-        out = peer_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = peer_model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.shape == (1, prompt_length + new_tokens)
 
     tokens = prompt_length if new_tokens == 1 else new_tokens

@@ -48,12 +48,10 @@ import os
 import sys
 
 import torch
+from harness import SETUP, cpu_name, measure, peak_flops
 from rich.console import Console
 from rich.table import Table
-
-from harness import SETUP, cpu_name, measure, peak_flops
 from rows import ROWS, SIZES
-
 
 CAPTION = (
     "median after warm-up; ratio = tfkit speed / peer speed (> 1: tfkit faster); "
@@ -72,8 +70,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides of the training rows")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast both sides")
-    parser.add_argument("--size", choices=list(SIZES), default="small", help="small: the CPU targets' sizes; base: the papers' base models")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: a known card's bf16 peak, else the measured matmul)")
+    parser.add_argument(
+        "--size", choices=list(SIZES), default="small", help="small: the CPU targets' sizes; base: the papers' base models"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak for MFU (default: a known card's bf16 peak, else the measured matmul)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -111,16 +115,30 @@ def main() -> None:
         mfu = " / ".join(f"{side['mfu']:.0%}" for side in (ours, peer)) if ours["mfu"] is not None else "—"
         ratio = f"[{'green' if r['ratio'] >= 1 else 'red'}]{r['ratio']:.2f}×[/]"
         table.add_row(
-            r["row"], peer["name"], value.format(ours["value"]), value.format(peer["value"]), ratio, mfu,
+            r["row"],
+            peer["name"],
+            value.format(ours["value"]),
+            value.format(peer["value"]),
+            ratio,
+            mfu,
             f"{ours['peak_mib']:,.0f} / {peer['peak_mib']:,.0f}",
         )
     Console(width=None if sys.stdout.isatty() else 132).print(table)  # files and pipes get 80 columns
 
     if args.json:
         machine = {
-            "torch": torch.__version__, "threads": threads, "cpu": cpu_name(), "cores": os.cpu_count(),
-            "device": where, "precision": args.precision, "size": args.size, "mfu_peak_tflops": mfu_flops / 1e12,
-            "matmul_gflops": matmul / 1e9, "warmup": warmup, "iters": iters, "compile": args.compile,
+            "torch": torch.__version__,
+            "threads": threads,
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "device": where,
+            "precision": args.precision,
+            "size": args.size,
+            "mfu_peak_tflops": mfu_flops / 1e12,
+            "matmul_gflops": matmul / 1e9,
+            "warmup": warmup,
+            "iters": iters,
+            "compile": args.compile,
         }
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": results}, f, indent=2)

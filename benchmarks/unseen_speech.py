@@ -30,6 +30,8 @@ from tfkit.recipes.conformer.data import default_voice_files, digit_strings, rea
 from tfkit.recipes.conformer.recipe import error_rate
 
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
+
+
 def flite_files(texts: list[str], voice: str, folder: Path) -> list[Path]:
     paths = [folder / f"flite-{voice}{i}.wav" for i in range(len(texts))]
     for text, path in zip(texts, paths):
@@ -58,7 +60,11 @@ def main() -> None:
     sample_rate = recipe.config["data"]["sample_rate"]
     log_mel = recipe._log_mel()
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"espeak-ng default voice" + ("" if shutil.which("espeak-ng") else " (library + 0.3 s)"): default_voice_files(texts, Path(tmp))}
+        sets = {
+            "espeak-ng default voice" + ("" if shutil.which("espeak-ng") else " (library + 0.3 s)"): default_voice_files(
+                texts, Path(tmp)
+            )
+        }
         if shutil.which("flite"):
             sets.update({f"flite {voice}": flite_files(texts, voice, Path(tmp)) for voice in FLITE_VOICES})
         for name, paths in sets.items():

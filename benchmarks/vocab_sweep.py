@@ -24,15 +24,30 @@ import yaml
 def train(data: str, out: Path, sets: list[str]) -> float:
     """Train a run into ``out`` (kept when it is already there) and return its training seconds."""
     if not (out / "config.yaml").exists() or not (out / "metrics.jsonl").read_text().strip():
-        subprocess.run(["tfkit", "train", "translation", "--data", data, "--out", str(out), "--set", "train.eval_every=0",
-                        *(f"--set={s}" for s in sets)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "tfkit",
+                "train",
+                "translation",
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--set",
+                "train.eval_every=0",
+                *(f"--set={s}" for s in sets),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return max(r["seconds"] for r in records if "loss" in r)
 
 
 def score(out: Path) -> dict[str, float]:
-    printed = subprocess.run(["tfkit", "evaluate", str(out), "--split", "validation", "--json"], check=True,
-                             capture_output=True, text=True).stdout
+    printed = subprocess.run(
+        ["tfkit", "evaluate", str(out), "--split", "validation", "--json"], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(printed.strip().splitlines()[-1])
 
 

@@ -26,8 +26,24 @@ def warnings_in(err: str) -> list[str]:
 
 
 # -- vit: image folders ---------------------------------------------------------------------------
-VIT = ["--max-steps", "2", "--set", "train.batch_size=8", "--set", "data.image_size=16", "--set", "model.patch=4",
-       "--set", "data.channels=3", "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.depth=1"]
+VIT = [
+    "--max-steps",
+    "2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "model.patch=4",
+    "--set",
+    "data.channels=3",
+    "--set",
+    "model.d_model=16",
+    "--set",
+    "model.d_ff=32",
+    "--set",
+    "model.depth=1",
+]
 
 
 def image_folder(root, good: int, bad: int):
@@ -54,8 +70,20 @@ def test_vit_skips_one_unreadable_image_and_stops_at_many(capsys, tmp_path, prog
 
 
 # -- conformer: manifests of recordings -----------------------------------------------------------
-CONFORMER = ["--max-steps", "2", "--set", "model.layers=1", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-             "--set", "train.batch_size=4", "--set", "train.eval_every=0"]
+CONFORMER = [
+    "--max-steps",
+    "2",
+    "--set",
+    "model.layers=1",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.d_ff=64",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.eval_every=0",
+]
 
 
 def recordings(root, good: int, bad: int, short: int = 0) -> None:
@@ -80,7 +108,9 @@ def recordings(root, good: int, bad: int, short: int = 0) -> None:
 
 def test_conformer_skips_one_unreadable_recording_and_stops_at_many(capsys, tmp_path, progress_at_once):
     recordings(tmp_path / "one", 40, 1, short=3)
-    code, _, err = tfkit(capsys, "train", "conformer", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "run"), *CONFORMER)
+    code, _, err = tfkit(
+        capsys, "train", "conformer", "--data", str(tmp_path / "one"), "--out", str(tmp_path / "run"), *CONFORMER
+    )
     assert code == 0, err
     unreadable, short = warnings_in(err)
     assert "skipped 1 of the 44 recordings in the train data" in unreadable and "broken0.wav: not a readable audio" in unreadable
@@ -94,8 +124,20 @@ def test_conformer_skips_one_unreadable_recording_and_stops_at_many(capsys, tmp_
 
 
 # -- translation: rows of sentence pairs ----------------------------------------------------------
-TRANSLATION = ["--max-steps", "2", "--set", "data.vocab_size=100", "--set", "train.batch_size=16", "--set", "model.d_model=32",
-               "--set", "model.d_ff=64", "--set", "train.eval_every=0"]
+TRANSLATION = [
+    "--max-steps",
+    "2",
+    "--set",
+    "data.vocab_size=100",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.d_ff=64",
+    "--set",
+    "train.eval_every=0",
+]
 
 
 def pairs_file(path, good: int, bad: int) -> None:
@@ -108,7 +150,9 @@ def pairs_file(path, good: int, bad: int) -> None:
 
 def test_translation_skips_a_row_without_its_target_and_stops_at_many(capsys, tmp_path, progress_at_once):
     pairs_file(tmp_path / "one.tsv", 400, 1)
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(tmp_path / "one.tsv"), "--out", str(tmp_path / "run"), *TRANSLATION)
+    code, _, err = tfkit(
+        capsys, "train", "translation", "--data", str(tmp_path / "one.tsv"), "--out", str(tmp_path / "run"), *TRANSLATION
+    )
     assert code == 0, err
     (warning,) = warnings_in(err)
     assert "skipped 1 of the" in warning and "sentence pairs in the train data" in warning and "lacks a target text" in warning
@@ -128,8 +172,22 @@ def test_translation_a_single_file_that_is_not_utf8_is_one_error_line(capsys, tm
 
 
 # -- bert-pretrain: a folder of text files --------------------------------------------------------
-BERT = ["--max-steps", "2", "--set", "data.vocab_size=200", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-        "--set", "model.layers=1", "--set", "train.batch_size=8", "--set", "train.eval_every=0"]
+BERT = [
+    "--max-steps",
+    "2",
+    "--set",
+    "data.vocab_size=200",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.d_ff=64",
+    "--set",
+    "model.layers=1",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_every=0",
+]
 
 
 def text_folder(root, good: int, bad: int) -> None:

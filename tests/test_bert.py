@@ -86,7 +86,9 @@ def test_sentence_rows_find_documents_in_both_layouts():
     assert table["text"][:2] == ["Story 0 line 0.", "Story 0 line 1."]
     assert document_bounds(table).tolist() == [[4 * d, 4 * d + 4] for d in range(30)]
     # without blank rows each row is a document, split into sentences
-    rows = datasets.Dataset.from_dict({"text": ["The first one is here. The second one is there.", "Only this sentence stands alone."]})
+    rows = datasets.Dataset.from_dict(
+        {"text": ["The first one is here. The second one is there.", "Only this sentence stands alone."]}
+    )
     table = sentence_rows(rows, "text", "train")
     assert table["text"] == ["The first one is here.", "The second one is there.", "Only this sentence stands alone."]
     assert document_bounds(table).tolist() == [[0, 2], [2, 3]]
@@ -215,8 +217,22 @@ def test_pretraining_on_a_user_text_file(capsys, tmp_path):
     corpus = tmp_path / "corpus.txt"
     documents = [[f"Sentence {s} of story {d} talks about item {d * s}." for s in range(5)] for d in range(30)]
     corpus.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n")
-    args = ["--data", str(corpus), "--max-steps", "2", "--set", "data.vocab_size=200", "--set", "model.d_model=32",
-            "--set", "model.d_ff=64", "--set", "model.layers=1", "--set", "train.batch_size=8"]
+    args = [
+        "--data",
+        str(corpus),
+        "--max-steps",
+        "2",
+        "--set",
+        "data.vocab_size=200",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "train.batch_size=8",
+    ]
     code, out, err = tfkit(capsys, "train", "bert-pretrain", "--out", str(tmp_path / "run"), *args)
     assert code == 0, err
     # the sentences and their token ids live in Arrow files in datasets' cache, read batch by batch
@@ -238,8 +254,14 @@ def test_hugging_face_bert_imports_with_the_same_outputs(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     hf_model = transformers.BertModel(hf_config).eval()
     hf_model.save_pretrained(tmp_path, safe_serialization=True)
@@ -301,8 +323,12 @@ def test_init_from_a_pretrain_run_copies_the_encoder_and_helps(pretrained_run, t
 
 def test_init_before_training_equals_the_pretrained_encoder(pretrained_run, tmp_path):
     recipe_cls = registry.get("recipe", "bert-finetune")
-    config = configs.merge(recipe_cls.default_config(), {**recipe_cls.pretrained_config(pretrained_run), "init": str(pretrained_run)})
-    trainer = start_training(configs.resolve(config, None, ["train.steps=0"]), tmp_path / "run", torch.device("cpu"), console=quiet())
+    config = configs.merge(
+        recipe_cls.default_config(), {**recipe_cls.pretrained_config(pretrained_run), "init": str(pretrained_run)}
+    )
+    trainer = start_training(
+        configs.resolve(config, None, ["train.steps=0"]), tmp_path / "run", torch.device("cpu"), console=quiet()
+    )
     _, pretrained = runs.open_run(pretrained_run)
     for name, value in pretrained.bert.state_dict().items():
         torch.testing.assert_close(trainer.model.bert.state_dict()[name], value, rtol=0, atol=0)
@@ -326,8 +352,22 @@ def test_finetune_on_user_csv_and_bad_rows(capsys, tmp_path):
     good = tmp_path / "reviews.csv"
     rows = [("a lovely calm film", "pos"), ("dull and far too long", "neg")] * 30
     good.write_text("review,sentiment\n" + "".join(f"{t},{label}\n" for t, label in rows))
-    columns = ["--set", "data.text_column=review", "--set", "data.label_column=sentiment", "--set", "data.vocab_size=100",
-               "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.layers=1", "--max-steps", "2"]
+    columns = [
+        "--set",
+        "data.text_column=review",
+        "--set",
+        "data.label_column=sentiment",
+        "--set",
+        "data.vocab_size=100",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "model.layers=1",
+        "--max-steps",
+        "2",
+    ]
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(good), "--out", str(tmp_path / "run"), *columns)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["neg", "pos"]
@@ -347,8 +387,14 @@ def test_finetune_from_a_hugging_face_folder(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    hf_config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=64, max_position_embeddings=64)
+    hf_config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(hf_config).save_pretrained(folder, safe_serialization=True)
     trainer = finetune(tmp_path, "run", "train.steps=2", "data.max_length=32", init=folder)
     assert trainer.model.bert.embed.tokens.num_embeddings == len(vocab)
@@ -360,7 +406,12 @@ def test_finetune_from_a_hugging_face_folder(tmp_path):
 def test_bio_spans():
     from tfkit.recipes.bert.tasks import entities
 
-    assert entities(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "LOC"), (5, 6, "ORG")}
+    assert entities(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG"]) == {
+        (0, 2, "PER"),
+        (3, 4, "LOC"),
+        (4, 5, "LOC"),
+        (5, 6, "ORG"),
+    }
     assert entities(["O", "O"]) == set()
 
 
@@ -382,8 +433,20 @@ def test_conll_files_train_and_malformed_lines_are_named(capsys, tmp_path):
     sentence = "Paris\tB-LOC\nis\tO\nnice\tO\n\n"
     good = tmp_path / "ner.conll"
     good.write_text("-DOCSTART- -X- O O\n\n" + sentence * 40)
-    args = ["--set", "task=tag", "--set", "data.vocab_size=60", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-            "--set", "model.layers=1", "--max-steps", "2"]
+    args = [
+        "--set",
+        "task=tag",
+        "--set",
+        "data.vocab_size=60",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "model.layers=1",
+        "--max-steps",
+        "2",
+    ]
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(good), "--out", str(tmp_path / "run"), *args)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["O", "B-LOC"]
@@ -418,9 +481,27 @@ def warehouse(n: int) -> list:
 def test_squad_files_train_and_malformed_entries_are_named(capsys, tmp_path):
     good = squad_file(tmp_path / "items.json", warehouse(40))
     (question,) = read_squad(squad_file(tmp_path / "one.json", warehouse(1)))
-    assert question == Question("q0", "When was item 0 built?", "Item 0 is red. It was built in 1900 in the north hall.", [("1900", 31)])
-    args = ["--set", "task=qa", "--set", "data.vocab_size=100", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-            "--set", "model.layers=1", "--set", "data.max_length=32", "--set", "data.doc_stride=8", "--max-steps", "2"]
+    assert question == Question(
+        "q0", "When was item 0 built?", "Item 0 is red. It was built in 1900 in the north hall.", [("1900", 31)]
+    )
+    args = [
+        "--set",
+        "task=qa",
+        "--set",
+        "data.vocab_size=100",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "data.max_length=32",
+        "--set",
+        "data.doc_stride=8",
+        "--max-steps",
+        "2",
+    ]
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(good), "--out", str(tmp_path / "run"), *args)
     assert code == 0, err
     recipe, _ = runs.open_run(tmp_path / "run")
@@ -431,11 +512,18 @@ def test_squad_files_train_and_malformed_entries_are_named(capsys, tmp_path):
 
     context = "Item 9 is blue. It was built in 1909."
     cases = [
-        ([{"id": "q9", "answers": [{"text": "1909", "answer_start": 32}]}], "data[0].paragraphs[40].qas[0] (id q9) lacks 'question'"),
-        ([{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 99}]}],
-         "data[0].paragraphs[40].qas[0] (id q9): answer_start 99 does not fit"),
-        ([{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 30}]}],
-         "data[0].paragraphs[40].qas[0] (id q9): the answer '1909' is not the context's text at 30 ('n 19')"),
+        (
+            [{"id": "q9", "answers": [{"text": "1909", "answer_start": 32}]}],
+            "data[0].paragraphs[40].qas[0] (id q9) lacks 'question'",
+        ),
+        (
+            [{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 99}]}],
+            "data[0].paragraphs[40].qas[0] (id q9): answer_start 99 does not fit",
+        ),
+        (
+            [{"id": "q9", "question": "When?", "answers": [{"text": "1909", "answer_start": 30}]}],
+            "data[0].paragraphs[40].qas[0] (id q9): the answer '1909' is not the context's text at 30 ('n 19')",
+        ),
         ([{"id": "q9", "question": "When?", "answers": []}], "data[0].paragraphs[40].qas[0] (id q9) has no answer"),
     ]
     for qas, fragment in cases:
@@ -447,7 +535,9 @@ def test_squad_files_train_and_malformed_entries_are_named(capsys, tmp_path):
         assert code == 2
         one_error_line(err, f"{bad}: {fragment}")
     rows = tmp_path / "rows.jsonl"  # Hugging Face squad's layout, one row per line
-    shifted = [{"question": q, "context": c, "answers": {"text": [t], "answer_start": [s + 1]}} for c, [(_, q, t, s)] in warehouse(20)]
+    shifted = [
+        {"question": q, "context": c, "answers": {"text": [t], "answer_start": [s + 1]}} for c, [(_, q, t, s)] in warehouse(20)
+    ]
     rows.write_text("".join(json.dumps(row) + "\n" for row in shifted))
     code, _, err = tfkit(capsys, "train", "bert-finetune", "--data", str(rows), *args)
     assert code == 2
@@ -536,7 +626,9 @@ def test_qa_learns_the_built_in_questions(qa_run):
 def test_qa_predict_and_inspect(capsys, qa_run, tmp_path):
     context = "Return None if the queue is empty. Raise ValueError if the timeout is negative."
     lines = tmp_path / "questions.tsv"
-    lines.write_text(f"Raise which exception if the timeout is negative?\t{context}\nno context here\nWhat does it return?\t{context}\n")
+    lines.write_text(
+        f"Raise which exception if the timeout is negative?\t{context}\nno context here\nWhat does it return?\t{context}\n"
+    )
     code, out, err = tfkit(capsys, "predict", str(qa_run.run_dir), str(lines))
     assert code == 0, err
     rows = out.split("\n")[:3]
@@ -558,7 +650,14 @@ def test_qa_predict_and_inspect(capsys, qa_run, tmp_path):
     code, _, err = tfkit(capsys, "predict", str(qa_run.run_dir), str(not_squad))
     assert code == 2
     one_error_line(err, "list.json: not one JSON object in SQuAD's layout")
-    code, _, err = tfkit(capsys, "inspect-attention", str(qa_run.run_dir), f"Which constant is returned?\t{context}", "--out", str(tmp_path / "att"))
+    code, _, err = tfkit(
+        capsys,
+        "inspect-attention",
+        str(qa_run.run_dir),
+        f"Which constant is returned?\t{context}",
+        "--out",
+        str(tmp_path / "att"),
+    )
     assert code == 0, err
     described = json.loads((tmp_path / "att" / "tokens.json").read_text())
     tokens = described["axes"]["tokens"]
@@ -566,6 +665,8 @@ def test_qa_predict_and_inspect(capsys, qa_run, tmp_path):
 
 
 def test_qa_starts_from_a_pretrain_run(pretrained_run, tmp_path):
-    trainer = finetune(tmp_path, "qa", "task=qa", "data.max_length=64", "data.doc_stride=16", "train.steps=2", init=pretrained_run)
+    trainer = finetune(
+        tmp_path, "qa", "task=qa", "data.max_length=64", "data.doc_stride=16", "train.steps=2", init=pretrained_run
+    )
     assert (trainer.run_dir / "tokenizer.json").read_text() == (pretrained_run / "tokenizer.json").read_text()
     assert set(trainer.recipe.evaluate(trainer.model, "validation")) == {"exact_match", "f1"}

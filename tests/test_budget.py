@@ -56,14 +56,20 @@ def test_a_budgeted_run_ends_on_time_keeps_its_best_checkpoint_and_records_its_p
     validations = [r for r in runs.read_metrics(trainer.run_dir) if r.get("split") == "validation"]
     assert len(validations) >= 2 and metrics["chrf"] > 0
     best = max(validations, key=lambda r: r["chrf"])
-    assert runs.best_checkpoint(trainer.run_dir, runs.read_config(trainer.run_dir)) == runs.checkpoints(trainer.run_dir)[
-        [runs.checkpoint_step(c) for c in runs.checkpoints(trainer.run_dir)].index(best["step"])]
+    assert (
+        runs.best_checkpoint(trainer.run_dir, runs.read_config(trainer.run_dir))
+        == runs.checkpoints(trainer.run_dir)[
+            [runs.checkpoint_step(c) for c in runs.checkpoints(trainer.run_dir)].index(best["step"])
+        ]
+    )
 
 
 def test_a_long_run_says_how_long_it_will_take_and_how_to_ask_for_less(tmp_path):
     out = io.StringIO()
     console = Console(file=out, width=200)
-    trainer = start_training(tiny_config("train.steps=200000", "train.log_every=2"), tmp_path / "run", torch.device("cpu"), console=console)
+    trainer = start_training(
+        tiny_config("train.steps=200000", "train.log_every=2"), tmp_path / "run", torch.device("cpu"), console=console
+    )
     with pytest.raises(Interrupted):
         trainer.fit(on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM), progress=False)
     (line,) = [line for line in out.getvalue().splitlines() if "to go" in line]

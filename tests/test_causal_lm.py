@@ -30,8 +30,9 @@ def lm_config(*sets: str) -> dict:
 
 def model(block: str = "gpt", position: str = "learned", feed_forward: str | None = None, norm: str | None = None) -> CausalLM:
     torch.manual_seed(0)
-    return CausalLM(50, 32, 4, 64, 2, 0.0, "gelu" if block == "gpt" else "swish", block, position, 40,
-                    feed_forward=feed_forward, norm=norm).eval()
+    return CausalLM(
+        50, 32, 4, 64, 2, 0.0, "gelu" if block == "gpt" else "swish", block, position, 40, feed_forward=feed_forward, norm=norm
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,13 @@ def lm_run(tmp_path_factory):
 
 
 # (block, position, feed_forward, norm): the two transformers models, then parts and positions composed
-BLOCKS = [("gpt", "learned", None, None), ("gpt", "sinusoidal", None, None), ("llama", "rotary", None, None),
-          ("gpt", "rotary", "glu", None), ("llama", "learned", "mlp", "layer_norm")]
+BLOCKS = [
+    ("gpt", "learned", None, None),
+    ("gpt", "sinusoidal", None, None),
+    ("llama", "rotary", None, None),
+    ("gpt", "rotary", "glu", None),
+    ("llama", "learned", "mlp", "layer_norm"),
+]
 
 
 @pytest.mark.parametrize("block, position, feed_forward, norm", BLOCKS)
@@ -84,10 +90,17 @@ def test_the_config_names_the_parts_and_position_and_export_refuses_what_transfo
     assert layer.self_attn.in_proj.bias is not None  # the rest is still gpt's
     refuse_unrepresentable({**config["model"], "position": "learned", "feed_forward": None, "norm": None})
     refuse_unrepresentable({**config["model"], "position": "learned", "feed_forward": "mlp", "norm": "layer_norm"})  # gpt's own
-    for key, value, has in [("position", "rotary", "learned"), ("feed_forward", "glu", "mlp"), ("norm", "rms_norm", "layer_norm")]:
+    for key, value, has in [
+        ("position", "rotary", "learned"),
+        ("feed_forward", "glu", "mlp"),
+        ("norm", "rms_norm", "layer_norm"),
+    ]:
         model_config = {**config["model"], "position": "learned", "feed_forward": None, "norm": None, key: value}
-        with pytest.raises(UsageError, match=f"model.{key} '{value}' with model.block gpt has no transformers equivalent "
-                                             f"\\(GPT2LMHeadModel has {has}; export it with --to onnx\\)"):
+        with pytest.raises(
+            UsageError,
+            match=f"model.{key} '{value}' with model.block gpt has no transformers equivalent "
+            f"\\(GPT2LMHeadModel has {has}; export it with --to onnx\\)",
+        ):
             refuse_unrepresentable(model_config)
     with pytest.raises(UsageError, match="model.feed_forward 'mlp' with model.block llama .*LlamaForCausalLM has glu"):
         refuse_unrepresentable({**config["model"], "block": "llama", "position": "rotary", "feed_forward": "mlp", "norm": None})
@@ -168,7 +181,9 @@ def test_predict_continues_prompts_with_a_seed_and_reports_bad_lines(lm_run, tmp
     assert len(lines) == 4 and lines[0] and lines[1] == "" and lines[2]  # one output line per input line
     assert "prompts.txt:2: empty line; its output line is left empty" in err
     code, greedy, _ = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "20")
-    code, again, _ = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "20", "--seed", "9")
+    code, again, _ = tfkit(
+        capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "20", "--seed", "9"
+    )
     assert code == 0 and greedy == again  # greedy ignores the seed
     for args, fragment in [
         (["--temperature", "-1"], "--temperature must be at least 0"),
@@ -219,17 +234,23 @@ def test_user_text_files_and_bad_data(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(200)) + "\n", encoding="utf-8")
     sets = sum((["--set", s] for s in [*TINY["causal-lm"], "data.vocab_size=300", "data.block_size=16"]), [])
-    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "3", "--out", str(tmp_path / "run"), *sets)
+    code, _, err = tfkit(
+        capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "3", "--out", str(tmp_path / "run"), *sets
+    )
     assert code == 0, err
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("x\n\ny\n\nz\n", encoding="utf-8")
     code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(tiny), "--max-steps", "3", *sets)
     assert code == 2
     one_error_line(err, "fewer than one block of data.block_size 16")
-    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "data.block_size=999")
+    code, _, err = tfkit(
+        capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "data.block_size=999"
+    )
     assert code == 2
     one_error_line(err, "data.block_size 999 is more than model.max_positions 128")
-    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "train.batch_size=512")
+    code, _, err = tfkit(
+        capsys, "train", "causal-lm", "--data", str(corpus), "--max-steps", "1", *sets, "--set", "train.batch_size=512"
+    )
     assert code == 2
     one_error_line(err, "blocks of data.block_size 16, fewer than train.batch_size 512 (lower either)")
 
@@ -242,19 +263,36 @@ def test_a_hugging_face_gpt2_folder_gives_the_same_logits_and_greedy_text(tmp_pa
     folder.mkdir()
     tokenizer.model.save(str(folder))  # GPT-2's layout: vocab.json and merges.txt
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=tokenizer.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     theirs = GPT2LMHeadModel(config).eval()
     theirs.save_pretrained(folder)
-    code, out, err = tfkit(capsys, "train", "causal-lm", "--init", str(folder), "--max-steps", "0", "--out", str(tmp_path / "run"),
-                           "--set", "data.block_size=32", "--set", "predict.batch_size=512")
+    code, out, err = tfkit(
+        capsys,
+        "train",
+        "causal-lm",
+        "--init",
+        str(folder),
+        "--max-steps",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "predict.batch_size=512",
+    )
     assert code == 0, err
     recipe, ours = runs.open_run(tmp_path / "run")
     ids = torch.randint(1, config.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(ids)), theirs(ids).logits, rtol=1e-5, atol=1e-5)
         expected = theirs.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:].tolist()
-    assert generate(ours, ids[0, :5].tolist(), 12, 0.0, 50, 1.0, torch.Generator(), 0) == [t for t in expected if t != 0][: len(expected)]
+    assert (
+        generate(ours, ids[0, :5].tolist(), 12, 0.0, 50, 1.0, torch.Generator(), 0)
+        == [t for t in expected if t != 0][: len(expected)]
+    )
     code, _, err = tfkit(capsys, "train", "causal-lm", "--init", str(tmp_path), "--max-steps", "0")
     assert code == 2
     one_error_line(err, "config.json could not be read")
@@ -290,7 +328,18 @@ def test_the_repetition_penalty_makes_tokens_already_seen_less_likely(lm_run, tm
     assert len(set(penalized)) > len(set(plain))  # greedy text of a small model repeats itself; less so with a penalty
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def __init__(self\n", encoding="utf-8")
-    code, out, err = tfkit(capsys, "predict", str(lm_run), str(prompts), "--temperature", "0", "--max-new-tokens", "40", "--repetition-penalty", "1.5")
+    code, out, err = tfkit(
+        capsys,
+        "predict",
+        str(lm_run),
+        str(prompts),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "40",
+        "--repetition-penalty",
+        "1.5",
+    )
     assert code == 0 and out == recipe.tokenizer.decode(penalized).replace("\n", "\\n") + "\n", err
     code, _, err = tfkit(capsys, "predict", str(lm_run), str(prompts), "--repetition-penalty", "0")
     assert code == 2
@@ -331,7 +380,9 @@ def test_streamed_text_holds_back_a_character_split_over_byte_tokens():
     pieces = [stream.add(i) for i in ids]
     assert "".join(pieces) + stream.end() == text and not any("\ufffd" in p for p in pieces)
     cut = TextStream(token_bytes(tokenizer))
-    assert "".join(cut.add(i) for i in tokenizer.encode("✓").ids[:-1]) + cut.end() == tokenizer.decode(tokenizer.encode("✓").ids[:-1])
+    assert "".join(cut.add(i) for i in tokenizer.encode("✓").ids[:-1]) + cut.end() == tokenizer.decode(
+        tokenizer.encode("✓").ids[:-1]
+    )
 
 
 def test_a_sliding_window_scores_the_same_tokens_with_more_context(lm_run, capsys):
@@ -362,8 +413,14 @@ def test_a_folder_of_text_files_is_one_document_each_read_from_a_memory_mapped_s
     texts = [f"def f{i}(x):\n    return x + {i}\n\n\nclass C{i}:  # ✓\n    pass\n" * 3 for i in range(60)]
     for i, text in enumerate(texts):  # blank lines inside each: a .txt file would make several documents of it
         (folder / ("sub" if i % 2 else "") / f"{i}.txt").write_text(text, encoding="utf-8")
-    config = lm_config(f"data.name={folder}", "data.vocab_size=300", "data.block_size=16", "train.steps=6",
-                       "train.log_every=1", "train.save_every=3")
+    config = lm_config(
+        f"data.name={folder}",
+        "data.vocab_size=300",
+        "data.block_size=16",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.save_every=3",
+    )
     recipe = registry.get("recipe", "causal-lm")(config)
     recipe.prepare()
     streams = recipe.streams.values()
@@ -380,9 +437,21 @@ def test_a_folder_of_text_files_is_one_document_each_read_from_a_memory_mapped_s
     code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(tmp_path / "empty"), "--max-steps", "1")
     assert code == 2
     one_error_line(err, "holds no .txt files (one document each) and no train file")
-    (folder / "7.txt").write_bytes(b"caf\xe9\n")  # one bad file of 61 (60 and a new 7.txt beside sub/7.txt): skipped, named, counted
-    code, _, err = tfkit(capsys, "train", "causal-lm", "--data", str(folder), "--max-steps", "1", "--out", str(tmp_path / "bad1"),
-                         *sum((["--set", s] for s in ("data.vocab_size=300", "data.block_size=16", "train.batch_size=4")), []))
+    (folder / "7.txt").write_bytes(
+        b"caf\xe9\n"
+    )  # one bad file of 61 (60 and a new 7.txt beside sub/7.txt): skipped, named, counted
+    code, _, err = tfkit(
+        capsys,
+        "train",
+        "causal-lm",
+        "--data",
+        str(folder),
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path / "bad1"),
+        *sum((["--set", s] for s in ("data.vocab_size=300", "data.block_size=16", "train.batch_size=4")), []),
+    )
     assert code == 0, err
     (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
     assert "skipped 1 of the 61 files" in warning and "7.txt: not UTF-8 text (byte 3)" in warning
@@ -410,7 +479,9 @@ def test_a_corpus_over_the_sampling_thresholds_prepares_with_every_document_once
 
     monkeypatch.setattr(recipe, "choose_vocab_size", choose)
     sets = [s for s in TINY["causal-lm"] if not s.startswith("data.vocab_size")]  # auto, the default
-    config = configs.resolve(registry.get("recipe", "causal-lm").default_config(), None, [*sets, f"data.name={corpus}", "data.block_size=16"])
+    config = configs.resolve(
+        registry.get("recipe", "causal-lm").default_config(), None, [*sets, f"data.name={corpus}", "data.block_size=16"]
+    )
     lm = registry.get("recipe", "causal-lm")(config)
     lm.prepare()
     train = list(data.read_documents(lm.config["data"], lm.config["seed"])["train"])

@@ -25,13 +25,29 @@ from tfkit.train import start_training
 
 # a model small enough that a step and its save take a few milliseconds; a checkpoint every step
 KILLS = 10
-KILLED = [*TINY["translation"], "data.train_size=600", "train.steps=120", "train.log_every=1", "train.save_every=1", "train.warmup=20"]
+KILLED = [
+    *TINY["translation"],
+    "data.train_size=600",
+    "train.steps=120",
+    "train.log_every=1",
+    "train.save_every=1",
+    "train.warmup=20",
+]
 
 
 def train_command(run_dir: Path, resume: bool) -> list[str]:
     if resume:
         return [sys.executable, "-m", "tfkit", "train", "--resume", str(run_dir)]
-    return [sys.executable, "-m", "tfkit", "train", "translation", "--out", str(run_dir), *sum((["--set", s] for s in KILLED), [])]
+    return [
+        sys.executable,
+        "-m",
+        "tfkit",
+        "train",
+        "translation",
+        "--out",
+        str(run_dir),
+        *sum((["--set", s] for s in KILLED), []),
+    ]
 
 
 def training_losses(run_dir: Path) -> dict[int, float]:
@@ -54,8 +70,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
     run_dir = tmp_path / "killed"
     kills = inside_save = last_step = 0
     for attempt in range(KILLS + 1):
-        process = subprocess.Popen(train_command(run_dir, resume=attempt > 0), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            train_command(run_dir, resume=attempt > 0), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         if attempt == KILLS:  # enough: the last resume runs to the end (each kill costs a start-up of seconds)
             _, err = process.communicate(timeout=600)
             assert process.returncode == 0, err[-2000:]
@@ -111,7 +128,10 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
         real_save(state, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(TfkitError, match=r"could not save the checkpoint of step 4 \(No space left on device\); the checkpoint of step 2 is whole"):
+    with pytest.raises(
+        TfkitError,
+        match=r"could not save the checkpoint of step 4 \(No space left on device\); the checkpoint of step 2 is whole",
+    ):
         trainer.fit(progress=False)
     assert [p.name for p in (tmp_path / "run" / runs.CHECKPOINTS).iterdir()] == ["step-00000002"]
     assert runs.load_state(runs.last_checkpoint(tmp_path / "run"))["step"] == 2
@@ -130,12 +150,16 @@ def test_a_real_full_filesystem(tmp_path, capsys):
     size = sum(p.stat().st_size for p in (tmp_path / "sized").rglob("*") if p.is_file())
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
         pytest.skip("this machine does not let the tests mount a small filesystem (the test above makes the write fail instead)")
     try:
         code, _, err = tfkit(capsys, "train", "translation", "--out", str(mount / "run"), *sets)
         assert code == 1
-        one_error_line(err, "could not save the checkpoint of step 6 (No space left on device); the checkpoint of step 3 is whole")
+        one_error_line(
+            err, "could not save the checkpoint of step 6 (No space left on device); the checkpoint of step 3 is whole"
+        )
         (checkpoint,) = runs.checkpoints(mount / "run")
         assert runs.load_state(checkpoint)["step"] == 3
         assert not [p for p in mount.rglob(".*")]  # the failed save took its files with it
@@ -148,8 +172,14 @@ def test_a_real_full_filesystem(tmp_path, capsys):
 
 
 def test_keep_best_and_keep_last_and_the_checkpoint_option(tmp_path, capsys):
-    config = tiny_config("train.steps=300", "train.eval_every=50", "train.save_every=50", "train.keep_last=2",
-                         "train.keep_best=exact_match", "data.validation_size=40")
+    config = tiny_config(
+        "train.steps=300",
+        "train.eval_every=50",
+        "train.save_every=50",
+        "train.keep_last=2",
+        "train.keep_best=exact_match",
+        "data.validation_size=40",
+    )
     trainer = start_training(config, tmp_path / "run", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)
     run_dir = trainer.run_dir
@@ -178,8 +208,15 @@ def test_no_best_checkpoint_without_keep_best(trained_run, capsys):
 def test_early_stopping_and_its_resume(tmp_path):
     """A loss that cannot improve for long (lr tiny after warm-up): patience 2 stops two validations
     after the best, and a resumed run counts the validations before the stop."""
-    config = tiny_config("train.steps=400", "train.eval_every=20", "train.save_every=1000", "train.keep_best=exact_match",
-                         "train.patience=2", "data.validation_size=20", "train.lr=1e-7")
+    config = tiny_config(
+        "train.steps=400",
+        "train.eval_every=20",
+        "train.save_every=1000",
+        "train.keep_best=exact_match",
+        "train.patience=2",
+        "data.validation_size=20",
+        "train.lr=1e-7",
+    )
     trainer = start_training(config, tmp_path / "run", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)
     validations = [r for r in runs.read_metrics(trainer.run_dir) if r.get("split") == "validation"]
@@ -214,8 +251,12 @@ def last_file(run_dir: Path, name: str) -> Path:
 
 
 def other_model_weights(path: Path, tmp_path: Path) -> None:
-    run = start_training(tiny_config("train.steps=1", "model.d_model=32", "data.train_size=300"), tmp_path / "other",
-                         torch.device("cpu"), console=quiet())
+    run = start_training(
+        tiny_config("train.steps=1", "model.d_model=32", "data.train_size=300"),
+        tmp_path / "other",
+        torch.device("cpu"),
+        console=quiet(),
+    )
     run.fit(progress=False)
     shutil.copy(runs.last_checkpoint(run.run_dir) / runs.WEIGHTS, path)
 
@@ -261,10 +302,16 @@ EDITS = {
     "other names": renamed_weights,
     "edited": lambda path, tmp: path.write_text('{"version": "1.0", 3: [}', encoding="utf-8"),
     "yaml syntax": lambda path, tmp: path.write_text("recipe: translation\nmodel: {d_model: [64\n", encoding="utf-8"),
-    "out of range": lambda path, tmp: path.write_text(path.read_text(encoding="utf-8").replace("d_model: 64", "d_model: -5"), encoding="utf-8"),
-    "unknown key": lambda path, tmp: path.write_text(path.read_text(encoding="utf-8").replace("d_model: 64", "d_model: 64\n  width: 3"), encoding="utf-8"),
+    "out of range": lambda path, tmp: path.write_text(
+        path.read_text(encoding="utf-8").replace("d_model: 64", "d_model: -5"), encoding="utf-8"
+    ),
+    "unknown key": lambda path, tmp: path.write_text(
+        path.read_text(encoding="utf-8").replace("d_model: 64", "d_model: 64\n  width: 3"), encoding="utf-8"
+    ),
     "python objects": pickled_object,
-    "another run": lambda path, tmp: torch.save({**torch.load(path, weights_only=True), "optimizer": {"state": {}, "param_groups": []}}, path),
+    "another run": lambda path, tmp: torch.save(
+        {**torch.load(path, weights_only=True), "optimizer": {"state": {}, "param_groups": []}}, path
+    ),
 }
 COMMANDS = {
     runs.WEIGHTS: ["predict", "evaluate", "inspect-attention", "resume"],

@@ -16,7 +16,9 @@ from tfkit import registry
 from tfkit import run as runs
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "export", "inspect-attention", "report", "recipes", "components"])
+@pytest.mark.parametrize(
+    "command", ["train", "predict", "evaluate", "export", "inspect-attention", "report", "recipes", "components"]
+)
 def test_every_command_has_help_with_an_example(capsys, command):
     code, out, _ = tfkit(capsys, command, "--help")
     assert code == 0 and "Example: tfkit " in out
@@ -34,7 +36,10 @@ def test_recipes_and_components_tables(capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["train", "nmt"], "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, causal-lm, conformer, forecast, translation, vit)"),
+        (
+            ["train", "nmt"],
+            "unknown recipe 'nmt' (valid: bert-finetune, bert-pretrain, causal-lm, conformer, forecast, translation, vit)",
+        ),
         (["train", "translation", "--set", "model.width=3"], "unknown config key 'model.width'"),
         (["train", "translation", "--set", "model.d_model"], "malformed --set 'model.d_model'"),
         (["train", "translation", "--set", "model.heads=four"], "'model.heads' expects an integer"),
@@ -53,12 +58,21 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys, args, fragment):
 
 
 def test_missing_and_unreadable_data(capsys, tmp_path):
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(tmp_path / "none.tsv"), *sum((["--set", s] for s in TINY["translation"]), []))
+    code, _, err = tfkit(
+        capsys,
+        "train",
+        "translation",
+        "--data",
+        str(tmp_path / "none.tsv"),
+        *sum((["--set", s] for s in TINY["translation"]), []),
+    )
     assert code == 2
     one_error_line(err, "does not exist")
     bad = tmp_path / "pairs.tsv"
     bad.write_text("src\ttgt\n" + "ein\tone\n" * 50)
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(bad), *sum((["--set", s] for s in TINY["translation"]), []))
+    code, _, err = tfkit(
+        capsys, "train", "translation", "--data", str(bad), *sum((["--set", s] for s in TINY["translation"]), [])
+    )
     assert code == 2
     one_error_line(err, "has no column 'source'")
 
@@ -145,8 +159,11 @@ def test_inspect_attention_dumps_every_head(capsys, trained_run, tmp_path):
     assert code == 0, err
     tokens = json.loads((out_dir / "tokens.json").read_text())
     weights = np.load(out_dir / "attention.npz")
-    expected = {f"{side}.layers.{i}.{kind}" for i in range(2) for side, kind in
-                [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "cross_attn")]}
+    expected = {
+        f"{side}.layers.{i}.{kind}"
+        for i in range(2)
+        for side, kind in [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "cross_attn")]
+    }
     assert set(weights.files) == expected
     source, target = len(tokens["axes"]["source"]), len(tokens["axes"]["target"])
     assert weights["encoder.layers.0.self_attn"].shape == (4, source, source)
@@ -165,11 +182,25 @@ def test_user_tsv_and_jsonl_data_train_end_to_end(capsys, tmp_path):
     tsv, jsonl = tmp_path / "pairs.tsv", tmp_path / "pairs.jsonl"
     tsv.write_text("en\tfr\n" + "".join(f"{num2words(n)}\t{num2words(n, lang='fr')}\n" for n in numbers))
     jsonl.write_text("".join(json.dumps({"source": num2words(n), "target": num2words(n, lang="es")}) + "\n" for n in numbers))
-    small = ["--set", "data.vocab_size=100", "--set", "train.batch_size=16", "--set", "train.log_every=1",
-             "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "decode.beam=2"]
+    small = [
+        "--set",
+        "data.vocab_size=100",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "decode.beam=2",
+    ]
     for data, columns in ((tsv, ["--set", "data.source_column=en", "--set", "data.target_column=fr"]), (jsonl, [])):
         run = tmp_path / data.suffix[1:]
-        code, out, err = tfkit(capsys, "train", "translation", "--data", str(data), "--max-steps", "3", "--out", str(run), *small, *columns)
+        code, out, err = tfkit(
+            capsys, "train", "translation", "--data", str(data), "--max-steps", "3", "--out", str(run), *small, *columns
+        )
         assert code == 0, err
         assert out.strip() == str(run)
         assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "tokenizer.json", "metrics.jsonl"}

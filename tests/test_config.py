@@ -87,7 +87,9 @@ def test_malformed_set_is_rejected(item):
 
 
 def test_unknown_component_fails_at_config_time():
-    with pytest.raises(UsageError, match=r"config key 'model.position': unknown position 'alibi' \(valid: learned, none, rotary, sinusoidal\)"):
+    with pytest.raises(
+        UsageError, match=r"config key 'model.position': unknown position 'alibi' \(valid: learned, none, rotary, sinusoidal\)"
+    ):
         resolve("model.position=alibi")
     with pytest.raises(UsageError, match="config key 'model.encoder.block': unknown block"):
         resolve("model.encoder.block=nope")

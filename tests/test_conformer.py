@@ -39,7 +39,9 @@ def conformer_config(*sets: str) -> dict:
 @pytest.fixture(scope="module")
 def conformer_run(tmp_path_factory) -> object:
     # 700 steps: under the default augmentation 400 left the test CER at 27
-    trainer = start_training(conformer_config("train.steps=700"), tmp_path_factory.mktemp("conformer") / "run", torch.device("cpu"), console=quiet())
+    trainer = start_training(
+        conformer_config("train.steps=700"), tmp_path_factory.mktemp("conformer") / "run", torch.device("cpu"), console=quiet()
+    )
     trainer.fit(progress=False)
     return trainer.run_dir
 
@@ -263,7 +265,9 @@ def test_spec_augment_masks_within_bounds_and_only_in_training(monkeypatch):
     masked_any = [spec_augment(features, lengths, cfg).eq(0).any() for _ in range(20)]
     assert sum(masked_any) >= 15
 
-    recipe = registry.get("recipe", "conformer")(conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4"))
+    recipe = registry.get("recipe", "conformer")(
+        conformer_config("data.train_size=20", "data.validation_size=4", "data.test_size=4")
+    )
     recipe.prepare()
     everything = list(range(len(recipe.train_rows)))
     stored = recipe._train_samples(everything)
@@ -369,9 +373,22 @@ def test_predict_on_wav_and_flac_and_bad_files(capsys, conformer_run, tmp_path):
     long = tmp_path / "long.wav"  # over MAX_SECONDS (a low rate keeps the file small)
     soundfile.write(long, np.full(301 * 200, 0.1, dtype=np.float32), 200)
     nan = tmp_path / "nan.wav"  # a float WAV can hold NaN and Inf
-    soundfile.write(nan, np.r_[np.full(8000, 0.1), [np.nan, np.inf], np.full(8000, 0.1)].astype(np.float32), 16000, subtype="FLOAT")
-    code, out, err = tfkit(capsys, "predict", str(conformer_run), str(wav), str(broken), str(empty), str(silent), str(click),
-                           str(long), str(nan), str(flac))
+    soundfile.write(
+        nan, np.r_[np.full(8000, 0.1), [np.nan, np.inf], np.full(8000, 0.1)].astype(np.float32), 16000, subtype="FLOAT"
+    )
+    code, out, err = tfkit(
+        capsys,
+        "predict",
+        str(conformer_run),
+        str(wav),
+        str(broken),
+        str(empty),
+        str(silent),
+        str(click),
+        str(long),
+        str(nan),
+        str(flac),
+    )
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 6 and "Traceback" not in err
@@ -414,7 +431,10 @@ def test_inspect_attention_on_a_recording(capsys, conformer_run, tmp_path):
     soundfile.write(minute, (0.1 * np.sin(np.arange(61 * 16000) / 10)).astype(np.float32), 16000)
     code, _, err = tfkit(capsys, "inspect-attention", str(conformer_run), str(minute), "--out", str(tmp_path / "minute"))
     assert code == 2
-    one_error_line(err, "minute.wav: the recording is 61 s long; inspect-attention keeps every frame × frame map of every layer, so it reads at most 60 s")
+    one_error_line(
+        err,
+        "minute.wav: the recording is 61 s long; inspect-attention keeps every frame × frame map of every layer, so it reads at most 60 s",
+    )
 
 
 def test_the_onnx_export_transcribes_two_recordings_as_tfkit_does(capsys, conformer_run, tmp_path):
@@ -464,9 +484,27 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
     unusable = [("broken.wav", "lost words"), ("blip.wav", "one hundred and seventy seven thousand")]
     for split, rows in (("train", good * 3 + unusable), ("validation", good), ("test", good)):
         (tmp_path / f"{split}.csv").write_text("audio,text\n" + "".join(f"{p},{t}\n" for p, t in rows))
-    code, out, err = tfkit(capsys, "train", "conformer", "--data", str(tmp_path), "--max-steps", "2",
-                           "--set", "model.layers=1", "--set", "model.d_model=32", "--set", "model.d_ff=64",
-                           "--set", "train.batch_size=4", "--set", "data.vocab_size=30", "--out", str(tmp_path / "run"))
+    code, out, err = tfkit(
+        capsys,
+        "train",
+        "conformer",
+        "--data",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.d_ff=64",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.vocab_size=30",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert code == 0, err
     assert runs.read_tokenizer(tmp_path / "run").get_vocab_size() == 30  # a BPE vocabulary, not characters
     assert "skipped 1 of the 8 recordings in the train data" in err and "broken.wav" in err
@@ -483,7 +521,9 @@ def test_user_manifest_trains_end_to_end_and_skips_unreadable_audio(capsys, conf
     one_error_line(err, "no column 'audio'")
 
 
-@pytest.mark.parametrize("position, kind", [("sinusoidal", SinusoidalPosition), ("learned", LearnedPosition), ("rotary", RotaryPosition)])
+@pytest.mark.parametrize(
+    "position, kind", [("sinusoidal", SinusoidalPosition), ("learned", LearnedPosition), ("rotary", RotaryPosition)]
+)
 def test_multi_head_attention_takes_each_position_where_it_acts(position, kind):
     """An absolute position is added to the subsampled frames, a rotary one rotates every block's
     queries and keys; either way a padded utterance gets the output it gets alone."""
@@ -510,8 +550,17 @@ def test_multi_head_attention_takes_each_position_where_it_acts(position, kind):
 def test_multi_head_attention_with_rotary_positions_learns(tmp_path):
     """50 steps of a one-layer model on the tiny built-in speech (cached once for the module): finite
     losses that fall (measured 5.26 over the first 5 steps, 3.19 over the last 5)."""
-    config = conformer_config("model.attention=multi_head", "model.position=rotary", "train.steps=50", "train.warmup=10",
-                              "train.log_every=5", "train.batch_size=8", "model.layers=1", "model.d_model=64", "model.d_ff=128")
+    config = conformer_config(
+        "model.attention=multi_head",
+        "model.position=rotary",
+        "train.steps=50",
+        "train.warmup=10",
+        "train.log_every=5",
+        "train.batch_size=8",
+        "model.layers=1",
+        "model.d_model=64",
+        "model.d_ff=128",
+    )
     trainer = start_training(config, tmp_path / "run", torch.device("cpu"), console=quiet())
     trainer.fit(progress=False)
     losses = [r["loss"] for r in runs.read_metrics(tmp_path / "run") if "lr" in r]
@@ -526,8 +575,11 @@ def test_relative_attention_with_rotary_positions_is_refused_before_the_data(cap
     monkeypatch.setattr(recipe_module, "load_splits", read)
     code, _, err = tfkit(capsys, "train", "conformer", "--set", "model.position=rotary")
     assert code == 2
-    one_error_line(err, "model.position 'rotary' with model.attention 'relative_multi_head': relative_multi_head attention has "
-                        "relative positions of its own")
+    one_error_line(
+        err,
+        "model.position 'rotary' with model.attention 'relative_multi_head': relative_multi_head attention has "
+        "relative positions of its own",
+    )
     code, _, err = tfkit(capsys, "train", "conformer", "--set", "model.attention=scaled_dot_product")
     assert code == 2
     one_error_line(err, "config key 'model.attention': unknown attention 'scaled_dot_product'")
@@ -535,8 +587,15 @@ def test_relative_attention_with_rotary_positions_is_refused_before_the_data(cap
 
 def test_conformer_resumes_exactly(tmp_path):
     """SpecAugment draws random numbers and batch norm keeps running statistics: both must resume."""
-    config = conformer_config("train.steps=6", "train.log_every=1", "train.batch_size=8", "model.layers=1",
-                              "model.d_model=32", "model.d_ff=64", "model.drop_path=0.1")
+    config = conformer_config(
+        "train.steps=6",
+        "train.log_every=1",
+        "train.batch_size=8",
+        "model.layers=1",
+        "model.d_model=32",
+        "model.d_ff=64",
+        "model.drop_path=0.1",
+    )
     straight, resumed = straight_and_resumed_losses(config, tmp_path)
     assert straight == resumed and len(straight) == 6
 

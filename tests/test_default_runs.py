@@ -18,8 +18,10 @@ import pytest
 from conftest import tfkit
 from tfkit.recipes.conformer.data import default_voice_files, digit_strings
 
-pytestmark = pytest.mark.skipif(not (os.environ.get("TFKIT_DEFAULT_RUNS") == "1" or os.environ.get("TFKIT_CONFORMER_RUN")),
-                                reason="the default runs take ~20 min each: set TFKIT_DEFAULT_RUNS=1 or TFKIT_CONFORMER_RUN=RUN")
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("TFKIT_DEFAULT_RUNS") == "1" or os.environ.get("TFKIT_CONFORMER_RUN")),
+    reason="the default runs take ~20 min each: set TFKIT_DEFAULT_RUNS=1 or TFKIT_CONFORMER_RUN=RUN",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def conformer_default_run(tmp_path_factory) -> Path:
     if os.environ.get("TFKIT_CONFORMER_RUN"):
         return Path(os.environ["TFKIT_CONFORMER_RUN"])
     run = tmp_path_factory.mktemp("default") / "conformer"
-    done = subprocess.run([sys.executable, "-m", "tfkit", "train", "conformer", "--out", str(run)], capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, "-m", "tfkit", "train", "conformer", "--out", str(run)], capture_output=True, text=True, timeout=3600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return run
 

@@ -22,12 +22,25 @@ from tfkit.train import start_training
 STEPS = 4
 # tiny data, no dropout (ranks draw their own masks), a loss logged at every step
 TINY_RUNS = {
-    "translation": [*TINY["translation"], "data.train_size=300", "model.dropout=0.0", "train.batch_size=16", "train.accumulate=2"],  # with accumulation
+    "translation": [
+        *TINY["translation"],
+        "data.train_size=300",
+        "model.dropout=0.0",
+        "train.batch_size=16",
+        "train.accumulate=2",
+    ],  # with accumulation
     "bert-pretrain": [*TINY["bert-pretrain"], "train.batch_size=16"],
     "bert-finetune": [*TINY["bert-finetune"], "model.dropout=0.0", "train.batch_size=16"],
     "vit": [*TINY["vit"], "train.batch_size=32"],
     "causal-lm": [*TINY["causal-lm"], "train.batch_size=8"],
-    "conformer": [*TINY["conformer"], "data.train_size=60", "data.validation_size=8", "data.test_size=8", "model.dropout=0.0", "train.batch_size=6"],
+    "conformer": [
+        *TINY["conformer"],
+        "data.train_size=60",
+        "data.validation_size=8",
+        "data.test_size=8",
+        "model.dropout=0.0",
+        "train.batch_size=6",
+    ],
 }
 
 
@@ -60,7 +73,9 @@ def environment() -> dict[str, str]:
 
 
 def train_two(recipe: str, run_dir: Path, *more: str) -> subprocess.CompletedProcess:
-    command = torchrun("train", recipe, "--out", str(run_dir), "--device", "cpu", *sum((["--set", s] for s in sets(recipe, *more)), []))
+    command = torchrun(
+        "train", recipe, "--out", str(run_dir), "--device", "cpu", *sum((["--set", s] for s in sets(recipe, *more)), [])
+    )
     return subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
 
 
@@ -101,8 +116,14 @@ def test_two_processes_take_the_steps_of_one(recipe, strategy, single_run, tmp_p
     weights = runs.open_run(tmp_path / "two")[1].state_dict()
     assert weights.keys() == runs.open_run(one)[1].state_dict().keys()
     # the final evaluation, whose batches the ranks shared, scores as one process's
-    (metrics,), (expected,) = ([{k: v for k, v in r.items() if k not in ("split", "seconds")} for r in runs.read_metrics(run)
-                                if r.get("split") == "validation"] for run in (tmp_path / "two", one))
+    (metrics,), (expected,) = (
+        [
+            {k: v for k, v in r.items() if k not in ("split", "seconds")}
+            for r in runs.read_metrics(run)
+            if r.get("split") == "validation"
+        ]
+        for run in (tmp_path / "two", one)
+    )
     assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
@@ -117,10 +138,15 @@ SMALL_EVAL_BATCHES = {
 QA = ["task=qa", "data.max_length=64", "data.doc_stride=16"]
 
 
-@pytest.mark.parametrize("recipe, more", [(r, []) for r in TINY_RUNS] + [("bert-finetune", ["task=tag"]), ("bert-finetune", QA)],
-                         ids=[*TINY_RUNS, "bert-finetune-tag", "bert-finetune-qa"])
+@pytest.mark.parametrize(
+    "recipe, more",
+    [(r, []) for r in TINY_RUNS] + [("bert-finetune", ["task=tag"]), ("bert-finetune", QA)],
+    ids=[*TINY_RUNS, "bert-finetune-tag", "bert-finetune-qa"],
+)
 def test_processes_evaluate_shares_that_merge_into_one_evaluation(recipe, more):
-    config = configs.resolve(registry.get("recipe", recipe).default_config(), None, [*TINY_RUNS[recipe], *SMALL_EVAL_BATCHES[recipe], *more])
+    config = configs.resolve(
+        registry.get("recipe", recipe).default_config(), None, [*TINY_RUNS[recipe], *SMALL_EVAL_BATCHES[recipe], *more]
+    )
     task = registry.get("recipe", recipe)(config)
     task.prepare()
     torch.manual_seed(0)
@@ -150,8 +176,15 @@ def test_an_interrupted_two_process_run_resumes_exactly(strategy, signalled, tmp
     steps = 30
     more = [f"train.steps={steps}"]
     single = one_process("translation", tmp_path / "one", *more)
-    command = torchrun("train", "translation", "--out", str(tmp_path / "two"), "--device", "cpu",
-                       *sum((["--set", s] for s in sets("translation", *more, f"train.strategy={strategy}")), []))
+    command = torchrun(
+        "train",
+        "translation",
+        "--out",
+        str(tmp_path / "two"),
+        "--device",
+        "cpu",
+        *sum((["--set", s] for s in sets("translation", *more, f"train.strategy={strategy}")), []),
+    )
     launcher = launch_until(command, tmp_path / "two", steps=3)
     if signalled == "torchrun":
         launcher.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks, not at the same instant
@@ -163,8 +196,13 @@ def test_an_interrupted_two_process_run_resumes_exactly(strategy, signalled, tmp
     assert 3 <= stopped_at < steps, err[-3000:]
     assert "checkpoint saved" in err
 
-    resumed = subprocess.run(torchrun("train", "--resume", str(tmp_path / "two"), "--device", "cpu"),
-                             capture_output=True, text=True, env=environment(), timeout=600)
+    resumed = subprocess.run(
+        torchrun("train", "--resume", str(tmp_path / "two"), "--device", "cpu"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     double = losses(tmp_path / "two")
     assert sorted(double) == list(range(1, steps + 1))  # no step lost or logged twice
@@ -193,8 +231,15 @@ def children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes in /proc")
 def test_a_dead_process_stops_the_other_with_one_clear_line(tmp_path):
-    command = torchrun("train", "translation", "--out", str(tmp_path / "two"), "--device", "cpu",
-                       *sum((["--set", s] for s in sets("translation", "train.steps=100000")), []))
+    command = torchrun(
+        "train",
+        "translation",
+        "--out",
+        str(tmp_path / "two"),
+        "--device",
+        "cpu",
+        *sum((["--set", s] for s in sets("translation", "train.steps=100000")), []),
+    )
     launcher = launch_until(command, tmp_path / "two", steps=2)
     workers = children(launcher.pid)
     assert len(workers) == 2
@@ -205,8 +250,13 @@ def test_a_dead_process_stops_the_other_with_one_clear_line(tmp_path):
 
 
 def test_bad_usage_under_torchrun_is_one_line(tmp_path):
-    done = subprocess.run(torchrun("train", "translation", "--device", "cpu", "--set", "train.strategy=zero3"),
-                          capture_output=True, text=True, env=environment(), timeout=300)
+    done = subprocess.run(
+        torchrun("train", "translation", "--device", "cpu", "--set", "train.strategy=zero3"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: unknown train.strategy 'zero3' (valid: ddp, fsdp)"]

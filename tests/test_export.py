@@ -22,13 +22,34 @@ from tfkit.train import start_training
 transformers = pytest.importorskip("transformers")
 
 BERT = [
-    "data.vocab_size=600", "model.d_model=32", "model.heads=4", "model.d_ff=64", "model.layers=2", "model.dropout=0.0",
-    "train.steps=20", "train.lr=0.003", "train.warmup=2", "train.eval_every=0", "train.log_every=10", "train.save_every=20",
+    "data.vocab_size=600",
+    "model.d_model=32",
+    "model.heads=4",
+    "model.d_ff=64",
+    "model.layers=2",
+    "model.dropout=0.0",
+    "train.steps=20",
+    "train.lr=0.003",
+    "train.warmup=2",
+    "train.eval_every=0",
+    "train.log_every=10",
+    "train.save_every=20",
 ]
 LM = [
-    "data.vocab_size=300", "data.block_size=32", "model.d_model=32", "model.heads=4", "model.d_ff=64", "model.layers=2",
-    "model.max_positions=64", "train.steps=20", "train.batch_size=8", "train.lr=0.01", "train.warmup=2",
-    "train.log_every=10", "train.eval_every=0", "train.save_every=20",
+    "data.vocab_size=300",
+    "data.block_size=32",
+    "model.d_model=32",
+    "model.heads=4",
+    "model.d_ff=64",
+    "model.layers=2",
+    "model.max_positions=64",
+    "train.steps=20",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "train.warmup=2",
+    "train.log_every=10",
+    "train.eval_every=0",
+    "train.save_every=20",
 ]
 RUNS = {  # a name → the recipe and the settings of a tiny run, trained a few steps (so no logit is near zero)
     "bert-pretrain": ("bert-pretrain", [*BERT, "data.max_length=32", "data.name={prose}"]),
@@ -36,8 +57,20 @@ RUNS = {  # a name → the recipe and the settings of a tiny run, trained a few 
     "classify-pair": ("bert-finetune", [*BERT, "data.max_length=48", "task=classify-pair"]),
     "tag": ("bert-finetune", [*BERT, "data.max_length=48", "task=tag"]),
     "qa": ("bert-finetune", [*BERT, "data.max_length=64", "data.doc_stride=16", "task=qa"]),
-    "vit": ("vit", ["model.patch=4", "model.d_model=32", "model.depth=2", "model.d_ff=64", "model.drop_path=0.0",
-                    "train.steps=20", "train.warmup=2", "train.eval_every=0", "train.save_every=20"]),
+    "vit": (
+        "vit",
+        [
+            "model.patch=4",
+            "model.d_model=32",
+            "model.depth=2",
+            "model.d_ff=64",
+            "model.drop_path=0.0",
+            "train.steps=20",
+            "train.warmup=2",
+            "train.eval_every=0",
+            "train.save_every=20",
+        ],
+    ),
     "gpt": ("causal-lm", [*LM, "data.name={source}"]),
     "llama": ("causal-lm", [*LM, "data.name={source}", "model.block=llama", "model.position=rotary", "model.activation=swish"]),
 }
@@ -54,7 +87,9 @@ def small_corpora(root: Path) -> dict[str, str]:
     source, prose = root / "source", root / "prose"
     source.mkdir()
     prose.mkdir()
-    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")) + sorted((Path(sysconfig.get_paths()["stdlib"]) / "http").glob("*.py"))
+    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")) + sorted(
+        (Path(sysconfig.get_paths()["stdlib"]) / "http").glob("*.py")
+    )
     documents = [found for name in sorted(topics) if len(found := sentences(topics[name])) >= 2][:90]
     for split, part in (("train", slice(4, None)), ("validation", slice(0, 2)), ("test", slice(2, 4))):
         (source / f"{split}.jsonl").write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files[part]))
@@ -93,8 +128,10 @@ AUTO = {
     "gpt": ("AutoModelForCausalLM", "GPT2LMHeadModel"),
     "llama": ("AutoModelForCausalLM", "LlamaForCausalLM"),
 }
-SENTENCES = [("Return the value of the key.", "Raise ValueError if the stream is closed."),
-             ("The first line of a docstring says what a function does.", "It is short.")]
+SENTENCES = [
+    ("Return the value of the key.", "Raise ValueError if the stream is closed."),
+    ("The first line of a docstring says what a function does.", "It is short."),
+]
 
 
 def ours_and_theirs(name: str, recipe, model, hf, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +153,9 @@ def ours_and_theirs(name: str, recipe, model, hf, folder: Path) -> tuple[torch.T
     out = hf(**batch)
     if name == "bert-pretrain":  # MLM logits at every position (tfkit computes them where asked), NSP
         mlm, nsp = model(ids, segments, torch.arange(ids.numel()))
-        return torch.cat([mlm.view(*ids.shape, -1)[real].flatten(), nsp.flatten()]), \
-            torch.cat([out.prediction_logits[real].flatten(), out.seq_relationship_logits.flatten()])
+        return torch.cat([mlm.view(*ids.shape, -1)[real].flatten(), nsp.flatten()]), torch.cat(
+            [out.prediction_logits[real].flatten(), out.seq_relationship_logits.flatten()]
+        )
     ours = model(ids, segments)
     if name == "qa":
         return ours[real], torch.stack([out.start_logits, out.end_logits], -1)[real]
@@ -144,10 +182,25 @@ def test_transformers_loads_the_export_with_the_same_logits_and_init_gives_the_r
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
     recipe_name, sets = RUNS[name]
-    data = [f"{s.split('=')[0]}={runs.read_config(run)['data'][s.split('=')[0].removeprefix('data.')]}" if s.startswith("data.") else s
-            for s in sets if s.startswith(("data.", "task="))]
-    code, _, err = tfkit(capsys, "train", recipe_name, "--init", str(folder), "--max-steps", "0", "--out", str(tmp_path / "again"),
-                         *sum((["--set", s] for s in data), []))
+    data = [
+        f"{s.split('=')[0]}={runs.read_config(run)['data'][s.split('=')[0].removeprefix('data.')]}"
+        if s.startswith("data.")
+        else s
+        for s in sets
+        if s.startswith(("data.", "task="))
+    ]
+    code, _, err = tfkit(
+        capsys,
+        "train",
+        recipe_name,
+        "--init",
+        str(folder),
+        "--max-steps",
+        "0",
+        "--out",
+        str(tmp_path / "again"),
+        *sum((["--set", s] for s in data), []),
+    )
     assert code == 0, err
     _, again = runs.open_run(tmp_path / "again")
     first, second = model.state_dict(), again.state_dict()
@@ -205,16 +258,23 @@ def write_test_split(name: str, run: Path, folder: Path) -> Path:
         path.write_text(source.read_text())
     elif name in ("classify", "classify-pair"):
         path = folder / "test.jsonl"
-        rows = [{"text": fields[0], **({"text_pair": fields[1]} if len(fields) > 1 else {}), "label": label} for fields, label in recipe.rows["test"]]
+        rows = [
+            {"text": fields[0], **({"text_pair": fields[1]} if len(fields) > 1 else {}), "label": label}
+            for fields, label in recipe.rows["test"]
+        ]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     elif name == "tag":  # CoNLL: a word and its tag per line
         path = folder / "test.conll"
         path.write_text("\n".join("".join(f"{w} {t}\n" for w, t in zip(words, tags)) for words, tags in recipe.rows["test"]))
     elif name == "qa":  # SQuAD v1.1 JSON, a paragraph per question
         path = folder / "test.json"
-        paragraphs = [{"context": q.context, "qas": [{"id": q.id, "question": q.question,
-                                                      "answers": [{"text": t, "answer_start": s} for t, s in q.answers]}]}
-                      for q in recipe.rows["test"]]
+        paragraphs = [
+            {
+                "context": q.context,
+                "qas": [{"id": q.id, "question": q.question, "answers": [{"text": t, "answer_start": s} for t, s in q.answers]}],
+            }
+            for q in recipe.rows["test"]
+        ]
         path.write_text(json.dumps({"data": [{"title": "test", "paragraphs": paragraphs}]}))
     elif name == "vit":  # a folder of images, one subfolder per class
         from PIL import Image
@@ -292,8 +352,10 @@ def onnx_greedy(folder: Path, sources: list[list[int]]) -> list[list[int]]:
     import onnxruntime
 
     meta = json.loads((folder / "onnx.json").read_text())
-    encoder, step = (onnxruntime.InferenceSession(str(folder / meta["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
-                     for g in ("encoder", "decoder_step"))
+    encoder, step = (
+        onnxruntime.InferenceSession(str(folder / meta["graphs"][g]["file"]), providers=["CPUExecutionProvider"])
+        for g in ("encoder", "decoder_step")
+    )
     width = max(map(len, sources))
     source_ids = np.array([ids + [meta["pad_id"]] * (width - len(ids)) for ids in sources], dtype=np.int64)
     (memory,) = encoder.run(None, {"source_ids": source_ids})
@@ -302,8 +364,9 @@ def onnx_greedy(folder: Path, sources: list[list[int]]) -> list[list[int]]:
     token = np.full((len(sources), 1), meta["bos_id"], dtype=np.int64)
     out, done = [[] for _ in sources], np.zeros(len(sources), dtype=bool)
     for _ in range(int(meta["max_len_a"] * width + meta["max_len_b"])):
-        logits, keys, values = step.run(None, {"token_ids": token, "memory": memory, "source_ids": source_ids,
-                                               "past_keys": keys, "past_values": values})
+        logits, keys, values = step.run(
+            None, {"token_ids": token, "memory": memory, "source_ids": source_ids, "past_keys": keys, "past_values": values}
+        )
         token = logits.argmax(-1)[:, None]
         for row, t in enumerate(token[:, 0].tolist()):
             if not done[row]:
@@ -340,11 +403,17 @@ def test_the_marian_export_translates_the_test_split_as_tfkit_does(capsys, train
     ours = recipe.translate(model, sources, beam=1)
     width, decode = max(map(len, sources)), recipe.config["decode"]
     with torch.no_grad():
-        out = marian.generate(**tokenizer(texts, return_tensors="pt", padding=True), num_beams=1, do_sample=False,
-                              max_new_tokens=int(decode["max_len_a"] * width + decode["max_len_b"]))
+        out = marian.generate(
+            **tokenizer(texts, return_tensors="pt", padding=True),
+            num_beams=1,
+            do_sample=False,
+            max_new_tokens=int(decode["max_len_a"] * width + decode["max_len_b"]),
+        )
     assert tokenizer.batch_decode(out, skip_special_tokens=True) == [ours[i] for i in range(len(sources))]
     # and back: --init of the export is the run again, its tokenizer giving the same ids
-    code, _, err = tfkit(capsys, "train", "translation", "--init", str(tmp_path / "hf"), "--max-steps", "0", "--out", str(tmp_path / "back"))
+    code, _, err = tfkit(
+        capsys, "train", "translation", "--init", str(tmp_path / "hf"), "--max-steps", "0", "--out", str(tmp_path / "back")
+    )
     assert code == 0, err
     back, again = runs.open_run(tmp_path / "back")
     for name, tensor in model.state_dict().items():

@@ -23,15 +23,41 @@ from tfkit.train import start_training
 # the planted series, one step ahead, with the encoder layer across variables: the target is the driver
 # PLANTED_LAG steps earlier, so the driver must rank first, the noise last, and the driver's lag-6 step matter most
 PLANTED = [
-    "data.name=planted", "data.context=48", "data.horizon=1", "data.validation_size=200", "data.test_size=200",
-    "model.cross_variable=true", "model.d_model=32", "model.d_ff=64", "model.dropout=0.0",
-    "train.steps=600", "train.warmup=20", "train.log_every=10", "train.eval_every=0", "train.save_every=200",
-    "baselines.steps=100", "baselines.seeds=1",  # set below the Transformer's 600 to keep the test short
+    "data.name=planted",
+    "data.context=48",
+    "data.horizon=1",
+    "data.validation_size=200",
+    "data.test_size=200",
+    "model.cross_variable=true",
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.dropout=0.0",
+    "train.steps=600",
+    "train.warmup=20",
+    "train.log_every=10",
+    "train.eval_every=0",
+    "train.save_every=200",
+    "baselines.steps=100",
+    "baselines.seeds=1",  # set below the Transformer's 600 to keep the test short
 ]
 # a daily file of the user's: two targets and a covariate, a weekly season
-DATED = ["data.context=28", "data.horizon=7", "data.validation_size=56", "data.test_size=56", "data.targets=[sales,visits]",
-         "data.covariates=[temperature]", "model.patch=7", "model.stride=7", "model.d_model=16", "model.d_ff=32",
-         "model.quantiles=[0.1,0.5,0.9]", "train.steps=6", "train.log_every=1", "train.eval_every=0", "train.save_every=3"]
+DATED = [
+    "data.context=28",
+    "data.horizon=7",
+    "data.validation_size=56",
+    "data.test_size=56",
+    "data.targets=[sales,visits]",
+    "data.covariates=[temperature]",
+    "model.patch=7",
+    "model.stride=7",
+    "model.d_model=16",
+    "model.d_ff=32",
+    "model.quantiles=[0.1,0.5,0.9]",
+    "train.steps=6",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=3",
+]
 
 
 def forecast_config(*sets: str) -> dict:
@@ -42,17 +68,21 @@ def daily_frame(days: int = 400, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     t = np.arange(days)
     week = np.sin(2 * np.pi * t / 7)
-    return pd.DataFrame({
-        "date": pd.date_range("2024-01-01", periods=days, freq="D").strftime("%Y-%m-%d"),
-        "sales": 100 + 10 * week + 0.05 * t + rng.normal(size=days),
-        "visits": 50 + 5 * week + rng.normal(size=days),
-        "temperature": 15 + 8 * np.sin(2 * np.pi * t / 365) + rng.normal(size=days),
-    })
+    return pd.DataFrame(
+        {
+            "date": pd.date_range("2024-01-01", periods=days, freq="D").strftime("%Y-%m-%d"),
+            "sales": 100 + 10 * week + 0.05 * t + rng.normal(size=days),
+            "visits": 50 + 5 * week + rng.normal(size=days),
+            "temperature": 15 + 8 * np.sin(2 * np.pi * t / 365) + rng.normal(size=days),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
-    trainer = start_training(forecast_config(*PLANTED), tmp_path_factory.mktemp("forecast") / "planted", torch.device("cpu"), console=quiet())
+    trainer = start_training(
+        forecast_config(*PLANTED), tmp_path_factory.mktemp("forecast") / "planted", torch.device("cpu"), console=quiet()
+    )
     trainer.fit(progress=False)
     return trainer.run_dir
 
@@ -80,7 +110,9 @@ def test_a_window_sees_only_the_steps_before_its_origin(position):
     model = recipe.build_model()
     origin = int(recipe.origins["test"][10])
     context, future = recipe.windows(np.array([origin]))
-    assert torch.equal(context[0], recipe.scaled[origin - 48 : origin]) and torch.equal(future[0, :, 0], recipe.scaled[origin : origin + 1, 0])
+    assert torch.equal(context[0], recipe.scaled[origin - 48 : origin]) and torch.equal(
+        future[0, :, 0], recipe.scaled[origin : origin + 1, 0]
+    )
     before = recipe.forecast(model, context)
     recipe.scaled[origin:] += 100.0  # the future changes...
     after_context, after_future = recipe.windows(np.array([origin]))
@@ -128,8 +160,13 @@ def test_the_tiny_model_learns_the_planted_series_and_beats_its_peers(planted_ru
     assert result["mase"] < 0.3  # 0.16 when written; the seasonal (here: last value) naive forecast is about 1
     peers = result["baselines"]
     assert {r.removesuffix(" [best classical on validation]") for r in peers} == {
-        "seasonal naive (1)", "AutoARIMA (season 1)", "AutoETS (season 1)", "AutoTheta (season 1)",
-        "DLinear (targets only; 1 seeds)", "LSTM (targets and covariates; 1 seeds)"}
+        "seasonal naive (1)",
+        "AutoARIMA (season 1)",
+        "AutoETS (season 1)",
+        "AutoTheta (season 1)",
+        "DLinear (targets only; 1 seeds)",
+        "LSTM (targets and covariates; 1 seeds)",
+    }
     classical = [r for r in peers if r.startswith(("seasonal", "Auto"))]
     assert all(result["mase"] < peers[r]["mase"] for r in classical)  # none of them sees the driver
     kept = planted_run / "baselines.json"
@@ -143,7 +180,9 @@ def test_the_tiny_model_learns_the_planted_series_and_beats_its_peers(planted_ru
 def test_the_neural_peers_get_the_transformers_steps_and_schedule(daily_csv, monkeypatch):
     from tfkit import train
 
-    recipe = registry.get("recipe", "forecast")(forecast_config(f"data.name={daily_csv}", *DATED, "train.warmup=2", "baselines.seeds=2"))
+    recipe = registry.get("recipe", "forecast")(
+        forecast_config(f"data.name={daily_csv}", *DATED, "train.warmup=2", "baselines.seeds=2")
+    )
     recipe.prepare()
     assert recipe.config["baselines"]["steps"] == recipe.config["train"]["steps"] == 6
     used = []
@@ -176,21 +215,28 @@ def test_the_classical_peers_fit_on_the_training_part_and_forecast_from_the_hist
         # the same parameters: the forecast from the training part, and from any other history, agree
         for history in (values, changed):
             for at in (train_end, origin):
-                np.testing.assert_array_equal(peers.classical_forecasts([model], history, np.array([at]), 7),
-                                              peers.classical_forecasts([other], history, np.array([at]), 7))
+                np.testing.assert_array_equal(
+                    peers.classical_forecasts([model], history, np.array([at]), 7),
+                    peers.classical_forecasts([other], history, np.array([at]), 7),
+                )
         before = peers.classical_forecasts([model], values, np.array([origin]), 7)
         future = values.copy()
         future[origin:] += 100.0  # the steps from the origin on change...
-        np.testing.assert_array_equal(peers.classical_forecasts([model], future, np.array([origin]), 7), before)  # ...its forecast does not
-        assert not np.array_equal(peers.classical_forecasts([model], future, np.array([origin + 7]), 7),
-                                  peers.classical_forecasts([model], values, np.array([origin + 7]), 7))
+        np.testing.assert_array_equal(
+            peers.classical_forecasts([model], future, np.array([origin]), 7), before
+        )  # ...its forecast does not
+        assert not np.array_equal(
+            peers.classical_forecasts([model], future, np.array([origin + 7]), 7),
+            peers.classical_forecasts([model], values, np.array([origin + 7]), 7),
+        )
 
 
 def test_the_percentage_is_against_the_best_classical_row_on_validation(daily_csv, monkeypatch):
     from tfkit.recipes.forecast import baselines as peers
 
-    recipe = registry.get("recipe", "forecast")(forecast_config(f"data.name={daily_csv}", *DATED, "baselines.seeds=1",
-                                                                "baselines.classical=[autoets,autotheta]"))
+    recipe = registry.get("recipe", "forecast")(
+        forecast_config(f"data.name={daily_csv}", *DATED, "baselines.seeds=1", "baselines.classical=[autoets,autotheta]")
+    )
     recipe.prepare()
     forecast = peers.classical_forecasts
     from statsforecast.models import AutoTheta
@@ -204,7 +250,9 @@ def test_the_percentage_is_against_the_best_classical_row_on_validation(daily_cs
     result = recipe._fit_baselines("test")
     assert result["reference"] == "AutoETS (season 7) [best classical on validation]"
     assert result["validation"]["AutoETS (season 7)"]["mase"] < result["validation"]["AutoTheta (season 7)"]["mase"]
-    assert result["scores"]["AutoTheta (season 7)"]["mase"] < result["scores"][result["reference"]]["mase"]  # better on test, not chosen
+    assert (
+        result["scores"]["AutoTheta (season 7)"]["mase"] < result["scores"][result["reference"]]["mase"]
+    )  # better on test, not chosen
 
 
 def test_the_importances_find_the_planted_driver_and_its_lag(planted_run, tmp_path, capsys):
@@ -246,7 +294,9 @@ def test_permutation_importance_over_a_sample_of_the_origins_still_ranks_the_dri
 def test_rotary_positions_act_in_the_temporal_encoder_and_the_model_learns(tmp_path):
     from tfkit.nn.position import NoPosition, RotaryPosition
 
-    config = forecast_config(*PLANTED, "model.position=rotary", "model.feed_forward=glu", "train.steps=120", "train.save_every=120")
+    config = forecast_config(
+        *PLANTED, "model.position=rotary", "model.feed_forward=glu", "train.steps=120", "train.save_every=120"
+    )
     trainer = start_training(config, tmp_path / "rotary", torch.device("cpu"), console=quiet())
     forecaster = trainer.model.forecaster
     assert isinstance(forecaster.position, NoPosition)  # nothing added to the patch embeddings
@@ -288,7 +338,7 @@ def test_the_onnx_graph_forecasts_in_the_series_units_as_predict_does(dated_run,
     assert code == 0, err
     meta = json.loads((tmp_path / "onnx" / "onnx.json").read_text())
     assert meta["variables"] == ["sales", "visits", "temperature"] and meta["quantiles"] == [0.1, 0.5, 0.9]
-    values = daily_frame(60, seed=1)[meta["variables"]].to_numpy(np.float32)[-meta["context"]:]
+    values = daily_frame(60, seed=1)[meta["variables"]].to_numpy(np.float32)[-meta["context"] :]
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     (forecasts,) = session.run(None, {"values": np.stack([values, values * 1.1])})
     assert forecasts.shape == (2, 7, 2, 3)
@@ -327,13 +377,25 @@ def bad_series(tmp_path, name: str) -> tuple[str, str]:
 @pytest.mark.parametrize("name", ["text", "time", "duplicate", "gap", "column"])
 def test_a_bad_series_is_one_clear_line(name, tmp_path, capsys):
     path, expected = bad_series(tmp_path, name)
-    code, _, err = tfkit(capsys, "train", "forecast", "--data", path, *[f"--set={s}" for s in DATED], "--out", str(tmp_path / "run"))
+    code, _, err = tfkit(
+        capsys, "train", "forecast", "--data", path, *[f"--set={s}" for s in DATED], "--out", str(tmp_path / "run")
+    )
     assert code == 2
     one_error_line(err, expected)
 
 
 def test_a_series_too_short_for_its_parts_says_what_to_shorten(daily_csv, tmp_path, capsys):
-    code, _, err = tfkit(capsys, "train", "forecast", "--data", str(daily_csv), *[f"--set={s}" for s in DATED],
-                         "--set", "data.test_size=330", "--out", str(tmp_path / "run"))
+    code, _, err = tfkit(
+        capsys,
+        "train",
+        "forecast",
+        "--data",
+        str(daily_csv),
+        *[f"--set={s}" for s in DATED],
+        "--set",
+        "data.test_size=330",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert code == 2
     one_error_line(err, "left to train on, fewer than one window")

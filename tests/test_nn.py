@@ -172,7 +172,10 @@ def test_decoder_block_matches_torch(name):
     mask = padding_mask(lengths, 8)
     ours = block(x, memory, mask)
     theirs = reference(
-        x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_is_causal=True,
+        x,
+        memory,
+        tgt_mask=nn.Transformer.generate_square_subsequent_mask(6),
+        tgt_is_causal=True,
         memory_key_padding_mask=~mask[:, 0, 0],
     )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -289,8 +292,9 @@ def run_entry(kind: str, module: nn.Module, x: torch.Tensor, mask: torch.Tensor,
     if kind == "attention":
         return module(x, mask=mask)
     if kind == "block":
-        return {"encoder": lambda: module(x, mask), "decoder": lambda: module(x, memory, mask),
-                "causal": lambda: module(x)}[module.role]()
+        return {"encoder": lambda: module(x, mask), "decoder": lambda: module(x, memory, mask), "causal": lambda: module(x)}[
+            module.role
+        ]()
     return module(x)
 
 
@@ -353,8 +357,9 @@ def test_a_rotary_position_composes_with_every_attention_and_block_or_is_refused
     assert not torch.allclose(run_entry(kind, module, x, None, x), run_entry(kind, plain, x, None, x))  # it acts
 
 
-PARTS = [(block, part, name) for block in registry.names("block") for part in ("feed_forward", "norm")
-         for name in registry.names(part)]
+PARTS = [
+    (block, part, name) for block in registry.names("block") for part in ("feed_forward", "norm") for name in registry.names(part)
+]
 
 
 @pytest.mark.parametrize("block, part, name", PARTS)
@@ -369,7 +374,9 @@ def test_blocks_take_their_parts_by_registry_name(block, part, name):
 
 
 def test_an_attention_layer_is_refused_where_it_cannot_attend():
-    with pytest.raises(UsageError, match="attention 'relative_multi_head' cannot be causal-attention .*valid for causal: multi_head"):
+    with pytest.raises(
+        UsageError, match="attention 'relative_multi_head' cannot be causal-attention .*valid for causal: multi_head"
+    ):
         CausalDecoder("gpt", 1, D, H, 48, 0.0, "gelu", attention="relative_multi_head")
     with pytest.raises(UsageError, match="cannot be causal-attention"):
         Decoder("post_ln_decoder", 1, D, H, 48, 0.0, "relu", attention="relative_multi_head")
@@ -380,7 +387,9 @@ def test_rms_norm_and_layer_norm_match_their_formulas():
     rms = registry.get("norm", "rms_norm")(D)
     torch.testing.assert_close(rms(x), x / x.pow(2).mean(-1, keepdim=True).add(torch.finfo(x.dtype).eps).sqrt())
     layer = registry.get("norm", "layer_norm")(D)
-    torch.testing.assert_close(layer(x), (x - x.mean(-1, keepdim=True)) / x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt())
+    torch.testing.assert_close(
+        layer(x), (x - x.mean(-1, keepdim=True)) / x.var(-1, unbiased=False, keepdim=True).add(1e-5).sqrt()
+    )
 
 
 @pytest.mark.parametrize("activation", ["swish", "gelu"])

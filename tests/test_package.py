@@ -18,8 +18,11 @@ def test_a_built_wheel_holds_every_recipe_package_and_its_yaml(tmp_path):
         if (ROOT / name).is_file():
             (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tmp_path / "src" / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(tmp_path / "src")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(tmp_path / "src")],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("tfkit-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     source = {name for name in tracked if name.startswith("tfkit/") and name.endswith((".py", ".yaml", ".js", ".html", ".css"))}

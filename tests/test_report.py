@@ -46,29 +46,74 @@ def pages(tmp_path_factory, trained_run) -> dict[str, Path]:
     corpus = root / "code.txt"
     corpus.write_text("\n\n".join(f"def f{i}(x):\n    return x + {i}" for i in range(200)) + "\n", encoding="utf-8")
     prose = root / "prose.txt"
-    prose.write_text("\n\n".join("\n".join(f"Sentence {s} of story {d} talks about item {d * s}." for s in range(5)) for d in range(30)) + "\n")
+    prose.write_text(
+        "\n\n".join("\n".join(f"Sentence {s} of story {d} talks about item {d * s}." for s in range(5)) for d in range(30)) + "\n"
+    )
     rng = np.random.default_rng(0)
     for i in range(24):
         (root / "images" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).convert("RGB").save(root / "images" / f"c{i % 2}" / f"{i}.png")
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).convert("RGB").save(
+            root / "images" / f"c{i % 2}" / f"{i}.png"
+        )
     (root / "audio").mkdir()
     for i in range(4):  # a rising chirp per file: a spectrogram with something in it
         t = np.arange(16000) / 16000
-        soundfile.write(root / "audio" / f"u{i}.wav", (0.3 * np.sin(2 * np.pi * (300 + 400 * i * t) * t)).astype(np.float32), 16000)
+        soundfile.write(
+            root / "audio" / f"u{i}.wav", (0.3 * np.sin(2 * np.pi * (300 + 400 * i * t) * t)).astype(np.float32), 16000
+        )
     for split in ("train", "validation", "test"):
-        (root / "audio" / f"{split}.csv").write_text("audio,text\n" + "".join(f"u{i}.wav,{'one two three'[: 3 + 2 * i]}\n" for i in range(4)))
+        (root / "audio" / f"{split}.csv").write_text(
+            "audio,text\n" + "".join(f"u{i}.wav,{'one two three'[: 3 + 2 * i]}\n" for i in range(4))
+        )
     planted()[0].iloc[-200:].to_csv(root / "history.csv", index=False)
     tiny = {
         "forecast": sets("data.name=planted", "model.d_model=16", "model.d_ff=32", "model.layers=1", "model.cross_variable=true"),
-        "causal-lm": ["--data", str(corpus), *sets("data.vocab_size=300", "data.block_size=16", "model.d_model=32", "model.heads=4",
-                                                    "model.d_ff=64", "model.layers=2", "model.max_positions=64", "train.batch_size=8")],
-        "bert-pretrain": ["--data", str(prose), *sets("data.vocab_size=200", "model.d_model=32", "model.d_ff=64", "model.layers=2", "train.batch_size=8")],
-        "vit": ["--data", str(root / "images"), *sets("train.batch_size=8", "data.image_size=16", "model.patch=4", "data.channels=3",
-                                                     "model.d_model=16", "model.d_ff=32", "model.depth=2")],
-        "conformer": ["--data", str(root / "audio"), *sets("model.layers=2", "model.d_model=32", "model.d_ff=64", "model.heads=4", "train.batch_size=4")],
+        "causal-lm": [
+            "--data",
+            str(corpus),
+            *sets(
+                "data.vocab_size=300",
+                "data.block_size=16",
+                "model.d_model=32",
+                "model.heads=4",
+                "model.d_ff=64",
+                "model.layers=2",
+                "model.max_positions=64",
+                "train.batch_size=8",
+            ),
+        ],
+        "bert-pretrain": [
+            "--data",
+            str(prose),
+            *sets("data.vocab_size=200", "model.d_model=32", "model.d_ff=64", "model.layers=2", "train.batch_size=8"),
+        ],
+        "vit": [
+            "--data",
+            str(root / "images"),
+            *sets(
+                "train.batch_size=8",
+                "data.image_size=16",
+                "model.patch=4",
+                "data.channels=3",
+                "model.d_model=16",
+                "model.d_ff=32",
+                "model.depth=2",
+            ),
+        ],
+        "conformer": [
+            "--data",
+            str(root / "audio"),
+            *sets("model.layers=2", "model.d_model=32", "model.d_ff=64", "model.heads=4", "train.batch_size=4"),
+        ],
     }
-    inputs = {"translation": "fünfundzwanzig", "causal-lm": "def f(x):", "bert-pretrain": "Sentence [MASK] of story.\tIt talks about item.",
-              "vit": str(root / "images" / "c0" / "0.png"), "conformer": str(root / "audio" / "u3.wav"), "forecast": str(root / "history.csv")}
+    inputs = {
+        "translation": "fünfundzwanzig",
+        "causal-lm": "def f(x):",
+        "bert-pretrain": "Sentence [MASK] of story.\tIt talks about item.",
+        "vit": str(root / "images" / "c0" / "0.png"),
+        "conformer": str(root / "audio" / "u3.wav"),
+        "forecast": str(root / "history.csv"),
+    }
     folders = {}
     for recipe, text in inputs.items():
         run = trained_run if recipe == "translation" else root / recipe
@@ -177,10 +222,15 @@ def test_causal_lm_table_carries_the_head_types(pages):
 
 def synthetic(layers: int, heads: int, length: int, seed: int = 0) -> tuple[AttentionExample, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(layers, heads, length, length)).astype(np.float32) * np.linspace(0.5, 4, heads, dtype=np.float32)[:, None, None]
+    scores = (
+        rng.normal(size=(layers, heads, length, length)).astype(np.float32)
+        * np.linspace(0.5, 4, heads, dtype=np.float32)[:, None, None]
+    )
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    example = AttentionExample(run=lambda: None, tokens={"tokens": [f"t{i}" for i in range(length)]}, axes=lambda name: ("tokens", "tokens"))
+    example = AttentionExample(
+        run=lambda: None, tokens={"tokens": [f"t{i}" for i in range(length)]}, axes=lambda name: ("tokens", "tokens")
+    )
     return example, {f"encoder.layers.{i}.self_attn": weights[i] for i in range(layers)}
 
 
@@ -313,7 +363,7 @@ def test_views_render_and_react(browser, pages):
     # token view: hovering a query shows its attention alone; clicking two sums them
     row = page.evaluate("tokenLayout(state.current).row")
     opened.point("#tokens", 20, 4 + 1.5 * row)
-    assert page.text_content("#tokens-note").startswith('query 1 ')
+    assert page.text_content("#tokens-note").startswith("query 1 ")
     for q in (0, 2):
         opened.point("#tokens", 20, 4 + (q + 0.5) * row)
         page.mouse.down()
@@ -325,14 +375,18 @@ def test_views_render_and_react(browser, pages):
     assert close_to(float(note.rsplit("(", 1)[1].rstrip(")")) / 2, summed.max() / 2)
     # the alignment panel follows the chosen cross-attention head: each row's largest weight, as Pharaoh
     pharaoh = page.text_content("[id^=pharaoh-]").split("\n")[1].split()
-    assert pharaoh == [f"{i}-{j}" for j, i in enumerate(decode(data["modules"][cross]["weights"], data["modules"][cross]["shape"])[2].argmax(-1))]
+    assert pharaoh == [
+        f"{i}-{j}" for j, i in enumerate(decode(data["modules"][cross]["weights"], data["modules"][cross]["shape"])[2].argmax(-1))
+    ]
     # a thumbnail opens its head; the table sorts and opens heads too
     page.click("#grid canvas[data-module='0'][data-head='1']")
     page.wait_for_selector("body[data-ready='0 1']")
     assert page.text_content("#heads tr.current").startswith("encoder.layers.0.self_attn1")
     page.click("#heads th:has-text('entropy')")
     page.click("#heads th:has-text('entropy')")  # second click: ascending
-    column = [float(v) for v in page.eval_on_selector_all("#heads tbody tr td:nth-child(3)", "cells => cells.map(c => c.textContent)")]
+    column = [
+        float(v) for v in page.eval_on_selector_all("#heads tbody tr td:nth-child(3)", "cells => cells.map(c => c.textContent)")
+    ]
     assert column == sorted(column) and len(column) == len(data["table"]["rows"])
     lowest = min(data["table"]["rows"], key=lambda r: r[2])
     page.click("#heads tbody tr:first-child")
@@ -367,7 +421,9 @@ def csv_rows(data: bytes):
 def test_the_policy_blocks_remote_loads(browser, pages):
     opened = Opened(browser, pages["translation"] / "report.html")
     page = opened.page
-    page.evaluate("window.violations = []; document.addEventListener('securitypolicyviolation', e => violations.push(e.blockedURI))")
+    page.evaluate(
+        "window.violations = []; document.addEventListener('securitypolicyviolation', e => violations.push(e.blockedURI))"
+    )
     fetched = page.evaluate("""async () => {
         const img = document.createElement("img");
         img.src = "https://example.com/pixel.png";
@@ -379,20 +435,27 @@ def test_the_policy_blocks_remote_loads(browser, pages):
     }""")
     page.wait_for_function("violations.length >= 3")
     assert fetched == "refused"
-    assert sorted(page.evaluate("violations")) == ["https://example.com/data.json", "https://example.com/pixel.png", "https://example.com/tracker.js"]
+    assert sorted(page.evaluate("violations")) == [
+        "https://example.com/data.json",
+        "https://example.com/pixel.png",
+        "https://example.com/tracker.js",
+    ]
     # the browser turned the element loads down before they left (Playwright lists them, failed "csp")
     assert opened.requests[0] == opened.url and opened.responses == [opened.url]
     assert opened.failures == {url: "csp" for url in opened.requests[1:]} and len(opened.failures) == 2
     opened.page.close()
 
 
-@pytest.mark.parametrize("recipe, view", [
-    ("vit", "#panel-0"),  # the image with the head's [CLS] → patches and the rollout over it
-    ("conformer", "#heatmap"),  # the spectrogram is drawn into the heatmap, over the frame axis
-    ("bert-pretrain", "#panels table"),  # fill-mask
-    ("causal-lm", "#heads th:has-text('induction')"),
-    ("forecast", "#panels th:has-text('permutation')"),  # the variable ranking, under the series and step importance
-])
+@pytest.mark.parametrize(
+    "recipe, view",
+    [
+        ("vit", "#panel-0"),  # the image with the head's [CLS] → patches and the rollout over it
+        ("conformer", "#heatmap"),  # the spectrogram is drawn into the heatmap, over the frame axis
+        ("bert-pretrain", "#panels table"),  # fill-mask
+        ("causal-lm", "#heads th:has-text('induction')"),
+        ("forecast", "#panels th:has-text('permutation')"),  # the variable ranking, under the series and step importance
+    ],
+)
 def test_each_modality_shows_its_own_view(browser, pages, recipe, view, tmp_path):
     opened = Opened(browser, pages[recipe] / "report.html")
     page = opened.page
@@ -438,7 +501,9 @@ def test_a_base_size_input_opens_in_seconds(browser, tmp_path):
     start = time.perf_counter()
     opened.select(11, 5)
     switched = time.perf_counter() - start
-    print(f"12 × 12 × 512: {size / 1e6:.1f} MB, written in {written:.1f} s, opened in {opened.seconds:.1f} s, another module in {switched:.2f} s")
+    print(
+        f"12 × 12 × 512: {size / 1e6:.1f} MB, written in {written:.1f} s, opened in {opened.seconds:.1f} s, another module in {switched:.2f} s"
+    )
     assert size < 40e6 and opened.seconds < 20 and switched < 5 and opened.errors == []
     opened.page.close()
 
@@ -447,12 +512,19 @@ def test_a_new_recipe_gets_its_views_from_data_alone(browser, tmp_path):
     """What a forecast-like recipe would return: the series on the key axis, importance, a ranking."""
     example, weights = synthetic(2, 2, 8)
     series = np.sin(np.arange(8) / 2)
-    example.page = lambda weights: {"panels": [
-        {"kind": "plot", "title": "series", "lines": {"load": series.tolist()}, "align": "keys"},
-        {"kind": "plot", "title": "importance per step", "lines": {"load": np.abs(series).tolist(), "price": [0.1] * 8}},
-        {"kind": "table", "title": "variables", "columns": ["variable", "importance"], "rows": [["load", 0.8], ["price", 0.2]]},
-        {"kind": "text", "title": "note", "lines": ["context of 8 steps"], "place": "above"},
-    ]}
+    example.page = lambda weights: {
+        "panels": [
+            {"kind": "plot", "title": "series", "lines": {"load": series.tolist()}, "align": "keys"},
+            {"kind": "plot", "title": "importance per step", "lines": {"load": np.abs(series).tolist(), "price": [0.1] * 8}},
+            {
+                "kind": "table",
+                "title": "variables",
+                "columns": ["variable", "importance"],
+                "rows": [["load", 0.8], ["price", 0.2]],
+            },
+            {"kind": "text", "title": "note", "lines": ["context of 8 steps"], "place": "above"},
+        ]
+    }
     report_page.write_report(tmp_path / "report.html", "new recipe", example, weights)
     opened = Opened(browser, tmp_path / "report.html")
     page = opened.page
@@ -472,7 +544,14 @@ def test_a_new_recipe_gets_its_views_from_data_alone(browser, tmp_path):
 def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     """Two short translation runs that differ in one key, the second resumed once (its clock must go on)."""
     root = tmp_path_factory.mktemp("curves")
-    base = ["data.train_size=200", "model.d_model=32", "model.d_ff=64", "train.eval_every=5", "train.log_every=2", "train.save_every=5"]
+    base = [
+        "data.train_size=200",
+        "model.d_model=32",
+        "model.d_ff=64",
+        "train.eval_every=5",
+        "train.log_every=2",
+        "train.save_every=5",
+    ]
     cli("train", "translation", *sets(*base, "train.steps=10"), "--out", str(root / "a"))
     cli("train", "translation", *sets(*base, "train.steps=5", "model.dropout=0.2"), "--out", str(root / "b"))
     cli("train", "--resume", str(root / "b"), "--max-steps", "10")
@@ -499,7 +578,9 @@ def test_report_draws_one_curve_per_run_and_names_the_key_that_differs(two_runs,
     seconds = [r["seconds"] for r in logged]
     assert seconds == sorted(seconds)  # the resumed session's clock went on from the first's
     cli("report", str(a))
-    assert (a / "report" / "report.html").is_file() and "model.dropout" in (a / "report" / "report.html").read_text(encoding="utf-8")
+    assert (a / "report" / "report.html").is_file() and "model.dropout" in (a / "report" / "report.html").read_text(
+        encoding="utf-8"
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["report", str(tmp_path)])
     assert exit_.value.code == 2

@@ -18,8 +18,15 @@ from tfkit.data import choose_vocab_size, length_limit, train_bpe
 from tfkit.recipe import MIN_STEPS
 from tfkit.recipes.vit import patch_for
 
-TINY_TRANSLATION = ["model.d_model=32", "model.d_ff=64", "model.encoder.layers=1", "model.decoder.layers=1",
-                    "train.batch_size=16", "train.eval_every=0", "decode.beam=1"]
+TINY_TRANSLATION = [
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.encoder.layers=1",
+    "model.decoder.layers=1",
+    "train.batch_size=16",
+    "train.eval_every=0",
+    "decode.beam=1",
+]
 
 
 def sets(*items: str) -> list[str]:
@@ -46,10 +53,13 @@ def test_every_recipe_lists_its_presets_with_parameter_counts(capsys):
     assert "tiny" in out and "base" in out
 
 
-@pytest.mark.parametrize("name, sizes", [
-    ("vit", {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}),
-    ("forecast", {"data.context": 104, "data.horizon": 26, "data.test_size": 312, "model.patch": 8, "train.steps": 1500}),
-])
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        ("vit", {"data.image_size": 8, "model.patch": 2, "train.steps": 4000}),
+        ("forecast", {"data.context": 104, "data.horizon": 26, "data.test_size": 312, "model.patch": 8, "train.steps": 1500}),
+    ],
+)
 def test_the_built_in_data_keeps_its_sizes_and_the_preset_count_is_the_models(name, sizes):
     recipe_cls = registry.get("recipe", name)
     recipe = recipe_cls(recipe_cls.default_config())
@@ -63,8 +73,9 @@ def test_the_built_in_data_keeps_its_sizes_and_the_preset_count_is_the_models(na
 
 def test_a_preset_sets_the_sizes_and_is_recorded(capsys, tmp_path):
     run = tmp_path / "small"
-    code, _, err = tfkit(capsys, "train", "forecast", "--preset", "small", "--max-steps", "0", "--out", str(run),
-                         "--set", "baselines.steps=1")
+    code, _, err = tfkit(
+        capsys, "train", "forecast", "--preset", "small", "--max-steps", "0", "--out", str(run), "--set", "baselines.steps=1"
+    )
     assert code == 0, err
     config = runs.read_config(run)
     assert config["preset"] == "small" and config["model"]["d_model"] == 128 and config["model"]["layers"] == 3
@@ -117,21 +128,35 @@ def test_translation_sizes_are_chosen_said_recorded_and_kept_on_resume(capsys, t
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("source\ttarget\n" + "".join(f"{num2words(n)}\t{num2words(n, lang='fr')}\n" for n in range(1, 600)))
     run = tmp_path / "run"
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(pairs), "--max-steps", "2", "--out", str(run), *sets(*TINY_TRANSLATION))
+    code, _, err = tfkit(
+        capsys, "train", "translation", "--data", str(pairs), "--max-steps", "2", "--out", str(run), *sets(*TINY_TRANSLATION)
+    )
     assert code == 0, err
     assert "data.vocab_size = " in err and "data.max_tokens = " in err
     config, chosen = runs.read_config(run), chosen_comments(run)
     assert set(chosen) == {"data.vocab_size", "data.max_tokens"}  # --max-steps set train.steps
     # a few hundred number words hold fewer than 500 pieces to learn: all of them
     assert 200 < config["data"]["vocab_size"] == runs.read_tokenizer(run).get_vocab_size() < 500
-    assert isinstance(config["data"]["max_tokens"], int) and chosen["data.max_tokens"].startswith(f"{config['data']['max_tokens']} (the 99.5th")
+    assert isinstance(config["data"]["max_tokens"], int) and chosen["data.max_tokens"].startswith(
+        f"{config['data']['max_tokens']} (the 99.5th"
+    )
     code, _, err = tfkit(capsys, "train", "--resume", str(run), "--max-steps", "3")
     assert code == 0, err
     assert chosen_comments(run) == chosen and "data.vocab_size =" not in err
 
     kept = tmp_path / "kept"
-    code, _, err = tfkit(capsys, "train", "translation", "--data", str(pairs), "--max-steps", "1", "--out", str(kept),
-                         *sets(*TINY_TRANSLATION, "data.vocab_size=120", "data.max_tokens=20"))
+    code, _, err = tfkit(
+        capsys,
+        "train",
+        "translation",
+        "--data",
+        str(pairs),
+        "--max-steps",
+        "1",
+        "--out",
+        str(kept),
+        *sets(*TINY_TRANSLATION, "data.vocab_size=120", "data.max_tokens=20"),
+    )
     assert code == 0, err
     assert runs.read_config(kept)["data"]["vocab_size"] == 120 and "vocab_size =" not in err
     assert not (kept / runs.CONFIG).read_text().startswith("#")
@@ -163,7 +188,9 @@ def test_vit_takes_its_image_size_and_patch_from_the_images(capsys, tmp_path):
     assert model.grid == (8, 8)
 
     large = digit_folder(tmp_path / "digits100", 100, per_class=3)
-    code, _, err = tfkit(capsys, "train", "vit", "--data", str(large), "--max-steps", "1", "--out", str(tmp_path / "capped"), *small)
+    code, _, err = tfkit(
+        capsys, "train", "vit", "--data", str(large), "--max-steps", "1", "--out", str(tmp_path / "capped"), *small
+    )
     assert code == 0, err
     assert runs.read_config(tmp_path / "capped")["data"]["image_size"] == 32
     assert "capped at data.max_image_size 32" in chosen_comments(tmp_path / "capped")["data.image_size"]
@@ -173,8 +200,10 @@ def test_forecast_sizes_follow_the_season_and_the_built_in_macro_trains_as_it_is
     months = 240
     t = np.arange(months)
     rng = np.random.default_rng(0)
-    frame = {"date": [f"{2000 + m // 12}-{m % 12 + 1:02d}-01" for m in t],
-             "sales": 100 + 0.2 * t + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(size=months)}
+    frame = {
+        "date": [f"{2000 + m // 12}-{m % 12 + 1:02d}-01" for m in t],
+        "sales": 100 + 0.2 * t + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(size=months),
+    }
     path = tmp_path / "monthly.csv"
     path.write_text("date,sales\n" + "".join(f"{d},{v:.3f}\n" for d, v in zip(frame["date"], frame["sales"])))
     run = tmp_path / "run"
@@ -182,11 +211,19 @@ def test_forecast_sizes_follow_the_season_and_the_built_in_macro_trains_as_it_is
     code, _, err = tfkit(capsys, "train", "forecast", "--data", str(path), "--max-steps", "2", "--out", str(run), *tiny)
     assert code == 0, err
     data, model = runs.read_config(run)["data"], runs.read_config(run)["model"]
-    assert (data["horizon"], data["context"], data["validation_size"], data["test_size"], data["origin_stride"]) == (12, 48, 24, 48, 2)
+    assert (data["horizon"], data["context"], data["validation_size"], data["test_size"], data["origin_stride"]) == (
+        12,
+        48,
+        24,
+        48,
+        2,
+    )
     assert (model["patch"], model["stride"]) == (4, 4)
     assert "one season of 12 steps" in chosen_comments(run)["data.horizon"]
 
-    code, _, err = tfkit(capsys, "train", "forecast", "--data", "macro", "--max-steps", "2", "--out", str(tmp_path / "macro"), *tiny)
+    code, _, err = tfkit(
+        capsys, "train", "forecast", "--data", "macro", "--max-steps", "2", "--out", str(tmp_path / "macro"), *tiny
+    )
     assert code == 0, err
     config = runs.read_config(tmp_path / "macro")
     assert (config["data"]["context"], config["data"]["horizon"], config["model"]["patch"]) == (16, 4, 4)

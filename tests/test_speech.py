@@ -128,16 +128,23 @@ def test_each_augmentation_is_drawn_at_its_rate_and_replays_from_its_seed(monkey
 
     calls = {name: 0 for name in ("speed", "reverberate", "coloured_noise", "babble", "telephone")}
     for name in calls:
+
         def counted(*args, name=name, original=getattr(A, name)):
             calls[name] += 1
             return original(*args)
+
         monkeypatch.setattr(A, name, counted)
     cfg = {**cfg, "speed": {"rate": 0.5, "factors": [0.9, 1.1]}}
     draws, warps = torch.Generator().manual_seed(0), 0
     for _ in range(400):
         warps += A.augment(x, cfg, RATE, draws, others)[1] != 1.0
-    rates = {"speed": 0.5, "reverberate": cfg["reverb"]["rate"], "coloured_noise": cfg["noise"]["rate"],
-             "babble": cfg["babble"]["rate"], "telephone": cfg["telephone"]["rate"]}
+    rates = {
+        "speed": 0.5,
+        "reverberate": cfg["reverb"]["rate"],
+        "coloured_noise": cfg["noise"]["rate"],
+        "babble": cfg["babble"]["rate"],
+        "telephone": cfg["telephone"]["rate"],
+    }
     for name, rate in rates.items():
         assert calls[name] / 400 == pytest.approx(rate, abs=0.08), name
     assert warps / 400 == pytest.approx(cfg["vtlp"]["rate"], abs=0.08)
@@ -155,7 +162,12 @@ def test_augmentation_settings_are_checked_before_any_data_is_read(capsys):
 # -- the built-in speech --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus():
-    data = {**registry.get("recipe", "conformer").default_config()["data"], "train_size": 160, "validation_size": 8, "test_size": 24}
+    data = {
+        **registry.get("recipe", "conformer").default_config()["data"],
+        "train_size": 160,
+        "validation_size": 8,
+        "test_size": 24,
+    }
     return speech.speech_corpus(data, 0)
 
 
@@ -186,7 +198,9 @@ def test_the_held_out_channel_is_the_test_set_through_a_room_babble_and_a_loudsp
         clean, played = decoded(a), decoded(b)
         assert len(clean) == len(played) and not torch.equal(clean, played)
         # the loudspeaker's band: little left above 5 kHz, where eSpeak has energy
-        assert band_power(played, 7000, 8000) / band_power(played, 0, 8000) < 0.1 * band_power(clean, 7000, 8000) / band_power(clean, 0, 8000)
+        assert band_power(played, 7000, 8000) / band_power(played, 0, 8000) < 0.1 * band_power(clean, 7000, 8000) / band_power(
+            clean, 0, 8000
+        )
 
 
 def test_evaluate_scores_the_held_out_channel_beside_the_test_split(capsys, tmp_path):
@@ -200,4 +214,3 @@ def test_evaluate_scores_the_held_out_channel_beside_the_test_split(capsys, tmp_
     assert set(json.loads(out)) == {"cer", "wer", "channel_cer", "channel_wer"}
     code, out, err = tfkit(capsys, "evaluate", str(tmp_path / "run"), "--split", "validation", "--json")
     assert set(json.loads(out)) == {"cer", "wer"}
-

@@ -35,12 +35,15 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert factor(59) == pytest.approx(0.5) and factor(109) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("key, value, valid", [
-    ("train.schedule", "linear", "noam, warmup_cosine, constant"),
-    ("train.optimizer", "sgd", "adam, adamw"),
-    ("train.precision", "fp8", "auto, fp32, bf16, fp16"),
-    ("train.best_mode", "lowest", "auto, min, max"),
-])
+@pytest.mark.parametrize(
+    "key, value, valid",
+    [
+        ("train.schedule", "linear", "noam, warmup_cosine, constant"),
+        ("train.optimizer", "sgd", "adam, adamw"),
+        ("train.precision", "fp8", "auto, fp32, bf16, fp16"),
+        ("train.best_mode", "lowest", "auto, min, max"),
+    ],
+)
 def test_trainer_choices_fail_with_the_config_before_any_data_is_read(key, value, valid):
     with pytest.raises(UsageError, match=rf"unknown {key} '{value}' \(valid: {valid}\)"):
         tiny_config(f"{key}={value}")
@@ -63,8 +66,14 @@ def losses(run_dir):
 
 
 def test_interrupted_and_resumed_run_logs_the_same_losses(tmp_path):
-    sets = ["train.steps=12", "train.log_every=1", "train.save_every=5", "train.batch_size=16",
-            "data.train_size=200", "model.dropout=0.3"]
+    sets = [
+        "train.steps=12",
+        "train.log_every=1",
+        "train.save_every=5",
+        "train.batch_size=16",
+        "data.train_size=200",
+        "model.dropout=0.3",
+    ]
     config = tiny_config(*sets)
     straight = start_training(config, tmp_path / "straight", CPU, console=quiet())
     straight.fit(progress=False)

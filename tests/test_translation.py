@@ -18,9 +18,14 @@ from tfkit.recipes.translation.interop import check_exportable
 from tfkit.train import start_training
 
 # pre-LN blocks, rotary positions, SwiGLU feed-forwards: a model the original recipe could not name
-MODERN = ["model.position=rotary", "model.activation=swish",
-          "model.encoder.block=pre_ln", "model.encoder.feed_forward=glu",
-          "model.decoder.block=pre_ln_decoder", "model.decoder.feed_forward=glu"]
+MODERN = [
+    "model.position=rotary",
+    "model.activation=swish",
+    "model.encoder.block=pre_ln",
+    "model.encoder.feed_forward=glu",
+    "model.decoder.block=pre_ln_decoder",
+    "model.decoder.feed_forward=glu",
+]
 
 
 def modern_translator(seed: int = 0) -> Seq2SeqTransformer:
@@ -40,7 +45,9 @@ def sources() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def modern_run(tmp_path_factory: pytest.TempPathFactory):
-    trainer = start_training(tiny_config(*MODERN), tmp_path_factory.mktemp("runs") / "modern", torch.device("cpu"), console=quiet())
+    trainer = start_training(
+        tiny_config(*MODERN), tmp_path_factory.mktemp("runs") / "modern", torch.device("cpu"), console=quiet()
+    )
     trainer.fit(progress=False)
     return trainer.run_dir
 
@@ -97,11 +104,14 @@ def test_the_marian_export_of_a_rotary_model_is_refused_in_one_line(capsys, mode
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("key, value, marian", [
-    ("encoder.feed_forward", "glu", "mlp"),
-    ("decoder.norm", "rms_norm", "layer_norm"),
-    ("encoder.attention", "relative_multi_head", "multi_head"),
-])
+@pytest.mark.parametrize(
+    "key, value, marian",
+    [
+        ("encoder.feed_forward", "glu", "mlp"),
+        ("decoder.norm", "rms_norm", "layer_norm"),
+        ("encoder.attention", "relative_multi_head", "multi_head"),
+    ],
+)
 def test_parts_marian_has_not_are_named(key, value, marian):
     model = tiny_config()["model"]
     check_exportable(model)  # null parts are the post-LN blocks' own, Marian's
@@ -109,5 +119,7 @@ def test_parts_marian_has_not_are_named(key, value, marian):
     model[stack][part] = marian
     check_exportable(model)
     model[stack][part] = value
-    with pytest.raises(UsageError, match=rf"^model\.{key} '{value}' has no transformers Marian equivalent \(MarianMTModel has {marian}\)$"):
+    with pytest.raises(
+        UsageError, match=rf"^model\.{key} '{value}' has no transformers Marian equivalent \(MarianMTModel has {marian}\)$"
+    ):
         check_exportable(model)

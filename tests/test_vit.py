@@ -90,10 +90,19 @@ def test_positions_tell_the_patches_apart_and_none_sees_a_bag_of_them(position, 
     assert ("position" in dict(model.named_parameters())) == (position == "learned")
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    (["model.position=rotary", "model.attention=relative_multi_head"], "model.position 'rotary' with model.attention 'relative_multi_head'"),
-    (["model.position=rotary", "model.d_model=36"], "model.position 'rotary': rotary positions need an even size per head, got 9"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (
+            ["model.position=rotary", "model.attention=relative_multi_head"],
+            "model.position 'rotary' with model.attention 'relative_multi_head'",
+        ),
+        (
+            ["model.position=rotary", "model.d_model=36"],
+            "model.position 'rotary': rotary positions need an even size per head, got 9",
+        ),
+    ],
+)
 def test_positions_a_vit_cannot_place_are_refused_in_one_line(capsys, sets, fragment):
     code, _, err = tfkit(capsys, "train", "vit", *(a for item in sets for a in ("--set", item)), "--max-steps", "1")
     assert code == 2
@@ -160,8 +169,13 @@ def test_crop_boxes_follow_torchvisions_distribution(size, scale, ratio):
     assert ((ours >= 0) & (ours[:, [2, 3, 2, 3]] <= torch.tensor([width, height, width, height]))).all()
     assert (ours[:, 2] > ours[:, 0]).all() and (ours[:, 3] > ours[:, 1]).all()
     central = torch.tensor([(width - 8) // 2, 0, (width - 8) // 2 + 8, 8.0])  # the fallback of the wide case
-    for features in (lambda b: b[:, 2] - b[:, 0], lambda b: b[:, 3] - b[:, 1], lambda b: b[:, 0], lambda b: b[:, 1],
-                     lambda b: (b == central).all(1).float()):
+    for features in (
+        lambda b: b[:, 2] - b[:, 0],
+        lambda b: b[:, 3] - b[:, 1],
+        lambda b: b[:, 0],
+        lambda b: b[:, 1],
+        lambda b: (b == central).all(1).float(),
+    ):
         a, b = features(ours), features(theirs)
         error = (a.var() / count + b.var() / count).sqrt()
         assert abs(a.mean() - b.mean()) < 4 * error + 1e-6
@@ -235,7 +249,9 @@ def bomb_png(path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_an_oversized_image_or_any_failure_on_one_file_does_not_cost_the_others(capsys, vit_run, tmp_path, monkeypatch):
@@ -310,7 +326,11 @@ def test_inspect_attention_on_an_image(capsys, vit_run, tmp_path):
     rollout = np.load(out_dir / "rollout.npy")
     assert rollout.shape == (5, 5)
     np.testing.assert_allclose(rollout.sum(-1), 1.0, atol=1e-5)
-    assert {p.name for p in out_dir.glob("*.png")} == {"encoder.layers.0.self_attn.png", "encoder.layers.1.self_attn.png", "rollout.png"}
+    assert {p.name for p in out_dir.glob("*.png")} == {
+        "encoder.layers.0.self_attn.png",
+        "encoder.layers.1.self_attn.png",
+        "rollout.png",
+    }
     code, _, err = tfkit(capsys, "inspect-attention", str(vit_run), str(tmp_path / "none.png"))
     assert code == 2
     one_error_line(err, "none.png: no such file")
@@ -329,11 +349,29 @@ def test_user_image_folder_and_csv_train_end_to_end(capsys, vit_run, tmp_path):
     images, labels = digit_images(vit_run, 60)
     folder = tmp_path / "folder"
     write_image_folder(folder, images, labels, corrupt=True)
-    small = ["--max-steps", "2", "--set", "train.batch_size=8", "--set", "data.image_size=16", "--set", "model.patch=4",
-             "--set", "data.channels=3", "--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.depth=1"]
+    small = [
+        "--max-steps",
+        "2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "model.patch=4",
+        "--set",
+        "data.channels=3",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "model.d_ff=32",
+        "--set",
+        "model.depth=1",
+    ]
     code, out, err = tfkit(capsys, "train", "vit", "--data", str(folder), "--out", str(tmp_path / "run1"), *small)
     assert code == 0, err
-    assert "skipped 1 of the 55 images in the train data" in err and "broken.png: not a readable image" in err  # 61 less the carved splits
+    assert (
+        "skipped 1 of the 55 images in the train data" in err and "broken.png: not a readable image" in err
+    )  # 61 less the carved splits
     assert json.loads((tmp_path / "run1" / "labels.json").read_text()) == sorted({f"class_{label}" for label in labels})
 
     listing = tmp_path / "images.csv"
@@ -373,8 +411,16 @@ def test_hugging_face_vit_imports_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     hf_model = transformers.ViTForImageClassification(hf_config).eval()
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -409,8 +455,16 @@ def test_init_from_a_folder_that_is_not_a_vit(capsys, tmp_path):
 
 def test_augmented_vit_resumes_exactly(tmp_path):
     """RandAugment, MixUp and CutMix draw random numbers too: a resumed run must replay them."""
-    config = vit_config("train.steps=6", "train.log_every=1", "train.batch_size=16", "augment.crop_scale=[0.5, 1.0]",
-                        "augment.randaugment=true", "augment.mixup=0.4", "augment.cutmix=0.4", "model.drop_path=0.2")
+    config = vit_config(
+        "train.steps=6",
+        "train.log_every=1",
+        "train.batch_size=16",
+        "augment.crop_scale=[0.5, 1.0]",
+        "augment.randaugment=true",
+        "augment.mixup=0.4",
+        "augment.cutmix=0.4",
+        "model.drop_path=0.2",
+    )
     straight, resumed = straight_and_resumed_losses(config, tmp_path)
     assert straight == resumed and len(straight) == 6
 

@@ -57,8 +57,9 @@ class Probe:
     eval_seconds: float  # one validation
 
 
-def probe(recipe: Recipe, model: nn.Module, cfg: dict[str, Any], device: torch.device,
-          autocast: Callable[[], AbstractContextManager]) -> Probe:
+def probe(
+    recipe: Recipe, model: nn.Module, cfg: dict[str, Any], device: torch.device, autocast: Callable[[], AbstractContextManager]
+) -> Probe:
     """Time PROBE_STEPS training steps and one validation on a copy of ``model``."""
     twin = copy.deepcopy(model)
     optimizer = build_optimizer(twin, cfg)
@@ -93,6 +94,7 @@ def plan(cfg: dict[str, Any], seconds_left: float, measured: Probe) -> dict[str,
     if steps < 1:
         raise UsageError(
             f"train.minutes {cfg['minutes']:g} leaves no time to train: a step takes {measured.step_seconds:.2f} s and "
-            f"a validation {measured.eval_seconds:.1f} s on this machine (give more minutes)")
+            f"a validation {measured.eval_seconds:.1f} s on this machine (give more minutes)"
+        )
     every = max(1, steps // EVALUATIONS) if cfg["eval_every"] else 0
     return {"steps": steps, "warmup": min(cfg["warmup"], max(1, steps // 10)), "eval_every": every, "save_every": every or steps}

@@ -18,8 +18,8 @@ from rich.table import Table
 from tfkit import config as configs
 from tfkit import errors, registry
 from tfkit import run as runs
-from tfkit.recipe import Recipe
 from tfkit.errors import TfkitError, UsageError
+from tfkit.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -44,13 +44,19 @@ def _recipe_class(name: str) -> Any:
 @app.command()
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe name (see tfkit recipes); omit with --resume."),
-    preset: str = typer.Option("tiny", "--preset", help="Model sizes: tiny (the built-in data's), small, base (see tfkit recipes)."),
+    preset: str = typer.Option(
+        "tiny", "--preset", help="Model sizes: tiny (the built-in data's), small, base (see tfkit recipes)."
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of overrides to the recipe's config."),
     set_: list[str] = typer.Option([], "--set", help="Override one config key: --set model.d_model=256 (repeatable)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data: a .tsv/.csv/.jsonl file, a folder, or a Hugging Face dataset name."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Data: a .tsv/.csv/.jsonl file, a folder, or a Hugging Face dataset name."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/RECIPE/TIME)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train for this many optimiser steps."),
-    time_: Optional[str] = typer.Option(None, "--time", help="Train for this long (20m, 1h30m): steps and evaluations planned to fit."),
+    time_: Optional[str] = typer.Option(
+        None, "--time", help="Train for this long (20m, 1h30m): steps and evaluations planned to fit."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for data order, splits and initialisation."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory exactly."),
@@ -91,7 +97,9 @@ def train(
             defaults = configs.merge(defaults, {**recipe_cls.pretrained_config(init), "init": str(init)})
         resolved = configs.resolve(defaults, config, sets)
         if resolved["preset"] != preset:
-            raise UsageError(f"choose a preset with --preset {resolved['preset']}, not as a config key (it sets many keys at once)")
+            raise UsageError(
+                f"choose a preset with --preset {resolved['preset']}, not as a config key (it sets many keys at once)"
+            )
         if out is not None and (out / runs.CONFIG).exists():
             raise UsageError(f"{out} already holds a run (continue it with --resume {out}, or pick another --out)")
         run_dir = out
@@ -114,7 +122,9 @@ def train(
             recipe, model = runs.open_run(run_dir, pick_device(device))  # the best checkpoint, as evaluate scores it
             recipe.prepare(run_dir)
             peers = recipe.baselines("test")  # kept in the run directory, as evaluate keeps them
-            stderr.print(_comparison(f"{run_dir} (test)", {"this run": recipe.evaluate(model, "test"), **peers}, recipe.reference))
+            stderr.print(
+                _comparison(f"{run_dir} (test)", {"this run": recipe.evaluate(model, "test"), **peers}, recipe.reference)
+            )
         print(run_dir)
 
 
@@ -139,13 +149,21 @@ def predict(
     files: list[Path] = typer.Argument(..., help="Input files."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions here instead of stdout."),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="How many labels to list per input (classifiers); sample from the k likeliest tokens (causal-lm)."),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", help="How many labels to list per input (classifiers); sample from the k likeliest tokens (causal-lm)."
+    ),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature, 0 = greedy (causal-lm)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the likeliest tokens that reach this probability (causal-lm)."),
+    top_p: Optional[float] = typer.Option(
+        None, "--top-p", help="Sample from the likeliest tokens that reach this probability (causal-lm)."
+    ),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate per prompt (causal-lm)."),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Above 1: tokens already in the text are less likely (CTRL; causal-lm)."),
+    repetition_penalty: Optional[float] = typer.Option(
+        None, "--repetition-penalty", help="Above 1: tokens already in the text are less likely (CTRL; causal-lm)."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same text (causal-lm)."),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
+    checkpoint: str = typer.Option(
+        "auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Predict on input files (or folders of images); a bad file is reported and the rest are still processed.
@@ -157,8 +175,16 @@ def predict(
 
     registry.load_all()
     recipe, model = runs.open_run(run_dir, pick_device(device), checkpoint)
-    options = _options(recipe.predict_file, beam=beam, top_k=top_k, temperature=temperature, top_p=top_p,
-                       max_new_tokens=max_new_tokens, seed=seed, repetition_penalty=repetition_penalty)
+    options = _options(
+        recipe.predict_file,
+        beam=beam,
+        top_k=top_k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+    )
     failed = 0
     try:
         sink = open(out, "w", encoding="utf-8") if out else sys.stdout
@@ -186,11 +212,21 @@ def predict(
 def evaluate(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
     split: str = typer.Option("test", "--split", help="test or validation."),
-    data: Optional[str] = typer.Option(None, "--data", help="Score on this data instead, in any of the recipe's training formats: all of a file, or the --split of a source that has splits."),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        help="Score on this data instead, in any of the recipe's training formats: all of a file, or the --split of a source that has splits.",
+    ),
     beam: Optional[int] = typer.Option(None, "--beam", help="Beam size for sequence outputs (1 = greedy)."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window perplexity: windows of data.block_size tokens this many apart, only the new ones scored (causal-lm)."),
+    stride: Optional[int] = typer.Option(
+        None,
+        "--stride",
+        help="Sliding-window perplexity: windows of data.block_size tokens this many apart, only the new ones scored (causal-lm).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
+    checkpoint: str = typer.Option(
+        "auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Score a trained run on its held-out split, or on other data (--data).
@@ -251,8 +287,14 @@ def _comparison(title: str, rows: dict[str, dict[str, float]], reference: str | 
 def export_(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
     out: Path = typer.Argument(..., metavar="OUT", help="The folder to write (new or empty)."),
-    to: str = typer.Option(..., "--to", help="hf: a folder transformers' Auto classes load; onnx: the inference graph(s) and their pre- and post-processing."),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
+    to: str = typer.Option(
+        ...,
+        "--to",
+        help="hf: a folder transformers' Auto classes load; onnx: the inference graph(s) and their pre- and post-processing.",
+    ),
+    checkpoint: str = typer.Option(
+        "auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."
+    ),
 ) -> None:
     """Write a trained run as a transformers model folder (--to hf) or as ONNX (--to onnx).
 
@@ -269,7 +311,9 @@ def inspect_attention(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by tfkit train."),
     text: str = typer.Argument(..., metavar="INPUT", help="The input to look at (text, or a file for image and speech recipes)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/attention/INPUT)."),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."),
+    checkpoint: str = typer.Option(
+        "auto", "--checkpoint", help="best, last, or auto: the best where train.keep_best kept one, else the last."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Dump every attention head for one input: attention.npz, tokens.json, PNG heatmaps and report.html.
@@ -301,18 +345,27 @@ def inspect_attention(
             table.add_column(column)
         for name, per_module in scores.items():
             for head in range(len(per_module[kinds[0]])):
-                table.add_row(name, str(head), *(head_type_cell(per_module, kind, head, example.head_type_marks) for kind in kinds))
+                table.add_row(
+                    name, str(head), *(head_type_cell(per_module, kind, head, example.head_type_marks) for kind in kinds)
+                )
         stdout.print(table)
     left_out = write_report(folder / "report.html", f"{recipe.config['recipe']}: {text}", example, weights, scores)
     if left_out:
-        stderr.print(f"note: report.html holds at most {CAP:,} weights; the matrices of {len(left_out)} modules (from {left_out[0]} on) are in attention.npz only")
-    stderr.print(f"wrote {folder}/attention.npz, tokens.json, {len(list(folder.glob('*.png')))} PNG files, report.html" + (" and head_types.json" if scores else ""))
+        stderr.print(
+            f"note: report.html holds at most {CAP:,} weights; the matrices of {len(left_out)} modules (from {left_out[0]} on) are in attention.npz only"
+        )
+    stderr.print(
+        f"wrote {folder}/attention.npz, tokens.json, {len(list(folder.glob('*.png')))} PNG files, report.html"
+        + (" and head_types.json" if scores else "")
+    )
 
 
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., metavar="RUN...", help="One or more run directories written by tfkit train."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN/report for one run, ./report for several)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default RUN/report for one run, ./report for several)."
+    ),
 ) -> None:
     """Draw what training did: every logged quantity against step and time, one line per run, the last
     figures and the config keys that differ, as report.html and PNGs.

@@ -38,11 +38,31 @@ PROBABILITY = ("between 0 and 1", lambda v: 0 <= v <= 1)
 
 # the keys of the trainer and of the model sizes every recipe shares; a recipe adds its own
 RANGES = ranges(
-    (*AT_LEAST_1, (
-        "d_model", "heads", "d_ff", "layers", "max_positions", "max_length", "max_tokens", "train_size",
-        "validation_size", "test_size", "batch_size", "accumulate", "epochs", "log_every", "save_every", "keep_last",
-        "timeout", "beam", "top_k", "max_new_tokens",
-    )),
+    (
+        *AT_LEAST_1,
+        (
+            "d_model",
+            "heads",
+            "d_ff",
+            "layers",
+            "max_positions",
+            "max_length",
+            "max_tokens",
+            "train_size",
+            "validation_size",
+            "test_size",
+            "batch_size",
+            "accumulate",
+            "epochs",
+            "log_every",
+            "save_every",
+            "keep_last",
+            "timeout",
+            "beam",
+            "top_k",
+            "max_new_tokens",
+        ),
+    ),
     (*OFF_AT_0, ("eval_every", "warmup", "clip_grad_norm", "weight_decay", "patience", "temperature")),
     # train.steps 0 writes a run of the initial weights: a pretrained model to predict and evaluate with
     (*AT_LEAST_0, ("steps", "seed", "vocab_size")),
@@ -164,7 +184,9 @@ def check_values(config: dict[str, Any]) -> None:
     _check(config, {**RANGES, **getattr(recipe, "ranges", {})}, {**CHOICES, **getattr(recipe, "choices", {})})
 
 
-def _check(config: dict[str, Any], ranges: dict[str, tuple[str, Any]], choices: dict[str, tuple[str, ...]], prefix: str = "") -> None:
+def _check(
+    config: dict[str, Any], ranges: dict[str, tuple[str, Any]], choices: dict[str, tuple[str, ...]], prefix: str = ""
+) -> None:
     kinds = set(registry.kinds())
     for key, value in config.items():
         path = f"{prefix}{key}"

@@ -82,7 +82,9 @@ def load_splits(
         except Exception as e:  # the hub raises many types: offline, unknown name, missing config
             raise UsageError(f"could not load dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if split_names:
-        loaded = datasets.DatasetDict({ours: loaded[split_names.get(ours, ours)] for ours in SPLITS if split_names.get(ours, ours) in loaded})
+        loaded = datasets.DatasetDict(
+            {ours: loaded[split_names.get(ours, ours)] for ours in SPLITS if split_names.get(ours, ours) in loaded}
+        )
     evaluated = as_evaluation(loaded)
     if evaluated is not None:
         return evaluated
@@ -133,7 +135,9 @@ def check_labels(found: Iterable[str], known: Iterable[str], split: str, what: s
         more = f" and {len(unseen) - 5} more" if len(unseen) > 5 else ""
         count = f"{sum(unseen.values())} {what}s"
         if _evaluated_split is not None:  # every split is the data being scored
-            raise UsageError(f"the data has {count} that the run was never trained on: {named}{more} (the model has no output for them)")
+            raise UsageError(
+                f"the data has {count} that the run was never trained on: {named}{more} (the model has no output for them)"
+            )
         raise UsageError(f"the {split} data has {count} that the training data does not have: {named}{more}")
 
 
@@ -198,15 +202,24 @@ def complete_splits(loaded: datasets.DatasetDict, seed: int, held_out: float) ->
     return datasets.DatasetDict({s: out[s] for s in SPLITS})
 
 
-def encode_once(rows: datasets.Dataset, encode: Callable, settings: object, features: datasets.Features | None = None) -> datasets.Dataset:
+def encode_once(
+    rows: datasets.Dataset, encode: Callable, settings: object, features: datasets.Features | None = None
+) -> datasets.Dataset:
     """``rows`` mapped by ``encode(batch, indices) -> columns`` into a new Arrow table: written to
     datasets' cache when ``rows`` come from files (memory-mapped, read back a batch at a time), and
     named by the rows and ``settings`` (what else the encoding depends on, as JSON), so a resumed run
     or another rank reuses it instead of encoding again. (datasets would name it by hashing
     ``encode``, which fails for closures over tokenizers and feature extractors.)"""
     name = hashlib.sha1(json.dumps([rows._fingerprint, settings], sort_keys=True).encode()).hexdigest()
-    return rows.map(encode, batched=True, batch_size=100, with_indices=True, remove_columns=rows.column_names,
-                    features=features, new_fingerprint=name)
+    return rows.map(
+        encode,
+        batched=True,
+        batch_size=100,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        features=features,
+        new_fingerprint=name,
+    )
 
 
 MAX_UNUSABLE = 0.01  # past this share of a split's inputs unusable (and more than one), preparation stops
@@ -235,8 +248,10 @@ class Unusable:
             return
         shown = "; ".join(self.skipped[: self.SHOWN]) + (f"; and {count - self.SHOWN} more" if count > self.SHOWN else "")
         if count == total or (count > 1 and count > MAX_UNUSABLE * total):
-            raise UsageError(f"{count} of the {total} {self.what} in the {self.split} data cannot be used, more than "
-                             f"{MAX_UNUSABLE:.0%} ({shown}; fix or remove them)")
+            raise UsageError(
+                f"{count} of the {total} {self.what} in the {self.split} data cannot be used, more than "
+                f"{MAX_UNUSABLE:.0%} ({shown}; fix or remove them)"
+            )
         print(f"warning: skipped {count} of the {total} {self.what} in the {self.split} data ({shown})", file=sys.stderr)
 
 
@@ -336,7 +351,10 @@ def choose_vocab_size(texts: list[str], fit: Callable[[list[str], int], Tokenize
         if chosen < size:  # the text ran out of pieces to learn
             break
     words = sum(len(text.split()) for text in texts) * total / len(texts)
-    return chosen, f"the largest of {', '.join(map(str, VOCAB_SIZES))} whose median piece occurs {MEDIAN_COUNT}+ times in the {words:,.0f} words of the training text"
+    return (
+        chosen,
+        f"the largest of {', '.join(map(str, VOCAB_SIZES))} whose median piece occurs {MEDIAN_COUNT}+ times in the {words:,.0f} words of the training text",
+    )
 
 
 def length_limit(lengths: Iterable[int], percentile: float = 99.5) -> tuple[int, str]:
@@ -344,7 +362,10 @@ def length_limit(lengths: Iterable[int], percentile: float = 99.5) -> tuple[int,
     rounded up to a multiple of 8, and (value, why)."""
     lengths = np.fromiter(lengths, dtype=np.int64)
     limit = int(math.ceil(np.percentile(lengths, percentile) / 8) * 8)
-    return max(8, limit), f"the {percentile}th percentile of {len(lengths):,} training lengths is {np.percentile(lengths, percentile):.0f}; longest {lengths.max()}"
+    return (
+        max(8, limit),
+        f"the {percentile}th percentile of {len(lengths):,} training lengths is {np.percentile(lengths, percentile):.0f}; longest {lengths.max()}",
+    )
 
 
 def length_buckets(lengths: list[int], batch_size: int, generator: torch.Generator, pool: int) -> list[list[int]]:

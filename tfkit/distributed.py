@@ -49,9 +49,13 @@ class LostRank(TfkitError):
 def lost_rank(error: BaseException) -> bool:
     """Whether ``error`` is a collective failing because another rank is gone or hangs: gloo and nccl
     raise plain RuntimeErrors for it from inside backward as well as from our own collectives."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
-        mark in str(error) for mark in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out")
-    ))
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError)
+        and any(
+            mark in str(error)
+            for mark in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out")
+        )
+    )
 
 
 def from_environment() -> Ranks:

@@ -63,8 +63,7 @@ class GivenCache:
 def _dims(graph: Graph, inputs: list[str]) -> tuple[dict[int, Any], ...]:
     """torch.export's dynamic shapes, one per input in order (the module's own argument names may differ)."""
     limits = graph.limits or {}
-    made = {name: torch.export.Dim(name, **limits.get(name, {}))
-            for axes in graph.axes.values() for name in axes.values()}
+    made = {name: torch.export.Dim(name, **limits.get(name, {})) for axes in graph.axes.values() for name in axes.values()}
     return tuple({axis: made[name] for axis, name in graph.axes.get(inp, {}).items()} for inp in inputs)
 
 
@@ -85,11 +84,22 @@ def export_graph(graph: Graph, path: Path) -> float:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's notes on how it names the axes
-            torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=graph.outputs,
-                              dynamic_shapes=_dims(graph, list(inputs)), dynamo=True, verbose=False, optimize=True)
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(path),
+                input_names=list(inputs),
+                output_names=graph.outputs,
+                dynamic_shapes=_dims(graph, list(inputs)),
+                dynamo=True,
+                verbose=False,
+                optimize=True,
+            )
     except Exception as e:  # the exporter raises many types for code it cannot trace
         cause = e.__cause__ or e  # the exporter wraps torch.export's error in its own
-        raise TfkitError(f"torch.onnx could not export the {graph.name} graph ({type(cause).__name__}: {first_line(cause)})") from None
+        raise TfkitError(
+            f"torch.onnx could not export the {graph.name} graph ({type(cause).__name__}: {first_line(cause)})"
+        ) from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch, length in CHECKS:
@@ -118,7 +128,10 @@ def export_onnx(recipe: Any, model: nn.Module, out: Path) -> float:
         example = graph.example(1, graph.lengths[0])
         checked[graph.name] = {
             "file": f"{graph.name}.onnx",
-            "inputs": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": _shape(t, graph.axes.get(name, {}))} for name, t in example.items()},
+            "inputs": {
+                name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": _shape(t, graph.axes.get(name, {}))}
+                for name, t in example.items()
+            },
             "outputs": graph.outputs,
             "max_abs_diff_onnxruntime": worst,
         }

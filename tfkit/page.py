@@ -55,7 +55,9 @@ def _block_means(weights: np.ndarray, size: int) -> np.ndarray:
         n = weights.shape[axis]
         if n > size:
             edges = np.linspace(0, n, size + 1).astype(int)[:-1]
-            weights = np.add.reduceat(weights, edges, axis=axis) / np.diff(np.append(edges, n)).reshape([-1 if a == axis else 1 for a in range(3)])
+            weights = np.add.reduceat(weights, edges, axis=axis) / np.diff(np.append(edges, n)).reshape(
+                [-1 if a == axis else 1 for a in range(3)]
+            )
     return weights
 
 
@@ -82,7 +84,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def page_data(
-    title: str, example: AttentionExample, weights: dict[str, np.ndarray], head_types: dict[str, dict[str, list[float]]] | None = None
+    title: str,
+    example: AttentionExample,
+    weights: dict[str, np.ndarray],
+    head_types: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """What the page gets: axes, modules (weights within :data:`CAP`), the per-head table, the recipe's views."""
     modules, budget = [], CAP
@@ -91,11 +96,17 @@ def page_data(
         fits = w.size <= budget
         budget = budget - w.size if fits else 0  # once one is left out, so are the rest: the page keeps the npz's order
         thumbs = _block_means(w, THUMB)
-        modules.append({
-            "name": name, "queries": queries, "keys": keys, "shape": list(w.shape),
-            "weights": _blob(quantise(w)) if fits else None,
-            "thumbs": _blob(quantise(thumbs)), "thumb_shape": list(thumbs.shape[1:]),
-        })
+        modules.append(
+            {
+                "name": name,
+                "queries": queries,
+                "keys": keys,
+                "shape": list(w.shape),
+                "weights": _blob(quantise(w)) if fits else None,
+                "thumbs": _blob(quantise(thumbs)),
+                "thumb_shape": list(thumbs.shape[1:]),
+            }
+        )
     kinds = list(dict.fromkeys(k for per_module in (head_types or {}).values() for k in per_module))
     rows = []
     for name, w in weights.items():
@@ -141,7 +152,11 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_report(
-    path: Path, title: str, example: AttentionExample, weights: dict[str, np.ndarray], head_types: dict[str, dict[str, list[float]]] | None = None
+    path: Path,
+    title: str,
+    example: AttentionExample,
+    weights: dict[str, np.ndarray],
+    head_types: dict[str, dict[str, list[float]]] | None = None,
 ) -> list[str]:
     """Write report.html; returns the names of the modules left out of it past :data:`CAP`."""
     data = page_data(title, example, weights, head_types)

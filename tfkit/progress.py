@@ -93,8 +93,13 @@ class Preparing:
     def _draw(self) -> None:
         info = f"{self._size().strip()}  {self._rate():,.0f} {self.unit}/s".strip()
         if self.bar is None:
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeRemainingColumn()]
+            columns = [
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            ]
             self.bar = Progress(*columns, console=self.console)
             self.task = self.bar.add_task(self.description, total=self.total, completed=self.done, info=info)
             self.bar.start()

@@ -157,13 +157,20 @@ class Recipe:
         """The recipe's named sizes: tiny, its own YAML (sized for its built-in data), then each
         ``<recipe>.<preset>.yaml`` beside it, small before base."""
         stem = cls.config_file.removesuffix(".yaml")
-        found = [f.name[len(stem) + 1 : -len(".yaml")] for f in cls.folder().iterdir()
-                 if f.name.startswith(f"{stem}.") and f.name.endswith(".yaml") and f.name != cls.config_file]
-        return ["tiny", *sorted(found, key=lambda name: (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER), name))]
+        found = [
+            f.name[len(stem) + 1 : -len(".yaml")]
+            for f in cls.folder().iterdir()
+            if f.name.startswith(f"{stem}.") and f.name.endswith(".yaml") and f.name != cls.config_file
+        ]
+        return [
+            "tiny",
+            *sorted(found, key=lambda name: (PRESET_ORDER.index(name) if name in PRESET_ORDER else len(PRESET_ORDER), name)),
+        ]
 
     @classmethod
     def default_config(cls, preset: str = "tiny") -> dict[str, Any]:
         """The trainer's YAML with the recipe's laid over it, then the preset's file."""
+
         def read(resource: Any) -> dict[str, Any]:
             return yaml.safe_load(resource.read_text(encoding="utf-8"))
 
@@ -280,7 +287,9 @@ class Recipe:
         model.safetensors, and the tokenizer or preprocessor_config.json; raise a UsageError that names
         the config key where the model has no counterpart."""
         onnx = type(self).onnx_graphs is not Recipe.onnx_graphs
-        raise UsageError(f"recipe '{self.config['recipe']}' has no transformers equivalent" + (" (export it with --to onnx)" if onnx else ""))
+        raise UsageError(
+            f"recipe '{self.config['recipe']}' has no transformers equivalent" + (" (export it with --to onnx)" if onnx else "")
+        )
 
     def onnx_graphs(self, model: nn.Module) -> list[Any]:
         """The inference graphs of ``model`` as :class:`tfkit.onnx.Graph` objects."""

@@ -61,7 +61,9 @@ def _figure(quantity: str, drawn: list[tuple[str, list[tuple[int, float | None, 
         (line,) = axes[0, 0].plot(steps, values, marker=marker, markersize=3, label=label)
         if timed:
             kept = [(s, v) for _, s, v in points if s is not None]
-            axes[0, 1].plot([s for s, _ in kept], [v for _, v in kept], marker=marker, markersize=3, label=label, color=line.get_color())
+            axes[0, 1].plot(
+                [s for s, _ in kept], [v for _, v in kept], marker=marker, markersize=3, label=label, color=line.get_color()
+            )
     for ax, across in zip(axes[0], ("step", "training seconds")):
         ax.set_xlabel(across)
         ax.set_ylabel(quantity)
@@ -113,29 +115,48 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1] if len(configs) > 1 else keys
     last = [{q: points[-1][2] for q, points in per_run.items()} for per_run in found]
     header = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
-    summary = [("recipe", [c.get("recipe", "") for c in configs]),
-               ("steps", [max((p[0] for points in per_run.values() for p in points), default=0) for per_run in found]),
-               ("training seconds", [max((p[1] for points in per_run.values() for p in points if p[1] is not None), default="") for per_run in found])]
+    summary = [
+        ("recipe", [c.get("recipe", "") for c in configs]),
+        ("steps", [max((p[0] for points in per_run.values() for p in points), default=0) for per_run in found]),
+        (
+            "training seconds",
+            [max((p[1] for points in per_run.values() for p in points if p[1] is not None), default="") for per_run in found],
+        ),
+    ]
     summary += [(f"last {q}", [row.get(q, "") for row in last]) for q in quantities]
-    rows = "".join(f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{_cell(v)}</td>' for v in values)}</tr>" for name, values in summary)
-    config_rows = "".join(f"<tr><td>{html.escape(k)}</td>{''.join(f'<td>{_cell(c.get(k, chr(8212)))}</td>' for c in configs)}</tr>" for k in differing)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>{''.join(f'<td>{_cell(v)}</td>' for v in values)}</tr>" for name, values in summary
+    )
+    config_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>{''.join(f'<td>{_cell(c.get(k, chr(8212)))}</td>' for c in configs)}</tr>"
+        for k in differing
+    )
     same = len(keys) - len(differing)
     if not differing:
         config_rows = f"<tr><td colspan='{len(labels) + 1}'>none: the runs have the same config</td></tr>"
     config_title = "config" if len(configs) == 1 else f"config keys that differ ({same} others are the same)"
-    body = (f"<section class='card'><h2>runs</h2><table id='runs'><thead><tr><th></th>{header}</tr></thead><tbody>{rows}</tbody></table></section>"
-            f"<section class='card'><h2>{config_title}</h2><table id='config'><thead><tr><th>key</th>{header}</tr></thead>"
-            f"<tbody>{config_rows}</tbody></table></section>"
-            + "<div class='row'>" + "".join(f"<section class='card figure' id='{_slug(q)}' data-runs='{html.escape(chr(10).join(drawn))}'><h2>{html.escape(q)}</h2>"
-                      f"<img alt='{html.escape(q)}' src='data:image/png;base64,{png}'></section>" for q, drawn, png in figures) + "</div>")
+    body = (
+        f"<section class='card'><h2>runs</h2><table id='runs'><thead><tr><th></th>{header}</tr></thead><tbody>{rows}</tbody></table></section>"
+        f"<section class='card'><h2>{config_title}</h2><table id='config'><thead><tr><th>key</th>{header}</tr></thead>"
+        f"<tbody>{config_rows}</tbody></table></section>"
+        + "<div class='row'>"
+        + "".join(
+            f"<section class='card figure' id='{_slug(q)}' data-runs='{html.escape(chr(10).join(drawn))}'><h2>{html.escape(q)}</h2>"
+            f"<img alt='{html.escape(q)}' src='data:image/png;base64,{png}'></section>"
+            for q, drawn, png in figures
+        )
+        + "</div>"
+    )
     style = asset("page.css")
     policy = f"default-src 'none'; style-src {sha256(style)}; img-src data:; base-uri 'none'; form-action 'none'"
     title = "training: " + ", ".join(labels)
-    page = (f"<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n<title>{html.escape(title)}</title>\n"
-            f"<link rel='icon' href='data:,'>\n<style>{style}</style>\n</head>\n"
-            f"<body><header><h1>{html.escape(title)}</h1></header><main>{body}</main></body>\n</html>\n")
+    page = (
+        f"<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>\n<title>{html.escape(title)}</title>\n"
+        f"<link rel='icon' href='data:,'>\n<style>{style}</style>\n</head>\n"
+        f"<body><header><h1>{html.escape(title)}</h1></header><main>{body}</main></body>\n</html>\n"
+    )
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

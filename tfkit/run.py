@@ -123,8 +123,11 @@ def save_config(run_dir: Path, config: dict[str, Any], chosen: dict[str, str] | 
     head it as comments, added to those already there (``None``: keep them as they are)."""
     path = run_dir / CONFIG
     old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    kept = dict(re.match(r"#   ([^:]+): (.*)", line).groups() for line in itertools.takewhile(lambda line: line.startswith("#"), old)
-                if re.match(r"#   ([^:]+): (.*)", line))
+    kept = dict(
+        re.match(r"#   ([^:]+): (.*)", line).groups()
+        for line in itertools.takewhile(lambda line: line.startswith("#"), old)
+        if re.match(r"#   ([^:]+): (.*)", line)
+    )
     notes = {**kept, **(chosen or {})}
     header = "".join(["# chosen from the data:\n", *(f"#   {key}: {why}\n" for key, why in notes.items())]) if notes else ""
     atomic_write(path, lambda p: p.write_text(header + configs.dump(config), encoding="utf-8"))
@@ -194,7 +197,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any]) -> P
         full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or shutil.disk_usage(folder).free < needed
         reason = os.strerror(errno.ENOSPC) if full else (getattr(e, "strerror", None) or first_line(e))
         previous = checkpoints(run_dir)
-        kept = f"the checkpoint of step {checkpoint_step(previous[-1])} is whole" if previous else "no checkpoint was saved before"
+        kept = (
+            f"the checkpoint of step {checkpoint_step(previous[-1])} is whole" if previous else "no checkpoint was saved before"
+        )
         raise TfkitError(
             f"{run_dir}: could not save the checkpoint of step {step} ({reason}); {kept} "
             f"(free some space, then continue with: tfkit train --resume {run_dir})"
@@ -272,13 +277,19 @@ def pick_checkpoint(run_dir: Path, config: dict[str, Any], which: str = "auto") 
         raise UsageError(f"unknown --checkpoint '{which}' (valid: {', '.join(CHECKPOINT_CHOICES)})")
     found = checkpoints(run_dir)
     if not found:
-        raise UsageError(f"run directory {run_dir} has no checkpoint yet (it was stopped before its first save: "
-                         f"continue it with tfkit train --resume {run_dir})")
+        raise UsageError(
+            f"run directory {run_dir} has no checkpoint yet (it was stopped before its first save: "
+            f"continue it with tfkit train --resume {run_dir})"
+        )
     if which == "last":
         return found[-1]
     best = best_checkpoint(run_dir, config)
     if which == "best" and best is None:
-        why = "it was trained without train.keep_best" if not config["train"]["keep_best"] else "none of its checkpoints was evaluated yet"
+        why = (
+            "it was trained without train.keep_best"
+            if not config["train"]["keep_best"]
+            else "none of its checkpoints was evaluated yet"
+        )
         raise UsageError(f"{run_dir} has no best checkpoint ({why}; use --checkpoint last)")
     return best or found[-1]
 
@@ -294,11 +305,18 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise damaged(path, f"damaged, not a whole safetensors file ({first_line(e)})", todo) from None
     except RuntimeError as e:  # tensors of other shapes
         sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise damaged(path, f"holds weights of other sizes than config.yaml's model ({sizes[0] if sizes else first_line(e)})",
-                      "was it copied from another run?") from None
+        raise damaged(
+            path,
+            f"holds weights of other sizes than config.yaml's model ({sizes[0] if sizes else first_line(e)})",
+            "was it copied from another run?",
+        ) from None
     if missing or unexpected:
         # safetensors gives the names as sets (lists in older releases)
-        parts = [f"{len(names)} tensors {word}, e.g. {min(names)}" for names, word in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        parts = [
+            f"{len(names)} tensors {word}, e.g. {min(names)}"
+            for names, word in ((missing, "missing"), (unexpected, "unexpected"))
+            if names
+        ]
         raise damaged(path, f"holds another model's weights ({'; '.join(parts)})", "was it copied from another run?")
 
 
@@ -314,7 +332,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise damaged(path, f"damaged, not a whole safetensors file ({first_line(e)})", "restore it, or pick another checkpoint") from None
+        raise damaged(
+            path, f"damaged, not a whole safetensors file ({first_line(e)})", "restore it, or pick another checkpoint"
+        ) from None
 
 
 def weights_step(checkpoint: Path) -> int:
@@ -334,7 +354,9 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
             state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
-            raise damaged(path, "holds Python objects besides tensors and plain data, so it is not loaded (it could run code)", todo) from None
+            raise damaged(
+                path, "holds Python objects besides tensors and plain data, so it is not loaded (it could run code)", todo
+            ) from None
         raise damaged(path, "damaged, not a whole checkpoint (not a torch archive)", todo) from None
     except Exception as e:  # torch reports a cut-short or overwritten archive as several error types
         raise damaged(path, f"damaged, not a whole checkpoint ({type(e).__name__}: {first_line(e)})", todo) from None
@@ -381,8 +403,11 @@ def read_tokenizer(run_dir: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(run_dir / TOKENIZER))
     except Exception as e:  # tokenizers raises its own Exception for every kind of bad file
-        raise damaged(run_dir / TOKENIZER, f"not a tokenizer file ({first_line(e)})",
-                      "restore it from a copy of the run: the model's token ids depend on it") from None
+        raise damaged(
+            run_dir / TOKENIZER,
+            f"not a tokenizer file ({first_line(e)})",
+            "restore it from a copy of the run: the model's token ids depend on it",
+        ) from None
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -395,8 +420,10 @@ def append_metrics(run_dir: Path, record: dict[str, Any], durable: bool = False)
                 f.flush()
                 os.fsync(f.fileno())
     except OSError as e:
-        raise TfkitError(f"{run_dir / METRICS}: could not add a record ({e.strerror}) "
-                         f"(free some space, then continue with: tfkit train --resume {run_dir})") from None
+        raise TfkitError(
+            f"{run_dir / METRICS}: could not add a record ({e.strerror}) "
+            f"(free some space, then continue with: tfkit train --resume {run_dir})"
+        ) from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

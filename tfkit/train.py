@@ -86,12 +86,21 @@ class Trainer:
     The recipe supplies everything task-specific (batches, loss, metrics); the trainer never looks
     inside a batch beyond moving it to the device and counting its first tensor's rows."""
 
-    def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, device: torch.device,
-                 console: Console | None = None, ranks: Ranks = Ranks()):
+    def __init__(
+        self,
+        recipe: Recipe,
+        model: nn.Module,
+        run_dir: Path,
+        device: torch.device,
+        console: Console | None = None,
+        ranks: Ranks = Ranks(),
+    ):
         self.recipe, self.run_dir, self.device, self.ranks = recipe, run_dir, device, ranks
         self.cfg = recipe.config["train"]
         if ranks.active and self.cfg["batch_size"] < ranks.world:
-            raise UsageError(f"train.batch_size {self.cfg['batch_size']} is the global batch: it must be at least the {ranks.world} processes")
+            raise UsageError(
+                f"train.batch_size {self.cfg['batch_size']} is the global batch: it must be at least the {ranks.world} processes"
+            )
         self.model = model.to(device)
         blocks = tuple(registry.get("block", name) for name in registry.names("block"))
         self.wrapped = distributed.wrap(self.model, ranks, self.cfg["strategy"], device, blocks)
@@ -150,7 +159,9 @@ class Trainer:
             get_optimizer_state_dict,
         )
 
-        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def resume(self, checkpoint: Path | None) -> None:
         """Restore the state saved with the weights ``start_training`` loaded into the model; with no
@@ -169,7 +180,9 @@ class Trainer:
                     set_optimizer_state_dict,
                 )
 
-                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(
+                    self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+                )
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -183,10 +196,15 @@ class Trainer:
             if "cuda_rng" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another run's state, or one edited by hand
-            raise runs.damaged(path, f"does not fit this run's model and optimiser ({type(e).__name__}: {first_line(e)})",
-                               "was it copied from another run?") from None
+            raise runs.damaged(
+                path,
+                f"does not fit this run's model and optimiser ({type(e).__name__}: {first_line(e)})",
+                "was it copied from another run?",
+            ) from None
         if len(rank_rngs) != self.ranks.world and (self.ranks.active or rank_rngs):
-            self.console.print(f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not")
+            self.console.print(
+                f"[yellow]warning:[/yellow] the checkpoint was written by {max(1, len(rank_rngs))} process(es), this run has {self.ranks.world}: data order resumes exactly, dropout draws do not"
+            )
 
     def save(self) -> None:
         """Save the checkpoint of this step (once), then remove those neither among the train.keep_last
@@ -208,10 +226,16 @@ class Trainer:
         metric, verdict = self.cfg["keep_best"], (False, False, "")
         if metric and self.ranks.main:
             if metric not in metrics:
-                verdict = (False, False, f"train.keep_best '{metric}' is not a validation metric of this run (valid: {', '.join(metrics)})")
+                verdict = (
+                    False,
+                    False,
+                    f"train.keep_best '{metric}' is not a validation metric of this run (valid: {', '.join(metrics)})",
+                )
             else:
                 improved = self.best is None or runs.better(self.recipe.config)(metrics[metric], self.best[metric])
-                self.best, self.evals_since_best = ({"step": self.step, **metrics}, 0) if improved else (self.best, self.evals_since_best + 1)
+                self.best, self.evals_since_best = (
+                    ({"step": self.step, **metrics}, 0) if improved else (self.best, self.evals_since_best + 1)
+                )
                 verdict = (improved, bool(self.cfg["patience"]) and self.evals_since_best >= self.cfg["patience"], "")
         improved, patience_out, problem = distributed.broadcast(verdict, self.ranks)
         if problem:
@@ -249,7 +273,9 @@ class Trainer:
                     # a rank with no rows would run a different graph, which DDP cannot reduce
                     examples = len(next(iter(batch.values())))
                     if examples < self.ranks.world:
-                        self.console.print(f"[yellow]warning:[/yellow] skipped a training batch of {examples} example(s), fewer than the {self.ranks.world} processes")
+                        self.console.print(
+                            f"[yellow]warning:[/yellow] skipped a training batch of {examples} example(s), fewer than the {self.ranks.world} processes"
+                        )
                         continue
                     batch = self.recipe.shard(batch, self.ranks.rank, self.ranks.world)
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -312,7 +338,9 @@ class Trainer:
             return {}
         metrics = self.recipe.score(split, [merged[place] for place in sorted(merged)])
         self._eval_seconds = max(self._eval_seconds, time.perf_counter() - start)
-        runs.append_metrics(self.run_dir, {"step": self.step, "seconds": round(self.seconds(), 3), "split": split, **metrics}, durable=True)
+        runs.append_metrics(
+            self.run_dir, {"step": self.step, "seconds": round(self.seconds(), 3), "split": split, **metrics}, durable=True
+        )
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self.console.print(f"step {self.step} {split}: {shown}")
         return metrics
@@ -330,8 +358,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.cfg))
         why = f"planned for train.minutes {self.cfg['minutes']:g}: {measured.step_seconds:.3f} s a step, {measured.eval_seconds:.1f} s a validation"
         runs.save_config(self.run_dir, self.recipe.config, {f"train.{key}": f"{value} ({why})" for key, value in planned.items()})
-        self.console.print(f"train.steps = {planned['steps']:,}, train.eval_every = {planned['eval_every']:,}, "
-                           f"train.warmup = {planned['warmup']:,} ({why})", markup=False, highlight=False)
+        self.console.print(
+            f"train.steps = {planned['steps']:,}, train.eval_every = {planned['eval_every']:,}, "
+            f"train.warmup = {planned['warmup']:,} ({why})",
+            markup=False,
+            highlight=False,
+        )
 
     def _out_of_time(self) -> bool:
         """Whether a budgeted run must stop now to end on time, its last validation included."""
@@ -341,9 +373,12 @@ class Trainer:
         """Once, early in a long run without a budget: how long it will take, and how to ask for less."""
         left = (self.cfg["steps"] - self.step) * step_seconds
         if not self.cfg["minutes"] and left > budget.LONG_RUN:
-            self.console.print(f"train.steps {self.cfg['steps']:,} at {step_seconds:.3g} s a step: about {budget.spoken(left)} "
-                               f"to go (--time 20m plans a run that fits 20 minutes; --max-steps N stops sooner)",
-                               markup=False, highlight=False)
+            self.console.print(
+                f"train.steps {self.cfg['steps']:,} at {step_seconds:.3g} s a step: about {budget.spoken(left)} "
+                f"to go (--time 20m plans a run that fits 20 minutes; --max-steps N stops sooner)",
+                markup=False,
+                highlight=False,
+            )
 
     def fit(self, on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, float]:
         """Train to ``train.steps``, or for ``train.minutes``; ``on_step`` is called after each step
@@ -408,13 +443,17 @@ class Trainer:
                     self.save()
                     raise Interrupted(stop, self.run_dir, self.step)
                 if out_of_time and self.step < total:
-                    self.console.print(f"time budget of {cfg['minutes']:g} minutes reached at step {self.step} of {total}: "
-                                       f"stopping for the last validation")
+                    self.console.print(
+                        f"time budget of {cfg['minutes']:g} minutes reached at step {self.step} of {total}: "
+                        f"stopping for the last validation"
+                    )
                     break
                 if patience_out:
                     best = self.best or {}
-                    self.console.print(f"early stop at step {self.step}: no better validation {cfg['keep_best']} in "
-                                       f"{cfg['patience']} evaluations (best {best.get(cfg['keep_best'], 0):.4g} at step {best.get('step')})")
+                    self.console.print(
+                        f"early stop at step {self.step}: no better validation {cfg['keep_best']} in "
+                        f"{cfg['patience']} evaluations (best {best.get(cfg['keep_best'], 0):.4g} at step {best.get('step')})"
+                    )
                     break
         self.save()
         if last_eval != self.step:

@@ -194,8 +194,10 @@ class RelativePositionMultiHeadAttention(MultiHeadAttention):
 
     def __init__(self, d_model: int, heads: int, dropout: float = 0.0, bias: bool = True, rotary: nn.Module | None = None):
         if rotary is not None:
-            raise UsageError("relative_multi_head attention has relative positions of its own: it takes no rotary "
-                             "position (choose another position, or attention multi_head)")
+            raise UsageError(
+                "relative_multi_head attention has relative positions of its own: it takes no rotary "
+                "position (choose another position, or attention multi_head)"
+            )
         super().__init__(d_model, heads, dropout, bias)
         d_k = d_model // heads
         self.pos_proj = Linear(d_model, d_model, bias=False)  # W_R

@@ -89,13 +89,16 @@ class Parts:
     def keys(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
-    def attention_layer(self, d_model: int, heads: int, dropout: float, bias: bool, rotary: nn.Module | None,
-                        use: str) -> nn.Module:
+    def attention_layer(
+        self, d_model: int, heads: int, dropout: float, bias: bool, rotary: nn.Module | None, use: str
+    ) -> nn.Module:
         """The attention layer for ``use``: self, causal (self-attention that sees no later position) or cross."""
         cls = registry.get("attention", self.attention)
         if use not in cls.uses:
-            raise UsageError(f"attention '{self.attention}' cannot be {use}-attention (it is for {', '.join(cls.uses)}; "
-                             f"valid for {use}: {', '.join(n for n in registry.names('attention') if use in registry.get('attention', n).uses)})")
+            raise UsageError(
+                f"attention '{self.attention}' cannot be {use}-attention (it is for {', '.join(cls.uses)}; "
+                f"valid for {use}: {', '.join(n for n in registry.names('attention') if use in registry.get('attention', n).uses)})"
+            )
         return cls(d_model, heads, dropout, bias, rotary)
 
     def feed_forward_layer(self, d_model: int, d_ff: int, dropout: float, activation: str, bias: bool) -> nn.Module:
@@ -128,8 +131,17 @@ class EncoderBlock(nn.Module):
     parts = Parts()
     bias = True
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu",
-                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        parts: Parts | None = None,
+        rotary: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         parts = parts or self.parts
         self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "self")
@@ -176,12 +188,23 @@ class DecoderBlock(nn.Module):
     parts = Parts()
     bias = True
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "relu",
-                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        parts: Parts | None = None,
+        rotary: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         parts = parts or self.parts
         self.self_attn = parts.attention_layer(d_model, heads, dropout, self.bias, rotary, "causal")
-        self.cross_attn = parts.attention_layer(d_model, heads, dropout, self.bias, None, "cross")  # two sequences: no shared positions
+        self.cross_attn = parts.attention_layer(
+            d_model, heads, dropout, self.bias, None, "cross"
+        )  # two sequences: no shared positions
         self.feed_forward = parts.feed_forward_layer(d_model, d_ff, dropout, activation, self.bias)
         self.norm1 = parts.norm_layer(d_model)
         self.norm2 = parts.norm_layer(d_model)
@@ -231,8 +254,17 @@ class CausalBlock(nn.Module):
     parts = Parts()
     bias = True
 
-    def __init__(self, d_model: int, heads: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu",
-                 parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        parts: Parts | None = None,
+        rotary: nn.Module | None = None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         parts = parts or self.parts
         self.norm1 = parts.norm_layer(d_model)
@@ -280,9 +312,22 @@ class Stack(nn.Module):
 
     role: str
 
-    def __init__(self, block: str, layers: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-                 rotary: nn.Module | None = None, drop_path: float = 0.0, attention: str | None = None,
-                 feed_forward: str | None = None, norm: str | None = None, **options):
+    def __init__(
+        self,
+        block: str,
+        layers: int,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float,
+        activation: str,
+        rotary: nn.Module | None = None,
+        drop_path: float = 0.0,
+        attention: str | None = None,
+        feed_forward: str | None = None,
+        norm: str | None = None,
+        **options,
+    ):
         super().__init__()
         cls = block_class(block, self.role)
         parts = cls.parts.given(attention=attention, feed_forward=feed_forward, norm=norm)

@@ -34,8 +34,10 @@ class ConvolutionSubsampling(nn.Module):
     def __init__(self, features: int, d_model: int, channels: int, dropout: float = 0.0):
         super().__init__()
         if features < 7:
-            raise UsageError(f"convolution subsampling needs at least 7 feature bins to leave one after two 3×3 "
-                             f"stride-2 convolutions, got {features}")
+            raise UsageError(
+                f"convolution subsampling needs at least 7 feature bins to leave one after two 3×3 "
+                f"stride-2 convolutions, got {features}"
+            )
         # in place: a fresh (B, C, T/2, F/2) output per ReLU costs more in page faults than the ReLU.
         # forward() runs the layers one by one; the Sequential keeps ESPnet's parameter names (conv.0, conv.2).
         self.conv = nn.Sequential(
@@ -157,8 +159,16 @@ class ConformerBlock(nn.Module):
     bias = True
 
     def __init__(
-        self, d_model: int, heads: int, d_ff: int, dropout: float = 0.1, activation: str = "swish",
-        parts: Parts | None = None, rotary: nn.Module | None = None, drop_path: float = 0.0, kernel_size: int = 31,
+        self,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float = 0.1,
+        activation: str = "swish",
+        parts: Parts | None = None,
+        rotary: nn.Module | None = None,
+        drop_path: float = 0.0,
+        kernel_size: int = 31,
     ):
         super().__init__()
         parts = parts or self.parts

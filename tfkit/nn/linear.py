@@ -69,9 +69,15 @@ def linear(
         weight, bias = weight[rows], None if bias is None else bias[rows]
     fused = _fused(activation)
     if (
-        _packs is None or fused is None or torch.is_grad_enabled() or x.device.type != "cpu"
-        or x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-        or weight.numel() <= PACK_ABOVE or x.numel() < PACK_ROWS * x.size(-1)
+        _packs is None
+        or fused is None
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or torch.is_autocast_enabled("cpu")
+        or weight.numel() <= PACK_ABOVE
+        or x.numel() < PACK_ROWS * x.size(-1)
     ):
         out = F.linear(x, weight, bias)
         return out if activation is None else activation(out)

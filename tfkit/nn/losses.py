@@ -56,8 +56,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total, grad_weight * grad_total, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                         label_smoothing: float = 0.0) -> Tensor:
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> Tensor:
     """Label-smoothed cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, summed
     over the targets that are not ``ignore_index``: ``F.cross_entropy(F.linear(hidden, weight),
     targets, ignore_index=..., label_smoothing=..., reduction="sum")``, in chunks (see the module).

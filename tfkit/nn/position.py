@@ -88,7 +88,9 @@ class RotaryPosition(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise UsageError(f"rotary positions need an even size per head, got {head_dim} (change d_model or heads)")
-        self.register_buffer("frequency", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
+        self.register_buffer(
+            "frequency", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False
+        )
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """(..., T, d) features of positions offset..offset+T-1 → the same, rotated."""

@@ -26,9 +26,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 
-def pair_ids(
-    a: list[int], b: list[int] | None, max_length: int, cls: int = CLS, sep: int = SEP
-) -> tuple[list[int], list[int]]:
+def pair_ids(a: list[int], b: list[int] | None, max_length: int, cls: int = CLS, sep: int = SEP) -> tuple[list[int], list[int]]:
     """[CLS] A [SEP] (B [SEP]) and segment ids, cutting tokens off the end of the longer side."""
     a, b = list(a), (list(b) if b is not None else None)
     budget = max_length - (3 if b is not None else 2)
@@ -187,7 +185,10 @@ def pretraining_corpus(seed: int) -> datasets.DatasetDict:
         cut = len(documents) // 20
         parts = {"validation": documents[:cut], "test": documents[cut : 2 * cut], "train": documents[2 * cut :]}
         return datasets.DatasetDict(
-            {split: datasets.Dataset.from_dict({"text": [s for doc in docs for s in [*doc, ""]]}) for split, docs in parts.items()}
+            {
+                split: datasets.Dataset.from_dict({"text": [s for doc in docs for s in [*doc, ""]]})
+                for split, docs in parts.items()
+            }
         )
 
     return cached("stdlib-prose", {"seed": seed, "python": sys.version.split()[0]}, build)
@@ -276,8 +277,11 @@ def pair_corpus(seed: int) -> datasets.DatasetDict:
                 labels.append(1)
             texts.append(text)
         features = datasets.Features(
-            {"text": datasets.Value("string"), "text_pair": datasets.Value("string"),
-             "label": datasets.ClassLabel(names=["paraphrase", "different"])}
+            {
+                "text": datasets.Value("string"),
+                "text_pair": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["paraphrase", "different"]),
+            }
         )
         out[split] = datasets.Dataset.from_dict({"text": texts, "text_pair": pairs, "label": labels}, features=features)
     return datasets.DatasetDict(out)
@@ -317,7 +321,12 @@ def docstring_questions(passage: list[str]) -> Iterator[tuple[str, str, int]]:
                 asked = (sentence[:at] + WH_PHRASES[kind] + sentence[at + len(entity.group()) :]).rstrip(".!?") + "?"
                 yield asked[0].upper() + asked[1:], entity.group(), offset + at
         returned = re.fullmatch(r"(Returns? )(.+)\.", sentence)
-        if returned and len(returns) == 1 and 2 <= len(returned[2].split()) <= 12 and all(word_tag(w) == "O" for w in sentence.split()):
+        if (
+            returned
+            and len(returns) == 1
+            and 2 <= len(returned[2].split()) <= 12
+            and all(word_tag(w) == "O" for w in sentence.split())
+        ):
             yield "What does it return?", returned[2], offset + len(returned[1])
         offset += len(sentence) + 1
 
@@ -337,8 +346,14 @@ def qa_corpus(seed: int) -> datasets.DatasetDict:
             rows = []
             for passage in (p for doc in docs for p in passages(list(doc))):
                 for question, answer, start in docstring_questions(passage):
-                    rows.append({"id": f"{split}-{len(rows)}", "question": question, "context": " ".join(passage),
-                                 "answers": {"text": [answer], "answer_start": [start]}})
+                    rows.append(
+                        {
+                            "id": f"{split}-{len(rows)}",
+                            "question": question,
+                            "context": " ".join(passage),
+                            "answers": {"text": [answer], "answer_start": [start]},
+                        }
+                    )
             out[split] = datasets.Dataset.from_list(rows)
         return datasets.DatasetDict(out)
 

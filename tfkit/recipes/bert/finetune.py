@@ -139,19 +139,27 @@ class BertFinetune(BertRecipe):
     def load_pretrained(self, model: nn.Module, path: Path) -> None:
         if (path / runs.CONFIG).is_file():
             checkpoint = runs.pick_checkpoint(path, runs.read_config(path))
-            weights = {k.removeprefix("bert."): v for k, v in runs.read_weights(checkpoint / runs.WEIGHTS).items() if k.startswith("bert.")}
+            weights = {
+                k.removeprefix("bert."): v
+                for k, v in runs.read_weights(checkpoint / runs.WEIGHTS).items()
+                if k.startswith("bert.")
+            }
         else:
             check_representable(self.config["model"])  # --set after --init may have asked for another model
             weights = bert_weights_from_hf(path, len(model.bert.encoder.layers))
         try:
             missing, unexpected = model.bert.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # sizes changed with --set after --init
-            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+            raise UsageError(
+                f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})"
+            ) from None
         if set(missing) - {"pooler.weight", "pooler.bias"}:  # a per-token task model has no pooler: ours starts fresh
             raise UsageError(f"the weights in {path} lack {len(missing)} of the encoder's tensors, e.g. {missing[0]}")
         if unexpected:  # e.g. learned positions that model.position, set after --init, leaves out
-            raise UsageError(f"the weights in {path} hold {len(unexpected)} tensors this config's encoder lacks, e.g. {unexpected[0]} "
-                             f"(keep the pretrained model's model.* keys)")
+            raise UsageError(
+                f"the weights in {path} hold {len(unexpected)} tensors this config's encoder lacks, e.g. {unexpected[0]} "
+                f"(keep the pretrained model's model.* keys)"
+            )
         if (path / "config.json").is_file():
             self._load_hf_head(model, path)
 
@@ -160,7 +168,9 @@ class BertFinetune(BertRecipe):
         the same order (a folder ``tfkit export`` wrote): the run then starts from the same outputs."""
         hf = read_config(path, "bert", "BERT")
         names = [name for _, name in sorted((hf.get("id2label") or {}).items(), key=lambda item: int(item[0]))]
-        head = bert_head_from_hf(path, TASK_HEADS[self.task.hf_class]) if self.task.hf_class in hf.get("architectures", []) else None
+        head = (
+            bert_head_from_hf(path, TASK_HEADS[self.task.hf_class]) if self.task.hf_class in hf.get("architectures", []) else None
+        )
         if head is None or names != self.labels or head["head.weight"].shape != model.head.weight.shape:
             return
         model.head.load_state_dict({key.removeprefix("head."): value for key, value in head.items()})
@@ -170,21 +180,46 @@ class BertFinetune(BertRecipe):
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
         """The encoder with its head: (B, T) token and segment ids → logits, (B, labels) or per token (B, T, labels)."""
         axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
-        return [Graph("model", model, self.onnx_example, ["logits"], axes, limits={"length": {"max": self.config["model"]["max_positions"]}})]
+        return [
+            Graph(
+                "model",
+                model,
+                self.onnx_example,
+                ["logits"],
+                axes,
+                limits={"length": {"max": self.config["model"]["max_positions"]}},
+            )
+        ]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        outputs = {"classify": "logits (B, labels): softmax for each label's probability",
-                   "classify-pair": "logits (B, labels): softmax for each label's probability",
-                   "tag": "logits (B, T, labels): each word's label is read at its first sub-token",
-                   "qa": "logits (B, T, 2): start and end logits per token; the answer is the context span with the highest "
-                         "start + end, at most data.max_answer_length tokens"}
+        outputs = {
+            "classify": "logits (B, labels): softmax for each label's probability",
+            "classify-pair": "logits (B, labels): softmax for each label's probability",
+            "tag": "logits (B, T, labels): each word's label is read at its first sub-token",
+            "qa": "logits (B, T, 2): start and end logits per token; the answer is the context span with the highest "
+            "start + end, at most data.max_answer_length tokens",
+        }
         data = self.config["data"]
-        return {**super().onnx_processing(out), "task": self.config["task"], "labels": self.labels, "outputs": outputs[self.config["task"]],
-                **({"doc_stride": data["doc_stride"], "max_answer_length": data["max_answer_length"]} if self.config["task"] == "qa" else {})}
+        return {
+            **super().onnx_processing(out),
+            "task": self.config["task"],
+            "labels": self.labels,
+            "outputs": outputs[self.config["task"]],
+            **(
+                {"doc_stride": data["doc_stride"], "max_answer_length": data["max_answer_length"]}
+                if self.config["task"] == "qa"
+                else {}
+            ),
+        }
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
-        config = {**bert_config_to_hf(self.config["model"], self.tokenizer.get_vocab_size()), "architectures": [self.task.hf_class],
-                  **labels_config(self.labels)}
-        weights = bert_weights_to_hf(model.state_dict(), len(model.bert.encoder.layers), TASK_HEADS[self.task.hf_class], pooler=not self.task.per_token)
+        config = {
+            **bert_config_to_hf(self.config["model"], self.tokenizer.get_vocab_size()),
+            "architectures": [self.task.hf_class],
+            **labels_config(self.labels),
+        }
+        weights = bert_weights_to_hf(
+            model.state_dict(), len(model.bert.encoder.layers), TASK_HEADS[self.task.hf_class], pooler=not self.task.per_token
+        )
         write_folder(out, config, weights)
         self.write_hf_tokenizer(out)

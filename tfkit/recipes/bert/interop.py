@@ -28,7 +28,9 @@ def check_representable(model: dict[str, Any]) -> None:
     if model["block"] != "post_ln":
         raise UsageError(f"model.block '{model['block']}' has no transformers BERT equivalent (BERT is post_ln)")
     if model["position"] != "learned":
-        raise UsageError(f"model.position '{model['position']}' has no transformers BERT equivalent (BERT's positions are learned)")
+        raise UsageError(
+            f"model.position '{model['position']}' has no transformers BERT equivalent (BERT's positions are learned)"
+        )
     for key, bert in (("attention", "multi_head"), ("feed_forward", "mlp"), ("norm", "layer_norm")):
         if model[key] not in (None, bert):
             raise UsageError(f"model.{key} '{model[key]}' has no transformers BERT equivalent (BERT's is {bert}: set it to null)")
@@ -40,10 +42,18 @@ def bert_config_from_hf(folder: Path) -> dict[str, Any]:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UsageError(f"{folder}: only BERTs with absolute positions can be imported")
     return {
-        "d_model": hf["hidden_size"], "heads": hf["num_attention_heads"], "d_ff": hf["intermediate_size"],
-        "layers": hf["num_hidden_layers"], "activation": activation_from_hf(folder, hf.get("hidden_act", "gelu")),
-        "block": "post_ln", "position": "learned", "attention": None, "feed_forward": None, "norm": None,
-        "max_positions": hf["max_position_embeddings"], "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+        "d_model": hf["hidden_size"],
+        "heads": hf["num_attention_heads"],
+        "d_ff": hf["intermediate_size"],
+        "layers": hf["num_hidden_layers"],
+        "activation": activation_from_hf(folder, hf.get("hidden_act", "gelu")),
+        "block": "post_ln",
+        "position": "learned",
+        "attention": None,
+        "feed_forward": None,
+        "norm": None,
+        "max_positions": hf["max_position_embeddings"],
+        "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
     }
 
 
@@ -51,11 +61,21 @@ def bert_config_to_hf(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """A transformers BertConfig (as config.json) for a tfkit BERT's model.* config."""
     check_representable(model)
     return {
-        "model_type": "bert", "vocab_size": vocab_size, "hidden_size": model["d_model"],
-        "num_hidden_layers": model["layers"], "num_attention_heads": model["heads"], "intermediate_size": model["d_ff"],
-        "hidden_act": activation_to_hf(model["activation"]), "max_position_embeddings": model["max_positions"],
-        "type_vocab_size": 2, "layer_norm_eps": model["norm_eps"], "pad_token_id": 0, "position_embedding_type": "absolute",
-        "hidden_dropout_prob": model["dropout"], "attention_probs_dropout_prob": model["dropout"], "tie_word_embeddings": True,
+        "model_type": "bert",
+        "vocab_size": vocab_size,
+        "hidden_size": model["d_model"],
+        "num_hidden_layers": model["layers"],
+        "num_attention_heads": model["heads"],
+        "intermediate_size": model["d_ff"],
+        "hidden_act": activation_to_hf(model["activation"]),
+        "max_position_embeddings": model["max_positions"],
+        "type_vocab_size": 2,
+        "layer_norm_eps": model["norm_eps"],
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": model["dropout"],
+        "attention_probs_dropout_prob": model["dropout"],
+        "tie_word_embeddings": True,
     }
 
 
@@ -72,7 +92,10 @@ def bert_renames(layers: int) -> list[Rename]:
         theirs, mine = f"encoder.layer.{i}.", f"encoder.layers.{i}."
         for part in ("weight", "bias"):
             renames += [
-                Rename(f"{mine}self_attn.in_proj.{part}", tuple(f"{theirs}attention.self.{p}.{part}" for p in ("query", "key", "value"))),
+                Rename(
+                    f"{mine}self_attn.in_proj.{part}",
+                    tuple(f"{theirs}attention.self.{p}.{part}" for p in ("query", "key", "value")),
+                ),
                 Rename(f"{mine}self_attn.out_proj.{part}", f"{theirs}attention.output.dense.{part}"),
                 Rename(f"{mine}norm1.{part}", f"{theirs}attention.output.LayerNorm.{part}"),
                 Rename(f"{mine}feed_forward.up.{part}", f"{theirs}intermediate.dense.{part}"),
@@ -104,8 +127,10 @@ TASK_HEADS = {  # transformers class → its head's tensors
 
 def _hf_tensors(folder: Path) -> dict[str, Tensor]:
     """model.safetensors with TF-era LayerNorm names (gamma, beta) as PyTorch's."""
-    return {key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): value
-            for key, value in read_weights(folder, "").items()}
+    return {
+        key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): value
+        for key, value in read_weights(folder, "").items()
+    }
 
 
 def bert_weights_from_hf(folder: Path, layers: int) -> dict[str, Tensor]:

@@ -41,14 +41,39 @@ class Bert(nn.Module):
     """BERT's encoder: embeddings, a stack of blocks, and the tanh pooler over [CLS]. A position that
     acts on queries and keys (rotary) adds nothing to the embeddings: the stack's self-attention applies it."""
 
-    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float,
-                 activation: str, block: str, max_positions: int, norm_eps: float, position: str = "learned",
-                 attention: str | None = None, feed_forward: str | None = None, norm: str | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        layers: int,
+        dropout: float,
+        activation: str,
+        block: str,
+        max_positions: int,
+        norm_eps: float,
+        position: str = "learned",
+        attention: str | None = None,
+        feed_forward: str | None = None,
+        norm: str | None = None,
+    ):
         super().__init__()
         embedded, rotary = build_position(position, d_model, heads, max_positions)
         self.embed = BertEmbedding(vocab_size, d_model, embedded, 2, dropout, PAD)
-        self.encoder = Encoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary=rotary,
-                               attention=attention, feed_forward=feed_forward, norm=norm)
+        self.encoder = Encoder(
+            block,
+            layers,
+            d_model,
+            heads,
+            d_ff,
+            dropout,
+            activation,
+            rotary=rotary,
+            attention=attention,
+            feed_forward=feed_forward,
+            norm=norm,
+        )
         self.pooler = nn.Linear(d_model, d_model)
         for module in self.modules():
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -81,10 +106,26 @@ def init_bert_weights(model: nn.Module, norm_eps: float) -> None:
 def build_bert(vocab_size: int, config: dict[str, Any]) -> Bert:
     m, longest = config["model"], config["data"]["max_length"]
     if longest > m["max_positions"]:
-        raise UsageError(f"data.max_length {longest} is more than the model's {m['max_positions']} positions "
-                         f"(model.max_positions; a pretrained model fixes it)")
-    return Bert(vocab_size, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
-                m["max_positions"], m["norm_eps"], m["position"], m["attention"], m["feed_forward"], m["norm"])
+        raise UsageError(
+            f"data.max_length {longest} is more than the model's {m['max_positions']} positions "
+            f"(model.max_positions; a pretrained model fixes it)"
+        )
+    return Bert(
+        vocab_size,
+        m["d_model"],
+        m["heads"],
+        m["d_ff"],
+        m["layers"],
+        m["dropout"],
+        m["activation"],
+        m["block"],
+        m["max_positions"],
+        m["norm_eps"],
+        m["position"],
+        m["attention"],
+        m["feed_forward"],
+        m["norm"],
+    )
 
 
 class BertForPretraining(nn.Module):

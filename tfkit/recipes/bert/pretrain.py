@@ -59,6 +59,7 @@ from tfkit.registry import register
 IS_NEXT, NOT_NEXT = 0, 1  # the Hugging Face convention for NSP labels
 TOKEN_COLUMNS = datasets.Features({"ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32")})
 
+
 def sentence_rows(rows: datasets.Dataset, column: str, split: str) -> datasets.Dataset:
     """The sentences of a split as rows of ``text`` and ``first`` (the first sentence of a document),
     in an Arrow table (memory-mapped when ``rows`` come from files). Blank rows separate documents;
@@ -204,7 +205,9 @@ class BertPretrain(BertRecipe):
             training = TableText(texts["train"], self.documents["train"])
             self.settle_vocabulary(training, int(training.chosen.sum()))
             # WordPiece reads the text twice: once for its characters, once to learn
-            with Preparing("training the tokenizer on the train sentences", total=2 * int(training.chosen.sum()), unit="sentences") as shown:
+            with Preparing(
+                "training the tokenizer on the train sentences", total=2 * int(training.chosen.sum()), unit="sentences"
+            ) as shown:
                 training.shown = shown
                 self.tokenizer = train_wordpiece(training, data["vocab_size"], SPECIALS)
             training.shown = None
@@ -298,7 +301,9 @@ class BertPretrain(BertRecipe):
         return Loss([(mlm, len(mlm_logits)), (nsp, len(nsp_logits))], int((batch["token_ids"] != PAD).sum()))
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, tuple[float, int, int, int, int]]:
+    def eval_outputs(
+        self, model: nn.Module, split: str, rank: int = 0, world: int = 1
+    ) -> dict[int, tuple[float, int, int, int, int]]:
         """Per held-out batch: MLM loss summed, MLM right and total, NSP right and total."""
         model.eval()
         device = next(model.parameters()).device
@@ -316,7 +321,9 @@ class BertPretrain(BertRecipe):
         return out
 
     def score(self, split: str, outputs: list[tuple[float, int, int, int, int]]) -> dict[str, float]:
-        mlm_loss, mlm_correct, mlm_total, nsp_correct, nsp_total = (sum(column) for column in zip(*outputs)) if outputs else (0,) * 5
+        mlm_loss, mlm_correct, mlm_total, nsp_correct, nsp_total = (
+            (sum(column) for column in zip(*outputs)) if outputs else (0,) * 5
+        )
         return {
             "mlm_accuracy": 100.0 * mlm_correct / max(1, mlm_total),
             "mlm_loss": mlm_loss / max(1, mlm_total),
@@ -337,16 +344,26 @@ class BertPretrain(BertRecipe):
                 print(f"warning: {path}:{number}: no [MASK] in the line, its output is left empty", file=sys.stderr)
                 out.write("\n")
                 continue
-            fillings = ["\t".join(f"{token} {p:.3f}" for token, p in mask) for mask in self.fill_masks(model, ids, segments, positions, top_k)]
+            fillings = [
+                "\t".join(f"{token} {p:.3f}" for token, p in mask)
+                for mask in self.fill_masks(model, ids, segments, positions, top_k)
+            ]
             out.write("\t|\t".join(fillings) + "\n")
 
     @torch.no_grad()
-    def fill_masks(self, model: nn.Module, ids: list[int], segments: list[int], positions: list[int], top_k: int) -> list[list[tuple[str, float]]]:
+    def fill_masks(
+        self, model: nn.Module, ids: list[int], segments: list[int], positions: list[int], top_k: int
+    ) -> list[list[tuple[str, float]]]:
         """The ``top_k`` likeliest (token, probability) fillings of each masked position."""
         device = next(model.parameters()).device
-        mlm_logits, _ = model(torch.tensor([ids], device=device), torch.tensor([segments], device=device), torch.tensor(positions, device=device))
+        mlm_logits, _ = model(
+            torch.tensor([ids], device=device), torch.tensor([segments], device=device), torch.tensor(positions, device=device)
+        )
         probs, tokens = mlm_logits.float().softmax(-1).topk(top_k, dim=-1)
-        return [[(self.tokenizer.id_to_token(t), p) for p, t in zip(row_p.tolist(), row_t.tolist())] for row_p, row_t in zip(probs, tokens)]
+        return [
+            [(self.tokenizer.id_to_token(t), p) for p, t in zip(row_p.tolist(), row_t.tolist())]
+            for row_p, row_t in zip(probs, tokens)
+        ]
 
     def page_panels(self, model: nn.Module, ids: list[int], segments: list[int]) -> list[dict]:
         """Fill-mask predictions when the input has [MASK]."""
@@ -354,8 +371,19 @@ class BertPretrain(BertRecipe):
         if not positions:
             return []
         fillings = self.fill_masks(model, ids, segments, positions, self.config["predict"]["top_k"])
-        rows = [[position, rank + 1, token, round(p, 4)] for position, mask in zip(positions, fillings) for rank, (token, p) in enumerate(mask)]
-        return [{"kind": "table", "title": "fill-mask: the likeliest tokens at each [MASK]", "columns": ["position", "rank", "token", "probability"], "rows": rows}]
+        rows = [
+            [position, rank + 1, token, round(p, 4)]
+            for position, mask in zip(positions, fillings)
+            for rank, (token, p) in enumerate(mask)
+        ]
+        return [
+            {
+                "kind": "table",
+                "title": "fill-mask: the likeliest tokens at each [MASK]",
+                "columns": ["position", "rank", "token", "probability"],
+                "rows": rows,
+            }
+        ]
 
     # -- starting from a transformers BERT, and going back to one ---------------------------------
     @classmethod
@@ -376,24 +404,39 @@ class BertPretrain(BertRecipe):
         try:
             missing, _ = model.load_state_dict({**weights, **(heads or {})}, strict=False)
         except RuntimeError as e:  # sizes changed with --set after --init
-            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+            raise UsageError(
+                f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})"
+            ) from None
         if "bert.pooler.weight" in missing:
             raise UsageError(f"{path} has no pooler, which next-sentence prediction needs (a BertModel or BertForPreTraining is)")
 
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
         """(B, T) token and segment ids → masked-LM logits at every position (B, T, V) and NSP logits (B, 2)."""
         axes = {"token_ids": {0: "batch", 1: "length"}, "segment_ids": {0: "batch", 1: "length"}}
-        return [Graph("model", EveryPosition(model), self.onnx_example, ["mlm_logits", "nsp_logits"], axes,
-                      limits={"length": {"max": self.config["model"]["max_positions"]}})]
+        return [
+            Graph(
+                "model",
+                EveryPosition(model),
+                self.onnx_example,
+                ["mlm_logits", "nsp_logits"],
+                axes,
+                limits={"length": {"max": self.config["model"]["max_positions"]}},
+            )
+        ]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        return {**super().onnx_processing(out), "outputs": "mlm_logits (B, T, V): a filling for each [MASK] position; "
-                "nsp_logits (B, 2): 0 is next sentence, 1 is not"}
+        return {
+            **super().onnx_processing(out),
+            "outputs": "mlm_logits (B, T, V): a filling for each [MASK] position; "
+            "nsp_logits (B, 2): 0 is next sentence, 1 is not",
+        }
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
         m = self.config["model"]
         if m["activation"] != "gelu":
-            raise UsageError(f"model.activation '{m['activation']}': BertForPreTraining's masked-LM head would use it where ours uses GELU")
+            raise UsageError(
+                f"model.activation '{m['activation']}': BertForPreTraining's masked-LM head would use it where ours uses GELU"
+            )
         config = {**bert_config_to_hf(m, self.tokenizer.get_vocab_size()), "architectures": ["BertForPreTraining"]}
         write_folder(out, config, bert_weights_to_hf(model.state_dict(), len(model.bert.encoder.layers), PRETRAINING_HEADS))
         self.write_hf_tokenizer(out)

@@ -54,9 +54,13 @@ def checked_question(where: str, qid: str, question: Any, context: Any, answers:
         if not isinstance(text, str) or not text.strip():
             raise UsageError(f"{where} has an empty answer text")
         if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= len(context) - len(text):
-            raise UsageError(f"{where}: answer_start {start!r} does not fit the answer {text!r} in its context of {len(context)} characters")
+            raise UsageError(
+                f"{where}: answer_start {start!r} does not fit the answer {text!r} in its context of {len(context)} characters"
+            )
         if context[start : start + len(text)] != text:
-            raise UsageError(f"{where}: the answer {text!r} is not the context's text at {start} ({context[start : start + len(text)]!r})")
+            raise UsageError(
+                f"{where}: the answer {text!r} is not the context's text at {start} ({context[start : start + len(text)]!r})"
+            )
     return Question(qid, question, context, answers or [])
 
 
@@ -92,8 +96,10 @@ def read_squad(path: Path, answers: bool = True) -> list[Question] | None:
                 entry = f"{where}.qas[{q}]" + (f" (id {qid})" if qid else "")
                 given = None
                 if answers:
-                    given = [(field(x, "text", str, f"{entry}.answers[{k}]"), field(x, "answer_start", int, f"{entry}.answers[{k}]"))
-                             for k, x in enumerate(field(qa, "answers", list, entry))]
+                    given = [
+                        (field(x, "text", str, f"{entry}.answers[{k}]"), field(x, "answer_start", int, f"{entry}.answers[{k}]"))
+                        for k, x in enumerate(field(qa, "answers", list, entry))
+                    ]
                 out.append(checked_question(f"{path}: {entry}", qid, field(qa, "question", str, entry), context, given))
     return out
 
@@ -134,15 +140,26 @@ class Window(NamedTuple):
     spans: list[tuple[int, int]]  # each context token's characters [start, end) in the context
 
 
-def windows(question: list[int], context: list[int], offsets: list[tuple[int, int]], answer: tuple[int, int] | None,
-            max_length: int, stride: int, number: int = 0, cls: int = CLS, sep: int = SEP) -> list[Window]:
+def windows(
+    question: list[int],
+    context: list[int],
+    offsets: list[tuple[int, int]],
+    answer: tuple[int, int] | None,
+    max_length: int,
+    stride: int,
+    number: int = 0,
+    cls: int = CLS,
+    sep: int = SEP,
+) -> list[Window]:
     """Windows over a context's tokens that overlap by ``stride`` tokens (HF run_qa's doc_stride),
     each beside the question; ``answer`` is the characters [start, end) of the context to label."""
     question = question[: max_length // 2]  # a long question still leaves half of each window to the context
     room = max_length - len(question) - 3
     if stride >= room:
-        raise UsageError(f"data.doc_stride {stride} must be smaller than the {room} context tokens that fit beside a "
-                         f"question of {len(question)} tokens in data.max_length {max_length}")
+        raise UsageError(
+            f"data.doc_stride {stride} must be smaller than the {room} context tokens that fit beside a "
+            f"question of {len(question)} tokens in data.max_length {max_length}"
+        )
     inside = [i for i, (start, end) in enumerate(offsets) if answer is not None and start < answer[1] and end > answer[0]]
     first = len(question) + 2
     out, begin = [], 0
@@ -224,8 +241,14 @@ class QuestionAnswering(Task):
         ids = rows["id"][:] if "id" in rows.column_names else [str(i + 1) for i in range(len(rows))]
         out = []
         for i, (qid, question, context, answers) in enumerate(zip(ids, *(rows[c][:] for c in columns))):
-            if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
-                raise UsageError(f"the {split} data's row {i + 1} has answers {answers!r}, not {{'text': [...], 'answer_start': [...]}}")
+            if (
+                not isinstance(answers, dict)
+                or not isinstance(answers.get("text"), list)
+                or not isinstance(answers.get("answer_start"), list)
+            ):
+                raise UsageError(
+                    f"the {split} data's row {i + 1} has answers {answers!r}, not {{'text': [...], 'answer_start': [...]}}"
+                )
             given = list(zip(answers["text"], answers["answer_start"]))
             out.append(checked_question(f"the {split} data's row {i + 1}", str(qid), question, context, given))
         return out
@@ -256,14 +279,21 @@ class QuestionAnswering(Task):
 
     def loss(self, logits: Tensor, batch: Batch) -> list[tuple[Tensor, float]]:
         """The mean of the start and end cross-entropies."""
-        total = F.cross_entropy(logits[..., 0], batch["start"], reduction="sum") + F.cross_entropy(logits[..., 1], batch["end"], reduction="sum")
+        total = F.cross_entropy(logits[..., 0], batch["start"], reduction="sum") + F.cross_entropy(
+            logits[..., 1], batch["end"], reduction="sum"
+        )
         return [(total, 2 * len(logits))]
 
-    def window_answers(self, model: nn.Module, windows: list[Window], rank: int = 0, world: int = 1) -> dict[int, tuple[float, int, int]]:
+    def window_answers(
+        self, model: nn.Module, windows: list[Window], rank: int = 0, world: int = 1
+    ) -> dict[int, tuple[float, int, int]]:
         """Each window's best answer (:func:`window_answer`), keyed by the window's place."""
         out = {}
         for places, logits in self.recipe.outputs(model, windows, rank, world):
-            out.update((place, window_answer(windows[place], scores, self.config["data"]["max_answer_length"])) for place, scores in zip(places, logits))
+            out.update(
+                (place, window_answer(windows[place], scores, self.config["data"]["max_answer_length"]))
+                for place, scores in zip(places, logits)
+            )
         return out
 
     def answers(self, model: nn.Module, rows: list[Question], windows: list[Window]) -> list[tuple[int, int]]:
@@ -309,7 +339,9 @@ class QuestionAnswering(Task):
                 raise UsageError(f"{path}: no such file")
             found = read_squad(path, answers=False)
             if found is None:
-                raise UsageError(f"{path}: not one JSON object in SQuAD's layout (use .jsonl for a question and context per line)")
+                raise UsageError(
+                    f"{path}: not one JSON object in SQuAD's layout (use .jsonl for a question and context per line)"
+                )
             return found
         data = self.config["data"]
         out: list[Question | None] = []
@@ -319,7 +351,11 @@ class QuestionAnswering(Task):
                     row = json.loads(line)
                     if not isinstance(row, dict):
                         raise UsageError("expected a JSON object")
-                    qid, question, context = str(row.get("id", "")), row.get(data["question_column"]), row.get(data["context_column"])
+                    qid, question, context = (
+                        str(row.get("id", "")),
+                        row.get(data["question_column"]),
+                        row.get(data["context_column"]),
+                    )
                 elif "\t" in line:
                     question, context = line.split("\t", 1)
                     qid = ""

@@ -30,6 +30,7 @@ class BertRecipe(TokenizerRecipe):
 
     def settle_vocabulary(self, texts: Iterable[str], total: int) -> None:
         """data.vocab_size when auto, measured on the WordPiece of the first VOCAB_SAMPLE ``texts`` of ``total``."""
+
         def infer() -> tuple[int, str]:
             sample = list(itertools.islice(texts, VOCAB_SAMPLE))
             return choose_vocab_size(sample, lambda sample, size: train_wordpiece(sample, size, SPECIALS), total)
@@ -38,6 +39,7 @@ class BertRecipe(TokenizerRecipe):
 
     def settle_length(self, lengths: Callable[[], Iterable[int]]) -> None:
         """data.max_length when auto: a high percentile of ``lengths()`` (with [CLS] and [SEP]), at most model.max_positions."""
+
         def infer() -> tuple[int, str]:
             limit, why = length_limit(lengths())
             positions = self.config["model"]["max_positions"]
@@ -65,20 +67,34 @@ class BertRecipe(TokenizerRecipe):
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         self.write_hf_tokenizer(out)
-        return {"tokenizer": "tokenizer.json", "max_length": self.config["data"]["max_length"],
-                "inputs": "token_ids from tokenizer.json ([CLS] A [SEP], or [CLS] A [SEP] B [SEP]), segment_ids 0 for A and 1 for B, "
-                          "padded with [PAD] (id 0), which no position attends to"}
+        return {
+            "tokenizer": "tokenizer.json",
+            "max_length": self.config["data"]["max_length"],
+            "inputs": "token_ids from tokenizer.json ([CLS] A [SEP], or [CLS] A [SEP] B [SEP]), segment_ids 0 for A and 1 for B, "
+            "padded with [PAD] (id 0), which no position attends to",
+        }
 
     def write_hf_tokenizer(self, out: Path) -> None:
         """The run's WordPiece as ``AutoTokenizer`` loads it: tfkit adds [CLS] and [SEP] itself, a
         transformers tokenizer through its post-processor, with the second segment's type ids."""
         tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
         specials = [(t, self.tokenizer.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
-        tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials)
-        write_tokenizer(out, tokenizer, self.config["model"]["max_positions"], {
-            "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
-            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-        })
+        tokenizer.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=specials
+        )
+        write_tokenizer(
+            out,
+            tokenizer,
+            self.config["model"]["max_positions"],
+            {
+                "pad_token": "[PAD]",
+                "unk_token": "[UNK]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "mask_token": "[MASK]",
+                "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+            },
+        )
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         """A sentence, or two separated by a tab or ' ||| ', as BERT sees them."""
@@ -98,7 +114,10 @@ class BertRecipe(TokenizerRecipe):
                 draw_heads(w, tokens, tokens, name, out_dir / f"{name}.png", boundary=boundary)
 
         def page(weights: dict) -> dict:
-            return {"panels": self.page_panels(model, ids, segments), "boundaries": {} if boundary is None else {"tokens": boundary}}
+            return {
+                "panels": self.page_panels(model, ids, segments),
+                "boundaries": {} if boundary is None else {"tokens": boundary},
+            }
 
         return AttentionExample(
             run=lambda: model.bert(token_ids, segment_ids),

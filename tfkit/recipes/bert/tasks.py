@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100  # label of the positions a tagger is not scored on: specials and non-first sub-tokens
 
+
 def entities(tags: list[str]) -> set[tuple[int, int, str]]:
     """(start, end, type) spans of a BIO sequence; an I- without its B- starts a span, as conlleval does."""
     spans, start, kind = set(), None, None
@@ -69,7 +70,9 @@ class Task:
     def loss(self, logits: Tensor, batch: Batch) -> list[tuple[Tensor, float]]:
         """Cross-entropy summed over the labelled positions, and their count (see :class:`Loss`)."""
         labels = batch["labels"].flatten()
-        return [(F.cross_entropy(logits.flatten(0, -2), labels, ignore_index=IGNORE, reduction="sum"), int((labels != IGNORE).sum()))]
+        return [
+            (F.cross_entropy(logits.flatten(0, -2), labels, ignore_index=IGNORE, reduction="sum"), int((labels != IGNORE).sum()))
+        ]
 
 
 class Classify(Task):
@@ -88,7 +91,9 @@ class Classify(Task):
         data = self.config["data"]
         text_columns = [data["text_column"]] + ([data["text_pair_column"]] if self.pair else [])
         label_column = data["label_column"]
-        require_columns(rows, split, [*text_columns, label_column], "data.text_column, data.text_pair_column and data.label_column")
+        require_columns(
+            rows, split, [*text_columns, label_column], "data.text_column, data.text_pair_column and data.label_column"
+        )
         feature = rows.features[label_column]
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
         texts = [rows[c][:] for c in text_columns]  # lists: a Column reads Arrow item by item
@@ -221,7 +226,9 @@ class Tag(Task):
             "labels": pad_rows([labels for _, _, labels in examples], IGNORE),
         }
 
-    def predicted_tags(self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]], rank: int = 0, world: int = 1) -> dict[int, list[str]]:
+    def predicted_tags(
+        self, model: nn.Module, examples: list[tuple[list[int], list[int], list[int]]], rank: int = 0, world: int = 1
+    ) -> dict[int, list[str]]:
         """The tag of each word, read at its first sub-token (the positions whose label is not IGNORE),
         keyed by the example's place."""
         out = {}

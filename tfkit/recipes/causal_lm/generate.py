@@ -32,8 +32,17 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
 
 
 @torch.no_grad()
-def stream(model: CausalLM, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator, stop: int, repetition_penalty: float = 1.0) -> Iterator[int]:
+def stream(
+    model: CausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+    stop: int,
+    repetition_penalty: float = 1.0,
+) -> Iterator[int]:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens, yielding each as it is chosen (fewer at
     token ``stop``, END_OF_TEXT, or the model's last position)."""
     device = next(model.parameters()).device
@@ -54,7 +63,16 @@ def stream(model: CausalLM, prompt: list[int], max_new_tokens: int, temperature:
         hidden = model(torch.tensor([[token]], device=device), cache)
 
 
-def generate(model: CausalLM, prompt: list[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-             generator: torch.Generator, stop: int, repetition_penalty: float = 1.0) -> list[int]:
+def generate(
+    model: CausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+    stop: int,
+    repetition_penalty: float = 1.0,
+) -> list[int]:
     """The whole continuation of :func:`stream`."""
     return list(stream(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, stop, repetition_penalty))

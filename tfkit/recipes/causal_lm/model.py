@@ -21,19 +21,45 @@ class CausalLM(nn.Module):
     queries and keys), a causal stack of ``block`` with its parts as named (None: the block's own),
     the tied output."""
 
-    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, layers: int, dropout: float,
-                 activation: str, block: str, position: str, max_positions: int, attention: str | None = None,
-                 feed_forward: str | None = None, norm: str | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        layers: int,
+        dropout: float,
+        activation: str,
+        block: str,
+        position: str,
+        max_positions: int,
+        attention: str | None = None,
+        feed_forward: str | None = None,
+        norm: str | None = None,
+    ):
         super().__init__()
         self.max_positions = max_positions
         self.tokens = nn.Embedding(vocab_size, d_model)
         self.position, rotary = build_position(position, d_model, heads, max_positions)
         self.dropout = Dropout(dropout)
-        self.decoder = CausalDecoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary,
-                                     attention=attention, feed_forward=feed_forward, norm=norm)
+        self.decoder = CausalDecoder(
+            block,
+            layers,
+            d_model,
+            heads,
+            d_ff,
+            dropout,
+            activation,
+            rotary,
+            attention=attention,
+            feed_forward=feed_forward,
+            norm=norm,
+        )
         for name, p in self.named_parameters():
             if p.dim() >= 2:  # GPT-2: N(0, 0.02), residual outputs scaled by 1/√(2·layers)
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "down.weight")) else 0.02)
+                nn.init.normal_(
+                    p, std=0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "down.weight")) else 0.02
+                )
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
@@ -76,9 +102,17 @@ class LSTMLanguageModel(nn.Module):
             raise UsageError(f"the LSTM's model.d_ff {hidden} (its hidden units) must be at least model.d_model {d_model}")
         self.max_positions = max_positions
         self.tokens = nn.Embedding(vocab_size, d_model)
-        nn.init.uniform_(self.tokens.weight, -0.1, 0.1)  # as Zaremba et al. and Merity et al.: 0.02 left the tied logits too small to learn
-        self.lstm = nn.LSTM(d_model, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0,
-                            proj_size=d_model if hidden > d_model else 0)
+        nn.init.uniform_(
+            self.tokens.weight, -0.1, 0.1
+        )  # as Zaremba et al. and Merity et al.: 0.02 left the tied logits too small to learn
+        self.lstm = nn.LSTM(
+            d_model,
+            hidden,
+            layers,
+            batch_first=True,
+            dropout=dropout if layers > 1 else 0.0,
+            proj_size=d_model if hidden > d_model else 0,
+        )
         self.dropout = Dropout(dropout)
 
     def new_cache(self, length: int = 16) -> list[LSTMState]:

@@ -60,15 +60,18 @@ class CausalLanguageModel(TokenizerRecipe):
 
     config_file = "causal-lm.yaml"
     minimised = ("perplexity", "bits_per_byte")
-    ranges = configs.ranges((*configs.AT_LEAST_1, ("block_size", "stride")), (*configs.FRACTION, ("held_out",)),
-                            (*configs.OFF_AT_0, ("eval_blocks",)))
+    ranges = configs.ranges(
+        (*configs.AT_LEAST_1, ("block_size", "stride")), (*configs.FRACTION, ("held_out",)), (*configs.OFF_AT_0, ("eval_blocks",))
+    )
     choices = {"model.family": ("transformer", "lstm")}
     BUILTIN_SIZES = {"data.vocab_size": 4096, "train.steps": 1000}  # what the standard library's source needs
 
     def prepare(self, run_dir: Path | None = None) -> None:
         data = self.config["data"]
         if data["block_size"] > self.config["model"]["max_positions"]:
-            raise UsageError(f"data.block_size {data['block_size']} is more than model.max_positions {self.config['model']['max_positions']}")
+            raise UsageError(
+                f"data.block_size {data['block_size']} is more than model.max_positions {self.config['model']['max_positions']}"
+            )
         documents = read_documents(data, self.config["seed"])
         if run_dir is not None:
             self.load(run_dir)
@@ -76,16 +79,26 @@ class CausalLanguageModel(TokenizerRecipe):
             init = self.config["init"]
             if not init:
                 self.settle("data.vocab_size", lambda: self._vocab_size(documents["train"]))
-            self._use(load_tokenizer(Path(init)) if init else train_byte_bpe(documents["train"], data["vocab_size"]), init or "this run")
-        self.streams = {split: token_stream(documents[split], self.tokenizer, self.eot, split) for split in SPLITS}  # (N,) int32, memory-mapped
-        self._compressed: dict[tuple[str, bool], dict[str, float]] = {}  # by split and sample: the compressors' figures, measured once
+            self._use(
+                load_tokenizer(Path(init)) if init else train_byte_bpe(documents["train"], data["vocab_size"]), init or "this run"
+            )
+        self.streams = {
+            split: token_stream(documents[split], self.tokenizer, self.eot, split) for split in SPLITS
+        }  # (N,) int32, memory-mapped
+        self._compressed: dict[
+            tuple[str, bool], dict[str, float]
+        ] = {}  # by split and sample: the compressors' figures, measured once
         block, batch = data["block_size"], self.config["train"]["batch_size"]
         for split in SPLITS:
             if len(self.streams[split]) <= block + 1:
-                raise UsageError(f"the {split} text has {len(self.streams[split])} tokens, fewer than one block of data.block_size {block}")
+                raise UsageError(
+                    f"the {split} text has {len(self.streams[split])} tokens, fewer than one block of data.block_size {block}"
+                )
         if len(self._blocks("train")) < batch:
-            raise UsageError(f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
-                             f"fewer than train.batch_size {batch} (lower either)")
+            raise UsageError(
+                f"the training text makes {len(self._blocks('train'))} blocks of data.block_size {block}, "
+                f"fewer than train.batch_size {batch} (lower either)"
+            )
         self.settle_steps(len(self._blocks("train")))
 
     @staticmethod
@@ -114,8 +127,21 @@ class CausalLanguageModel(TokenizerRecipe):
             return LSTMLanguageModel(vocab, m["d_model"], m["d_ff"], m["layers"], m["dropout"], m["max_positions"])
         if m["family"] != "transformer":
             raise UsageError(f"unknown model.family '{m['family']}' (valid: transformer, lstm)")
-        return CausalLM(vocab, m["d_model"], m["heads"], m["d_ff"], m["layers"], m["dropout"], m["activation"], m["block"],
-                        m["position"], m["max_positions"], m["attention"], m["feed_forward"], m["norm"])
+        return CausalLM(
+            vocab,
+            m["d_model"],
+            m["heads"],
+            m["d_ff"],
+            m["layers"],
+            m["dropout"],
+            m["activation"],
+            m["block"],
+            m["position"],
+            m["max_positions"],
+            m["attention"],
+            m["feed_forward"],
+            m["norm"],
+        )
 
     # -- training ---------------------------------------------------------------------------------
     def _blocks(self, split: str, shift: int = 0) -> np.ndarray:
@@ -171,8 +197,9 @@ class CausalLanguageModel(TokenizerRecipe):
         return super().evaluate(model, split, **{"whole": True, **options})
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1,
-                     stride: int | None = None, whole: bool = False) -> dict[int, tuple[float, int, int, int]]:
+    def eval_outputs(
+        self, model: nn.Module, split: str, rank: int = 0, world: int = 1, stride: int | None = None, whole: bool = False
+    ) -> dict[int, tuple[float, int, int, int]]:
         """Per window of the held-out stream (a block when ``stride`` is block_size, the default): the
         next-token loss summed over its scored tokens (nats), right guesses, tokens, bytes. Without
         ``whole`` or ``stride`` (a validation during training), the blocks of :meth:`_sample` only."""
@@ -192,7 +219,12 @@ class CausalLanguageModel(TokenizerRecipe):
             for row, place in enumerate(places):
                 new = slice(int(seen[place]), None)
                 targets = batch["targets"][row, new]
-                out[place] = (nats[row, new].sum().item(), int(right[row, new].sum()), targets.numel(), int(self.byte_counts[targets.numpy()].sum()))
+                out[place] = (
+                    nats[row, new].sum().item(),
+                    int(right[row, new].sum()),
+                    targets.numel(),
+                    int(self.byte_counts[targets.numpy()].sum()),
+                )
         return out
 
     def score(self, split: str, outputs: list[tuple[float, int, int, int]]) -> dict[str, float]:
@@ -220,9 +252,18 @@ class CausalLanguageModel(TokenizerRecipe):
         return self._compressed[split, sampled]
 
     # -- using a trained run ----------------------------------------------------------------------
-    def predict_file(self, model: nn.Module, path: Path, out: TextIO, top_k: int | None = None, temperature: float | None = None,
-                     top_p: float | None = None, max_new_tokens: int | None = None, seed: int | None = None,
-                     repetition_penalty: float | None = None) -> None:
+    def predict_file(
+        self,
+        model: nn.Module,
+        path: Path,
+        out: TextIO,
+        top_k: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        repetition_penalty: float | None = None,
+    ) -> None:
         """One continuation per prompt line (its newlines written as \\n, so one output line per input
         line); the same seed gives the same text. On a terminal each continuation is written as it is
         generated. An empty or too long line is reported and left empty."""
@@ -237,7 +278,11 @@ class CausalLanguageModel(TokenizerRecipe):
         for number, line in enumerate(read_lines(path), 1):
             prompt = self.tokenizer.encode(line.replace("\\n", "\n")).ids
             if not line.strip() or len(prompt) >= model.max_positions:
-                why = "empty line" if not line.strip() else f"{len(prompt)} tokens, as many as the model's {model.max_positions} positions"
+                why = (
+                    "empty line"
+                    if not line.strip()
+                    else f"{len(prompt)} tokens, as many as the model's {model.max_positions} positions"
+                )
                 print(f"warning: {path}:{number}: {why}; its output line is left empty", file=sys.stderr)
                 out.write("\n")
                 continue
@@ -286,7 +331,9 @@ class CausalLanguageModel(TokenizerRecipe):
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # sizes changed with --set after --init
-            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+            raise UsageError(
+                f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})"
+            ) from None
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
         interop.export_hf(self.config["model"], model.state_dict(), self.tokenizer, self.eot, out)
@@ -295,6 +342,9 @@ class CausalLanguageModel(TokenizerRecipe):
         return [interop.onnx_graph(model, self.tokenizer.get_vocab_size(), self.config["model"]["max_positions"])]
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
-        return {**super().onnx_processing(out), "end_of_text": self.eot, "max_positions": self.config["model"]["max_positions"],
-                "outputs": "logits (B, T, V): position t's scores for token t + 1; generate by appending the chosen token and running again"}
-
+        return {
+            **super().onnx_processing(out),
+            "end_of_text": self.eot,
+            "max_positions": self.config["model"]["max_positions"],
+            "outputs": "logits (B, T, V): position t's scores for token t + 1; generate by appending the chosen token and running again",
+        }

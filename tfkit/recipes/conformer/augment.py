@@ -136,7 +136,9 @@ def warp_spectrum(spectrum: Tensor, warp: float) -> Tensor:
     return spectrum[low] * (1 - weight) + spectrum[high] * weight
 
 
-def augment(samples: Tensor, cfg: dict[str, Any], sample_rate: int, generator: torch.Generator, others: list[Tensor]) -> tuple[Tensor, float]:
+def augment(
+    samples: Tensor, cfg: dict[str, Any], sample_rate: int, generator: torch.Generator, others: list[Tensor]
+) -> tuple[Tensor, float]:
     """One training utterance through each augmentation its rate draws (config ``augment``), with
     ``others`` (the rest of its batch) as the voices of babble; returns the samples and the warp for
     the spectrum (1.0: none)."""
@@ -148,7 +150,9 @@ def augment(samples: Tensor, cfg: dict[str, Any], sample_rate: int, generator: t
         samples = speed(samples, choice(cfg["speed"]["factors"], generator), sample_rate)
     if drawn("reverb"):
         room = cfg["reverb"]
-        response = room_impulse_response(uniform(room["rt60_s"], generator), uniform(room["drr_db"], generator), sample_rate, generator)
+        response = room_impulse_response(
+            uniform(room["rt60_s"], generator), uniform(room["drr_db"], generator), sample_rate, generator
+        )
         samples = reverberate(samples, response)
     if drawn("noise"):
         noise = coloured_noise(len(samples), choice(cfg["noise"]["colours"], generator), generator)

@@ -54,13 +54,17 @@ def read_audio(path: Path | str | None, data: bytes | None, sample_rate: int) ->
     try:
         seconds = soundfile.info(source).duration
         if seconds > MAX_SECONDS:
-            raise UsageError(f"{path}: the recording is {seconds:.0f} s long, more than the {MAX_SECONDS} s tfkit "
-                             f"transcribes at once (attention grows with its square: cut it into shorter pieces)")
+            raise UsageError(
+                f"{path}: the recording is {seconds:.0f} s long, more than the {MAX_SECONDS} s tfkit "
+                f"transcribes at once (attention grows with its square: cut it into shorter pieces)"
+            )
         if data is not None:
             source.seek(0)
         samples, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise UsageError(
+            f"{path}: not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if samples.shape[0] == 0:
         raise UsageError(f"{path}: the audio is empty")
     mono = torch.from_numpy(samples.mean(axis=1))
@@ -81,8 +85,9 @@ def normalise_text(text: str, lowercase: bool) -> str:
     return text.lower() if lowercase else text
 
 
-def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features: dict[str, Any],
-              log_mel: Callable[[Tensor], Tensor]) -> datasets.Dataset:
+def featurise(
+    rows: datasets.Dataset, split: str, data: dict[str, Any], features: dict[str, Any], log_mel: Callable[[Tensor], Tensor]
+) -> datasets.Dataset:
     """Rows of transcript, frame count and log-mel features (flattened), or for training the 16-bit
     samples the loader augments; each audio cell is a path (relative to the manifest or folder
     ``data.name``) or decoded bytes, read with progress shown. Two kinds of recording are left with
@@ -131,18 +136,34 @@ def featurise(rows: datasets.Dataset, split: str, data: dict[str, Any], features
 
     # "short": the column that tells a too-short recording from an unreadable one (a cache written
     # before it holds only "problem", and is not reused)
-    settings = [split, kept, *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")), features, "short"]
+    settings = [
+        split,
+        kept,
+        *(data[k] for k in ("name", "audio_column", "text_column", "sample_rate", "lowercase")),
+        features,
+        "short",
+    ]
     values = datasets.Sequence(datasets.Value("int16" if kept == "samples" else "float32"))
-    columns = datasets.Features({"text": datasets.Value("string"), kept: values, "frames": datasets.Value("int64"),
-                                 "problem": datasets.Value("string"), "short": datasets.Value("string")})
+    columns = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            kept: values,
+            "frames": datasets.Value("int64"),
+            "problem": datasets.Value("string"),
+            "short": datasets.Value("string"),
+        }
+    )
     with Preparing(f"reading the {split} recordings", total=len(rows), unit="recordings") as shown:
         done = encode_once(rows, encode, settings, columns)
     report_unusable(done, split, "recordings")
     short = [name for name in done["short"][:] if name]
     if short:
         named = "; ".join(short[:3]) + (f"; and {len(short) - 3} more" if len(short) > 3 else "")
-        print(f"warning: skipped {len(short)} of the {len(done)} recordings in the {split} data as too short to leave one "
-              f"frame after subsampling ({named})", file=sys.stderr)
+        print(
+            f"warning: skipped {len(short)} of the {len(done)} recordings in the {split} data as too short to leave one "
+            f"frame after subsampling ({named})",
+            file=sys.stderr,
+        )
     if not any(frames > 0 for frames in done["frames"][:]):
         raise UsageError(f"none of the {len(done)} recordings in the {split} data can be used (too short or unreadable)")
     return done if split == "train" else done.filter(lambda frames: frames > 0, input_columns="frames")
@@ -194,15 +215,27 @@ PLAIN_SHARE = 0.1  # of training utterances in a plain voice: the one a user's `
 # most 0.5 s there), other speakers talking whose voices training never heard (its babble is of
 # training voices), and a small loudspeaker's band (training band-limits only through the 8 kHz
 # telephone channel)
-HELD_OUT_CHANNEL = {"rt60_s": (0.6, 0.9), "drr_db": (0.0, 6.0), "babble_voices": 3, "snr_db": (10.0, 20.0), "band_hz": (400.0, 5000.0)}
+HELD_OUT_CHANNEL = {
+    "rt60_s": (0.6, 0.9),
+    "drr_db": (0.0, 6.0),
+    "babble_voices": 3,
+    "snr_db": (10.0, 20.0),
+    "band_hz": (400.0, 5000.0),
+}
 SPLIT_NAMES = (*SPLITS, "test_channel")
 ESPEAK_TAIL_S = 0.3  # what `espeak-ng -w` writes after the last sound
 
 
 def speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
     keys = ("train_size", "validation_size", "test_size", "sample_rate", "snr_db", "pause_s")
-    key = {"seed": seed, **{k: data[k] for k in keys}, "accents": ACCENTS, "plain": PLAIN_SHARE, "channel": HELD_OUT_CHANNEL,
-           "draws": [RATES, PITCHES, PITCH_RANGES]}
+    key = {
+        "seed": seed,
+        **{k: data[k] for k in keys},
+        "accents": ACCENTS,
+        "plain": PLAIN_SHARE,
+        "channel": HELD_OUT_CHANNEL,
+        "draws": [RATES, PITCHES, PITCH_RANGES],
+    }
     return cached("speech", key, lambda: _speech_corpus(data, seed))
 
 
@@ -230,7 +263,9 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
             text = number_text(rng)
             plain = split == "train" and rng.random() < PLAIN_SHARE
             speaker = rng.choice(ACCENTS) + ("" if plain else f"+{rng.choice(speakers[split])}")
-            samples = synth.speak(text, speaker, rate=rng.randint(*RATES), pitch=rng.randint(*PITCHES), pitch_range=rng.randint(*PITCH_RANGES))
+            samples = synth.speak(
+                text, speaker, rate=rng.randint(*RATES), pitch=rng.randint(*PITCHES), pitch_range=rng.randint(*PITCH_RANGES)
+            )
             samples = resample(torch.from_numpy(samples))
             # eSpeak's library ends an utterance 8 ms after its last sound, a recording (or eSpeak's
             # own command line, 0.3 s) later: without pauses in training, CTC spells out the silence
@@ -243,10 +278,20 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
                 samples = add_noise(samples, noise, rng.uniform(*data["snr_db"]))
             _add_row(rows[split], samples, text, speaker, data["sample_rate"])
     for i, samples in enumerate(clean_test):  # the test split's generator goes on to draw the channel
-        others = [clean_test[j] for j in rng.sample([j for j in range(len(clean_test)) if j != i], k=min(HELD_OUT_CHANNEL["babble_voices"], len(clean_test) - 1))]
+        others = [
+            clean_test[j]
+            for j in rng.sample(
+                [j for j in range(len(clean_test)) if j != i], k=min(HELD_OUT_CHANNEL["babble_voices"], len(clean_test) - 1)
+            )
+        ]
         generator = torch.Generator().manual_seed(rng.getrandbits(62))
-        _add_row(rows["test_channel"], held_out_channel(samples, others, data["sample_rate"], generator),
-                 rows["test"]["text"][i], rows["test"]["speaker"][i], data["sample_rate"])
+        _add_row(
+            rows["test_channel"],
+            held_out_channel(samples, others, data["sample_rate"], generator),
+            rows["test"]["text"][i],
+            rows["test"]["speaker"][i],
+            data["sample_rate"],
+        )
     # the layout of datasets.Audio(decode=False), without its encoder's torchcodec dependency
     audio = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
     features = datasets.Features({"audio": audio, "text": datasets.Value("string"), "speaker": datasets.Value("string")})
@@ -256,7 +301,9 @@ def _speech_corpus(data: dict[str, Any], seed: int) -> datasets.DatasetDict:
 def held_out_channel(samples: Tensor, others: list[Tensor], sample_rate: int, generator: torch.Generator) -> Tensor:
     """``samples`` played in a reverberant room over ``others`` talking, through a small loudspeaker's band."""
     channel = HELD_OUT_CHANNEL
-    room = room_impulse_response(uniform(channel["rt60_s"], generator), uniform(channel["drr_db"], generator), sample_rate, generator)
+    room = room_impulse_response(
+        uniform(channel["rt60_s"], generator), uniform(channel["drr_db"], generator), sample_rate, generator
+    )
     crowd = babble(len(samples), others, generator)
     noisy = add_noise(reverberate(samples, room), crowd, uniform(channel["snr_db"], generator))
     low, high = channel["band_hz"]

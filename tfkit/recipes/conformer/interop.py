@@ -24,17 +24,31 @@ def onnx_graphs(model: nn.Module, n_mels: int) -> list[Graph]:
         features = torch.randn(batch, frames, n_mels, generator=torch.Generator().manual_seed(batch * 1000 + length))
         return {"features": features * frame_mask(lengths, frames)[..., None], "lengths": lengths}
 
-    return [Graph("model", model, example, ["log_probs", "output_lengths"], {"features": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}},
-                  limits={"frames": {"min": 16}})]  # the two stride-2 convolutions leave 3 frames
+    return [
+        Graph(
+            "model",
+            model,
+            example,
+            ["log_probs", "output_lengths"],
+            {"features": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}},
+            limits={"frames": {"min": 16}},
+        )
+    ]  # the two stride-2 convolutions leave 3 frames
 
 
 def onnx_processing(data: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
     """What onnx.json says besides the tokenizer: the feature settings and how to read the outputs."""
-    return {"sample_rate": data["sample_rate"], "n_mels": features["n_mels"], "window_ms": features["window_ms"],
-            "hop_ms": features["hop_ms"], "blank_id": BLANK, "lowercase": data["lowercase"],
-            "inputs": "features: mono audio at sample_rate, torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, "
-                      "hop_length=hop, n_mels) with window and hop the milliseconds in samples, log(x + 1e-6), then each "
-                      "mel bin less its mean over the utterance, divided by its standard deviation + 1e-5; zero-padded to "
-                      "the longest in the batch, with lengths its real frames",
-            "outputs": "log_probs (B, T', V): per 40 ms frame; greedy CTC: the best id per frame up to output_lengths, "
-                       "repeats merged, blank_id removed, the rest decoded by tokenizer.json"}
+    return {
+        "sample_rate": data["sample_rate"],
+        "n_mels": features["n_mels"],
+        "window_ms": features["window_ms"],
+        "hop_ms": features["hop_ms"],
+        "blank_id": BLANK,
+        "lowercase": data["lowercase"],
+        "inputs": "features: mono audio at sample_rate, torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, "
+        "hop_length=hop, n_mels) with window and hop the milliseconds in samples, log(x + 1e-6), then each "
+        "mel bin less its mean over the utterance, divided by its standard deviation + 1e-5; zero-padded to "
+        "the longest in the batch, with lengths its real frames",
+        "outputs": "log_probs (B, T', V): per 40 ms frame; greedy CTC: the best id per frame up to output_lengths, "
+        "repeats merged, blank_id removed, the rest decoded by tokenizer.json",
+    }

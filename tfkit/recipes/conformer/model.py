@@ -54,15 +54,40 @@ class ConformerCTC(nn.Module):
     (what a learned table holds): one that acts on the input frames is applied to them, a rotary one
     is handed to every block's self-attention."""
 
-    def __init__(self, features: int, vocab_size: int, subsampling_channels: int, d_model: int, heads: int, d_ff: int,
-                 layers: int, kernel_size: int, dropout: float, drop_path: float, activation: str, attention: str,
-                 position: str = "none", max_frames: int = 7500):
+    def __init__(
+        self,
+        features: int,
+        vocab_size: int,
+        subsampling_channels: int,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        layers: int,
+        kernel_size: int,
+        dropout: float,
+        drop_path: float,
+        activation: str,
+        attention: str,
+        position: str = "none",
+        max_frames: int = 7500,
+    ):
         super().__init__()
         self.subsampling = ConvolutionSubsampling(features, d_model, subsampling_channels, dropout)
         self.position, rotary = build_position(position, d_model, heads, max_frames)
         try:
-            self.encoder = Encoder("conformer", layers, d_model, heads, d_ff, dropout, activation, rotary=rotary,
-                                   drop_path=drop_path, attention=attention, kernel_size=kernel_size)
+            self.encoder = Encoder(
+                "conformer",
+                layers,
+                d_model,
+                heads,
+                d_ff,
+                dropout,
+                activation,
+                rotary=rotary,
+                drop_path=drop_path,
+                attention=attention,
+                kernel_size=kernel_size,
+            )
         except UsageError as e:  # relative_multi_head refuses a rotary position: name the keys that chose them
             raise UsageError(f"model.position {position!r} with model.attention {attention!r}: {e}") from None
         self.head = nn.Linear(d_model, vocab_size)
@@ -72,5 +97,3 @@ class ConformerCTC(nn.Module):
         x, lengths = self.subsampling(features, lengths)
         x = self.encoder(self.position(x), frame_mask(lengths, x.size(1))[:, None, None])
         return self.head(x).float().log_softmax(-1), lengths
-
-

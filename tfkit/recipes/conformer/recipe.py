@@ -76,7 +76,13 @@ def draw_spectrogram(spectrogram: np.ndarray, seconds_per_frame: float, title: s
 
     fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, spectrogram.shape[1] / 40)), 3.5))
     fig.suptitle(title)
-    ax.imshow(spectrogram, origin="lower", aspect="auto", cmap="magma", extent=(0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0]))
+    ax.imshow(
+        spectrogram,
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=(0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0]),
+    )
     ax.set_xlabel("seconds")
     ax.set_ylabel("mel bin")
     fig.tight_layout()
@@ -105,7 +111,9 @@ class Conformer(TokenizerRecipe):
         for colour in self.config["augment"]["noise"]["colours"]:
             if colour not in COLOURS:
                 raise UsageError(f"unknown noise colour '{colour}' in augment.noise.colours (valid: {', '.join(COLOURS)})")
-        splits = load_splits(data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"], split_names=data["splits"])
+        splits = load_splits(
+            data["name"], lambda: speech_corpus(data, seed), seed, hub_config=data["hub_config"], split_names=data["splits"]
+        )
         for split, rows in splits.items():
             require_columns(rows, split, [data["audio_column"], data["text_column"]], "data.audio_column and data.text_column")
         # validation and test features are held in memory; the training split's audio goes into an
@@ -130,7 +138,9 @@ class Conformer(TokenizerRecipe):
         if run_dir is not None:
             self.load(run_dir)
         else:
-            self.tokenizer = train_bpe(texts, data["vocab_size"], SPECIALS) if data["vocab_size"] else ctc_characters(texts, SPECIALS)
+            self.tokenizer = (
+                train_bpe(texts, data["vocab_size"], SPECIALS) if data["vocab_size"] else ctc_characters(texts, SPECIALS)
+            )
         self.labels = [e.ids for e in self.tokenizer.encode_batch(texts)]
         self._drop_unalignable([frames[i] for i in self.train_rows])
         self.settle_steps(len(self.train_rows))
@@ -147,8 +157,11 @@ class Conformer(TokenizerRecipe):
         outputs = ConvolutionSubsampling.output_lengths((torch.tensor(frames) / fastest).long()).tolist()
         keep = [i for i, (n, label) in enumerate(zip(outputs, self.labels)) if len(label) <= n]
         if len(keep) < len(outputs):
-            print(f"warning: skipped {len(outputs) - len(keep)} training utterances whose transcript has more "
-                  f"tokens than the utterance has 40 ms frames (at speed {fastest:g})", file=sys.stderr)
+            print(
+                f"warning: skipped {len(outputs) - len(keep)} training utterances whose transcript has more "
+                f"tokens than the utterance has 40 ms frames (at speed {fastest:g})",
+                file=sys.stderr,
+            )
             if not keep:
                 raise UsageError("no training utterance is long enough for its transcript")
         self.train_rows, self.labels = [self.train_rows[i] for i in keep], [self.labels[i] for i in keep]
@@ -168,9 +181,20 @@ class Conformer(TokenizerRecipe):
         m, hop_ms = self.config["model"], self.config["features"]["hop_ms"]
         longest = ConvolutionSubsampling.output_lengths(MAX_SECONDS * 1000 // hop_ms)  # frames a learned position holds
         return ConformerCTC(
-            self.config["features"]["n_mels"], self.tokenizer.get_vocab_size(), m["subsampling_channels"], m["d_model"],
-            m["heads"], m["d_ff"], m["layers"], m["kernel_size"], m["dropout"], m["drop_path"], m["activation"],
-            m["attention"], m["position"], longest,
+            self.config["features"]["n_mels"],
+            self.tokenizer.get_vocab_size(),
+            m["subsampling_channels"],
+            m["d_model"],
+            m["heads"],
+            m["d_ff"],
+            m["layers"],
+            m["kernel_size"],
+            m["dropout"],
+            m["drop_path"],
+            m["activation"],
+            m["attention"],
+            m["position"],
+            longest,
         )
 
     # -- training ---------------------------------------------------------------------------------
@@ -183,24 +207,41 @@ class Conformer(TokenizerRecipe):
             batch_seed = derive_seed(seed, epoch, b)
             draws = torch.Generator().manual_seed(batch_seed)  # the augmentations', utterance by utterance
             audio = self._train_samples(rows)
-            features = [log_mel(*augment(samples, self.config["augment"], rate, draws, audio[:i] + audio[i + 1 :])) for i, samples in enumerate(audio)]
+            features = [
+                log_mel(*augment(samples, self.config["augment"], rate, draws, audio[:i] + audio[i + 1 :]))
+                for i, samples in enumerate(audio)
+            ]
             with seeded_global_rng(batch_seed):  # torchaudio's masks
                 batch, lengths = pad_features(features)
                 batch = spec_augment(batch, lengths, self.config["specaugment"])
             labels = [torch.tensor(self.labels[i]) for i in rows]
             targets = pad_sequence(labels, batch_first=True, padding_value=BLANK)  # (B, S): one row per utterance
-            yield {"features": batch, "lengths": lengths, "targets": targets, "target_lengths": torch.tensor([len(t) for t in labels])}
+            yield {
+                "features": batch,
+                "lengths": lengths,
+                "targets": targets,
+                "target_lengths": torch.tensor([len(t) for t in labels]),
+            }
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
         """CTC loss per target token (summed over the batch, divided by its tokens); counts frames."""
         log_probs, lengths = model(batch["features"], batch["lengths"])
-        total = F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
-                           blank=BLANK, reduction="sum", zero_infinity=True)
+        total = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            batch["targets"],
+            lengths,
+            batch["target_lengths"],
+            blank=BLANK,
+            reduction="sum",
+            zero_infinity=True,
+        )
         return Loss([(total, int(batch["target_lengths"].sum()))], int(batch["lengths"].sum()))
 
     # -- using the model --------------------------------------------------------------------------
     @torch.no_grad()
-    def transcribe(self, model: nn.Module, features: list[Tensor], beam: int | None = None, rank: int = 0, world: int = 1) -> dict[int, str]:
+    def transcribe(
+        self, model: nn.Module, features: list[Tensor], beam: int | None = None, rank: int = 0, world: int = 1
+    ) -> dict[int, str]:
         """Transcripts keyed by the features' places; length-sorted batches (of them, process ``rank``
         of ``world`` decodes its share: :func:`batch_ranges`), greedy (beam 1) or prefix beam search."""
         decode = self.config["decode"]
@@ -220,7 +261,9 @@ class Conformer(TokenizerRecipe):
             out.update(zip(rows, self.tokenizer.decode_batch(ids)))
         return out
 
-    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None) -> dict[int, str]:
+    def eval_outputs(
+        self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None
+    ) -> dict[int, str]:
         return self.transcribe(model, self.features[split], beam, rank, world)
 
     def score(self, split: str, hyps: list[str]) -> dict[str, float]:
@@ -237,7 +280,12 @@ class Conformer(TokenizerRecipe):
     def predict_file(self, model: nn.Module, path: Path, out: TextIO, beam: int | None = None) -> None:
         """One line per recording: path, a tab, the transcript. A folder is transcribed file by file;
         unreadable, empty or silent ones are reported and the rest still come out."""
-        for_each_file(path, AUDIO_SUFFIXES, "audio files", lambda audio: out.write(f"{audio}\t{self._transcribe_file(model, audio, beam)}\n"))
+        for_each_file(
+            path,
+            AUDIO_SUFFIXES,
+            "audio files",
+            lambda audio: out.write(f"{audio}\t{self._transcribe_file(model, audio, beam)}\n"),
+        )
 
     def _transcribe_file(self, model: nn.Module, path: Path, beam: int | None) -> str:
         features = self._log_mel()(read_audio(path, None, self.config["data"]["sample_rate"]))
@@ -246,8 +294,10 @@ class Conformer(TokenizerRecipe):
         return self.transcribe(model, [features], beam)[0]
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
-        raise UsageError("no transformers class matches the Conformer-CTC model (relative-position attention, macaron "
-                         "feed-forwards, convolution modules)")
+        raise UsageError(
+            "no transformers class matches the Conformer-CTC model (relative-position attention, macaron "
+            "feed-forwards, convolution modules)"
+        )
 
     def onnx_graphs(self, model: nn.Module) -> list[Graph]:
         return interop.onnx_graphs(model, self.config["features"]["n_mels"])
@@ -265,24 +315,39 @@ class Conformer(TokenizerRecipe):
             raise UsageError(f"{path}: the recording is too short to inspect ({len(features)} frames)")
         seconds = 4 * self.config["features"]["hop_ms"] / 1000  # one encoder frame after 4× subsampling
         if frames * seconds > MAX_INSPECT_SECONDS:
-            raise UsageError(f"{path}: the recording is {frames * seconds:.0f} s long; inspect-attention keeps every frame × frame "
-                             f"map of every layer, so it reads at most {MAX_INSPECT_SECONDS} s (cut out the part to look at)")
+            raise UsageError(
+                f"{path}: the recording is {frames * seconds:.0f} s long; inspect-attention keeps every frame × frame "
+                f"map of every layer, so it reads at most {MAX_INSPECT_SECONDS} s (cut out the part to look at)"
+            )
         times = [f"{t * seconds:.2f}s" for t in range(frames)]
         transcript = self.transcribe(model, [features])[0]
 
         def draw(weights: dict[str, np.ndarray], out_dir: Path) -> None:
-            draw_spectrogram(features.T.numpy(), self.config["features"]["hop_ms"] / 1000, f"{path.name}: {transcript}", out_dir / "spectrogram.png")
+            draw_spectrogram(
+                features.T.numpy(),
+                self.config["features"]["hop_ms"] / 1000,
+                f"{path.name}: {transcript}",
+                out_dir / "spectrogram.png",
+            )
             for name, w in weights.items():
                 draw_heads(w, times, times, name, out_dir / f"{name}.png")
 
         def page(weights: dict[str, np.ndarray]) -> dict:
             spectrogram = features.T.numpy()[::-1]  # low bins at the bottom
             spectrogram = (spectrogram - spectrogram.min()) / max(float(np.ptp(spectrogram)), 1e-9)
-            return {"panels": [
-                {"kind": "text", "title": "transcript (greedy)", "lines": [transcript], "place": "above"},
-                {"kind": "image", "title": "log-mel", "pixels": spectrogram, "colormap": "heat", "align": "keys",
-                 "span": len(features) * self.config["features"]["hop_ms"] / 1000 / seconds},  # its frames in encoder frames
-            ]}
+            return {
+                "panels": [
+                    {"kind": "text", "title": "transcript (greedy)", "lines": [transcript], "place": "above"},
+                    {
+                        "kind": "image",
+                        "title": "log-mel",
+                        "pixels": spectrogram,
+                        "colormap": "heat",
+                        "align": "keys",
+                        "span": len(features) * self.config["features"]["hop_ms"] / 1000 / seconds,
+                    },  # its frames in encoder frames
+                ]
+            }
 
         return AttentionExample(
             run=lambda: model(features[None].to(device), torch.tensor([len(features)], device=device)),

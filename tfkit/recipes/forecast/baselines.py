@@ -77,8 +77,13 @@ def classical_forecasts(models: list[Any], values: np.ndarray, origins: np.ndarr
     return out
 
 
-def fit(model: nn.Module, batches: Callable[[int], Iterator[dict[str, Tensor]]], loss: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-        train: dict[str, Any], validate: Callable[[nn.Module], float]) -> nn.Module:
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Iterator[dict[str, Tensor]]],
+    loss: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+    train: dict[str, Any],
+    validate: Callable[[nn.Module], float],
+) -> nn.Module:
     """Train ``model`` as the trainer trains the Transformer: ``train`` is the train section with the
     baselines' step count (its optimiser, peak rate, weight decay, clipping, warmup and schedule); keep
     the weights with the lowest ``validate``, checked every ``train.eval_every`` steps and at the end."""

@@ -120,13 +120,16 @@ def _read_files(files: list[Path]) -> pd.DataFrame:
     try:
         rows = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except Exception as e:
-        raise UsageError(f"could not read {files[0] if len(files) == 1 else files[0].parent} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UsageError(
+            f"could not read {files[0] if len(files) == 1 else files[0].parent} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     return rows.to_pandas()
 
 
-def make_series(frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any], where: str,
-                names: list[str] | None = None) -> Series:
+def make_series(
+    frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any], where: str, names: list[str] | None = None
+) -> Series:
     """The checked, regular series of ``frame``. ``data`` is the config's data section; ``roles`` fill
     the column keys it leaves null; ``names``, when given (a trained run's variables), must all be there."""
     time_column = data["time_column"] if data["time_column"] is not None else roles.get("time_column", _find_time(frame))
@@ -138,8 +141,10 @@ def make_series(frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any]
             raise UsageError(f"{where} has no column {', '.join(map(repr, missing))} (the run was trained on {', '.join(names)})")
     for column in [c for c in [time_column, *(targets or []), *covariates] if c is not None]:
         if column not in frame.columns:
-            raise UsageError(f"{where} has no column '{column}' (it has: {', '.join(map(str, frame.columns))}; "
-                             f"set data.time_column, data.targets and data.covariates)")
+            raise UsageError(
+                f"{where} has no column '{column}' (it has: {', '.join(map(str, frame.columns))}; "
+                f"set data.time_column, data.targets and data.covariates)"
+            )
     if targets is None:
         targets = [c for c in frame.columns if c not in (time_column, *covariates) and pd.api.types.is_numeric_dtype(frame[c])]
         if not targets:
@@ -148,7 +153,9 @@ def make_series(frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any]
     for column in columns:
         if not pd.api.types.is_numeric_dtype(frame[column]):
             bad = pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()
-            raise UsageError(f"{where}: column '{column}' is not numeric (row {int(np.flatnonzero(bad)[0]) + 1}: {frame[column][bad].iloc[0]!r})")
+            raise UsageError(
+                f"{where}: column '{column}' is not numeric (row {int(np.flatnonzero(bad)[0]) + 1}: {frame[column][bad].iloc[0]!r})"
+            )
     table = frame[columns].astype("float64")
     times, frequency = None, None
     if time_column is not None:
@@ -157,7 +164,9 @@ def make_series(frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any]
         table = table.sort_index()
         repeated = table.index[table.index.duplicated()]
         if len(repeated):
-            raise UsageError(f"{where}: {len(repeated)} duplicated times in '{time_column}', the first {_when(repeated[0])} (keep one row per time)")
+            raise UsageError(
+                f"{where}: {len(repeated)} duplicated times in '{time_column}', the first {_when(repeated[0])} (keep one row per time)"
+            )
         frequency = data["frequency"] or _infer_frequency(table.index, where)
         try:
             grid = pd.date_range(table.index[0], table.index[-1], freq=frequency)
@@ -165,8 +174,10 @@ def make_series(frame: pd.DataFrame, roles: dict[str, Any], data: dict[str, Any]
             raise UsageError(f"data.frequency '{frequency}' is not a pandas offset alias ({e})") from None
         off_grid = table.index.difference(grid)
         if len(off_grid):
-            raise UsageError(f"{where}: {len(off_grid)} times are not on a regular {frequency} grid, the first {_when(off_grid[0])} "
-                             f"(set data.frequency, or resample the data)")
+            raise UsageError(
+                f"{where}: {len(off_grid)} times are not on a regular {frequency} grid, the first {_when(off_grid[0])} "
+                f"(set data.frequency, or resample the data)"
+            )
         table = table.reindex(grid)  # missing steps become missing values
         times = table.index
     values = _fill(table, data["max_gap"], where)
@@ -190,7 +201,9 @@ def _find_time(frame: pd.DataFrame) -> str | None:
 
 
 def _parse_times(column: pd.Series, where: str, name: str) -> pd.DatetimeIndex:
-    parsed = pd.to_datetime(column, errors="coerce", format="mixed") if not pd.api.types.is_datetime64_any_dtype(column) else column
+    parsed = (
+        pd.to_datetime(column, errors="coerce", format="mixed") if not pd.api.types.is_datetime64_any_dtype(column) else column
+    )
     bad = parsed.isna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -230,8 +243,10 @@ def _fill(table: pd.DataFrame, max_gap: int, where: str) -> np.ndarray:
         edges = np.flatnonzero(np.diff(np.r_[0, missing.astype(np.int8), 0]))
         for start, stop in zip(edges[::2], edges[1::2]):
             if stop - start > max_gap:
-                raise UsageError(f"{where}: column '{column}' misses {stop - start} values in a row, at {_when(labels[start])}..{_when(labels[stop - 1])} "
-                                 f"(more than data.max_gap={max_gap}: fill them, or raise data.max_gap)")
+                raise UsageError(
+                    f"{where}: column '{column}' misses {stop - start} values in a row, at {_when(labels[start])}..{_when(labels[stop - 1])} "
+                    f"(more than data.max_gap={max_gap}: fill them, or raise data.max_gap)"
+                )
     filled = int(table.isna().to_numpy().sum())
     if filled:
         print(f"note: {where}: {filled} missing values filled by linear interpolation", file=sys.stderr)

@@ -21,11 +21,11 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from tfkit.inspect import (
-    figure_panels,
     _save,
     attention_rollout,
     capture_attention,
     draw_heads,
+    figure_panels,
 )
 from tfkit.recipes.forecast.data import Series
 
@@ -89,7 +89,7 @@ def measure(recipe: Forecast, model: nn.Module, series: Series, weights: dict[st
     """What importance.npz holds: per (variable, step), per step and per variable, each way there is."""
     data, m = recipe.config["data"], recipe.config["model"]
     scaled = torch.tensor(recipe._scale(series.values), dtype=torch.float32)
-    context = scaled[-data["context"]:]
+    context = scaled[-data["context"] :]
     occluded = occlusion(recipe, model, context)
     temporal = [weights[n] for n in sorted(weights) if n.startswith("forecaster.temporal")]
     rollout = attention_rollout(temporal).mean(0)  # every patch feeds the head: average over the queries
@@ -116,14 +116,16 @@ def ranking(found: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
     return ("permutation" if "permutation" in ranked else "occlusion"), ranked
 
 
-def explain(recipe: Forecast, series: Series, weights: dict[str, np.ndarray], found: dict[str, np.ndarray], out_dir: Path) -> None:
+def explain(
+    recipe: Forecast, series: Series, weights: dict[str, np.ndarray], found: dict[str, np.ndarray], out_dir: Path
+) -> None:
     """Write importance.npz, the heads over the patches, series.png and variables.png; print the ranking."""
     data, m, names = recipe.config["data"], recipe.config["model"], recipe.facts["names"]
     for name, w in weights.items():
         labels = names if name.startswith("forecaster.across") else [str(k) for k in range(w.shape[-1])]
         draw_heads(w, labels, labels, f"{name} (patches of {m['patch']} steps every {m['stride']})", out_dir / f"{name}.png")
     np.savez_compressed(out_dir / "importance.npz", **found)
-    context = recipe._scale(series.values[-data["context"]:])
+    context = recipe._scale(series.values[-data["context"] :])
     _draw_series(context, found, names, data["context"], out_dir / "series.png")
     key, ranked = ranking(found)
     _draw_variables(ranked, names, out_dir / "variables.png")
@@ -139,20 +141,37 @@ def page(recipe: Forecast, series: Series, found: dict[str, np.ndarray]) -> dict
     """report.html's views: the context and each step's importance drawn over the patches they fall
     in, and the variables' ranking as a table."""
     data, m, names = recipe.config["data"], recipe.config["model"], recipe.facts["names"]
-    context = recipe._scale(series.values[-data["context"]:])
+    context = recipe._scale(series.values[-data["context"] :])
     span = data["context"] / m["stride"]  # the context's steps in patches (the last patch is padding)
     # a plot's lines are plain lists of numbers (arrays go to the page as 8-bit images)
-    steps = {label: np.round(found[key] / max(float(found[key].max()), 1e-12), 5).tolist()
-             for key, label in (("steps_occlusion", "occlusion"), ("steps_rollout", "rollout"))}
+    steps = {
+        label: np.round(found[key] / max(float(found[key].max()), 1e-12), 5).tolist()
+        for key, label in (("steps_occlusion", "occlusion"), ("steps_rollout", "rollout"))
+    }
     key, ranked = ranking(found)
     order = np.argsort(-ranked[key])
-    return {"panels": [
-        {"kind": "plot", "title": "context (scaled)", "lines": {n: np.round(context[:, v], 5).tolist() for v, n in enumerate(names)},
-         "align": "keys", "axis": "patches", "span": span},
-        {"kind": "plot", "title": "step importance", "lines": steps, "align": "keys", "axis": "patches", "span": span},
-        {"kind": "table", "title": f"variables ranked by {key} importance", "columns": ["rank", "variable", *ranked],
-         "rows": [[rank + 1, names[v], *(round(float(values[v]), 5) for values in ranked.values())] for rank, v in enumerate(order)]},
-    ]}
+    return {
+        "panels": [
+            {
+                "kind": "plot",
+                "title": "context (scaled)",
+                "lines": {n: np.round(context[:, v], 5).tolist() for v, n in enumerate(names)},
+                "align": "keys",
+                "axis": "patches",
+                "span": span,
+            },
+            {"kind": "plot", "title": "step importance", "lines": steps, "align": "keys", "axis": "patches", "span": span},
+            {
+                "kind": "table",
+                "title": f"variables ranked by {key} importance",
+                "columns": ["rank", "variable", *ranked],
+                "rows": [
+                    [rank + 1, names[v], *(round(float(values[v]), 5) for values in ranked.values())]
+                    for rank, v in enumerate(order)
+                ],
+            },
+        ]
+    }
 
 
 def _draw_series(context: np.ndarray, found: dict[str, np.ndarray], names: list[str], steps: int, path: Path) -> None:

@@ -26,8 +26,9 @@ def seasonal_scale(train: np.ndarray, season: int) -> np.ndarray:
     return np.abs(train[lag:] - train[:-lag]).mean(0)
 
 
-def scores(forecasts: np.ndarray, truths: np.ndarray, scale: np.ndarray, spread: np.ndarray,
-           quantiles: list[float] | None) -> dict[str, float]:
+def scores(
+    forecasts: np.ndarray, truths: np.ndarray, scale: np.ndarray, spread: np.ndarray, quantiles: list[float] | None
+) -> dict[str, float]:
     """Metrics of (origins, H, T, Q) forecasts against (origins, H, T) truths; the point forecast is
     the median. ``scale`` is the MASE scale and ``spread`` the training standard deviation per target."""
     point = forecasts[..., quantiles.index(0.5)] if quantiles else forecasts[..., 0]
@@ -42,7 +43,9 @@ def scores(forecasts: np.ndarray, truths: np.ndarray, scale: np.ndarray, spread:
     }
     if quantiles:
         low, high = forecasts[..., 0], forecasts[..., -1]
-        metrics[f"coverage_{round(100 * (quantiles[-1] - quantiles[0]))}"] = float(100 * np.mean((truths >= low) & (truths <= high)))
+        metrics[f"coverage_{round(100 * (quantiles[-1] - quantiles[0]))}"] = float(
+            100 * np.mean((truths >= low) & (truths <= high))
+        )
     return metrics
 
 

@@ -46,10 +46,28 @@ class PatchTransformer(nn.Module):
     queries and keys. Variables have no order: the across-variable layer gets no position, and its
     attention is the block's own (a relative attention would invent an order)."""
 
-    def __init__(self, variables: int, targets: int, context: int, horizon: int, quantiles: int, patch: int, stride: int,
-                 d_model: int, heads: int, layers: int, d_ff: int, dropout: float, activation: str, block: str,
-                 position: str, cross_variable: bool, attention: str | None = None, feed_forward: str | None = None,
-                 norm: str | None = None):
+    def __init__(
+        self,
+        variables: int,
+        targets: int,
+        context: int,
+        horizon: int,
+        quantiles: int,
+        patch: int,
+        stride: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        d_ff: int,
+        dropout: float,
+        activation: str,
+        block: str,
+        position: str,
+        cross_variable: bool,
+        attention: str | None = None,
+        feed_forward: str | None = None,
+        norm: str | None = None,
+    ):
         super().__init__()
         self.targets, self.horizon, self.quantiles = targets, horizon, quantiles
         self.patch, self.stride = patch, stride
@@ -57,8 +75,19 @@ class PatchTransformer(nn.Module):
         self.embed = nn.Linear(patch, d_model)
         self.position, rotary = build_position(position, d_model, heads, self.count)
         self.dropout = nn.Dropout(dropout)
-        self.temporal = Encoder(block, layers, d_model, heads, d_ff, dropout, activation, rotary,
-                                attention=attention, feed_forward=feed_forward, norm=norm)
+        self.temporal = Encoder(
+            block,
+            layers,
+            d_model,
+            heads,
+            d_ff,
+            dropout,
+            activation,
+            rotary,
+            attention=attention,
+            feed_forward=feed_forward,
+            norm=norm,
+        )
         self.cross_variable = cross_variable
         if cross_variable:
             self.variable = nn.Parameter(torch.randn(variables, d_model) * 0.02)

@@ -42,10 +42,26 @@ from tfkit.registry import register
 
 # each built-in series' sizes; a user's series gets them from its length and season (_settle_sizes)
 BUILTIN_SIZES = {
-    "co2": {"data.context": 104, "data.horizon": 26, "data.validation_size": 156, "data.test_size": 312, "data.origin_stride": 4,
-            "model.patch": 8, "model.stride": 8, "train.steps": 1500},
-    "macro": {"data.context": 16, "data.horizon": 4, "data.validation_size": 24, "data.test_size": 40, "data.origin_stride": 1,
-              "model.patch": 4, "model.stride": 4, "train.steps": 1500},
+    "co2": {
+        "data.context": 104,
+        "data.horizon": 26,
+        "data.validation_size": 156,
+        "data.test_size": 312,
+        "data.origin_stride": 4,
+        "model.patch": 8,
+        "model.stride": 8,
+        "train.steps": 1500,
+    },
+    "macro": {
+        "data.context": 16,
+        "data.horizon": 4,
+        "data.validation_size": 24,
+        "data.test_size": 40,
+        "data.origin_stride": 1,
+        "model.patch": 4,
+        "model.stride": 4,
+        "train.steps": 1500,
+    },
 }
 SERIES_FILE = "series.json"  # the variables, their roles and the training part's statistics
 BASELINES_FILE = "baselines.json"  # the baselines' scores, kept so a second evaluate costs nothing
@@ -76,9 +92,13 @@ class Forecast(Recipe):
             train = self.series.values[: self.bounds[0]]
             std = train.std(0)
             self.facts = {
-                "names": self.series.names, "targets": self.series.targets, "frequency": self.series.frequency,
-                "season": self.series.season, "time_column": self.series.time_column,
-                "mean": train.mean(0).tolist(), "std": np.where(std > 0, std, 1.0).tolist(),
+                "names": self.series.names,
+                "targets": self.series.targets,
+                "frequency": self.series.frequency,
+                "season": self.series.season,
+                "time_column": self.series.time_column,
+                "mean": train.mean(0).tolist(),
+                "std": np.where(std > 0, std, 1.0).tolist(),
                 "mase_scale": np.maximum(seasonal_scale(train[:, : self.series.targets], self.series.season), 1e-12).tolist(),
             }
         self.scaled = torch.tensor(self._scale(self.series.values), dtype=torch.float32)
@@ -102,16 +122,25 @@ class Forecast(Recipe):
         6 and 12 horizons, at most a tenth and a fifth of the series."""
         data = self.config["data"]
         by_season = season > 1
-        self.settle("data.horizon", lambda: (
-            min(season if by_season else min(max(1, steps // 50), 24), max(1, steps // 10)),
-            f"one season of {season} steps" if by_season else
-            f"a fiftieth of the series' {steps} steps, at most 24 (it has no season: data.frequency or data.season gives one)"))
+        self.settle(
+            "data.horizon",
+            lambda: (
+                min(season if by_season else min(max(1, steps // 50), 24), max(1, steps // 10)),
+                f"one season of {season} steps"
+                if by_season
+                else f"a fiftieth of the series' {steps} steps, at most 24 (it has no season: data.frequency or data.season gives one)",
+            ),
+        )
         horizon = data["horizon"]
         self.settle("data.context", lambda: (max(8, 4 * horizon), "four horizons, at least 8 steps"))
-        self.settle("data.validation_size", lambda: (
-            max(horizon, min(6 * horizon, steps // 10)), "six horizons, at most a tenth of the series"))
-        self.settle("data.test_size", lambda: (
-            max(horizon, min(12 * horizon, steps // 5)), "twelve horizons, at most a fifth of the series"))
+        self.settle(
+            "data.validation_size",
+            lambda: (max(horizon, min(6 * horizon, steps // 10)), "six horizons, at most a tenth of the series"),
+        )
+        self.settle(
+            "data.test_size",
+            lambda: (max(horizon, min(12 * horizon, steps // 5)), "twelve horizons, at most a fifth of the series"),
+        )
         self.settle("data.origin_stride", lambda: (max(1, horizon // 6), "a sixth of the horizon"))
         context = data["context"]
         self.settle("model.patch", lambda: (max(1, context // 12), f"about 12 patches over a context of {context}"))
@@ -128,19 +157,29 @@ class Forecast(Recipe):
         n_train = n_validation - data["validation_size"]
         need = data["context"] + data["horizon"]
         if data["test_size"] < data["horizon"] or data["validation_size"] < data["horizon"]:
-            raise UsageError(f"data.test_size ({data['test_size']}) and data.validation_size ({data['validation_size']}) "
-                             f"must each hold at least one horizon (data.horizon {data['horizon']})")
+            raise UsageError(
+                f"data.test_size ({data['test_size']}) and data.validation_size ({data['validation_size']}) "
+                f"must each hold at least one horizon (data.horizon {data['horizon']})"
+            )
         if n_train < need:
-            raise UsageError(f"the series has {steps} steps: after the last {data['test_size']} for test and "
-                             f"{data['validation_size']} for validation, {max(n_train, 0)} are left to train on, fewer than one "
-                             f"window (data.context + data.horizon = {need}); shorten them")
+            raise UsageError(
+                f"the series has {steps} steps: after the last {data['test_size']} for test and "
+                f"{data['validation_size']} for validation, {max(n_train, 0)} are left to train on, fewer than one "
+                f"window (data.context + data.horizon = {need}); shorten them"
+            )
         return n_train, n_validation
 
     def _data_of_run(self) -> dict[str, Any]:
         """The data section with the column roles and frequency the run was trained with."""
         facts = self.facts
-        return {**self.config["data"], "time_column": facts["time_column"], "targets": facts["names"][: facts["targets"]],
-                "covariates": facts["names"][facts["targets"]:], "frequency": facts["frequency"], "season": facts["season"]}
+        return {
+            **self.config["data"],
+            "time_column": facts["time_column"],
+            "targets": facts["names"][: facts["targets"]],
+            "covariates": facts["names"][facts["targets"] :],
+            "frequency": facts["frequency"],
+            "season": facts["season"],
+        }
 
     def _scale(self, values: np.ndarray) -> np.ndarray:
         return (values - np.array(self.facts["mean"])) / np.array(self.facts["std"])
@@ -173,9 +212,25 @@ class Forecast(Recipe):
         if m["patch"] > data["context"]:
             raise UsageError(f"model.patch ({m['patch']}) is longer than data.context ({data['context']})")
         forecaster = PatchTransformer(
-            variables, targets, data["context"], data["horizon"], len(self.quantiles or [0.5]), m["patch"], m["stride"],
-            m["d_model"], m["heads"], m["layers"], m["d_ff"], m["dropout"], m["activation"], m["block"], m["position"],
-            m["cross_variable"], m["attention"], m["feed_forward"], m["norm"],
+            variables,
+            targets,
+            data["context"],
+            data["horizon"],
+            len(self.quantiles or [0.5]),
+            m["patch"],
+            m["stride"],
+            m["d_model"],
+            m["heads"],
+            m["layers"],
+            m["d_ff"],
+            m["dropout"],
+            m["activation"],
+            m["block"],
+            m["position"],
+            m["cross_variable"],
+            m["attention"],
+            m["feed_forward"],
+            m["norm"],
         )
         return InstanceNorm(forecaster, targets)
 
@@ -218,7 +273,9 @@ class Forecast(Recipe):
         parts = [model(contexts[i : i + size].to(device)).float().cpu() for i in range(0, len(contexts), size)]
         return self._unscale(torch.cat(parts).sort(dim=-1).values.numpy())
 
-    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def eval_outputs(
+        self, model: nn.Module, split: str, rank: int = 0, world: int = 1
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Per origin of ``split``: its forecast (H, T, Q) and the truth (H, T)."""
         origins, out = self.origins[split], {}
         for places in batch_ranges(len(origins), self.config["predict"]["batch_size"], rank, world):
@@ -241,9 +298,19 @@ class Forecast(Recipe):
         """The peers' scores on the origins of ``split``; kept in the run directory, keyed by what
         they depend on, so only the first evaluate pays for fitting them. Sets :attr:`reference`, the
         classical row with the lowest validation MASE, which the table measures every row against."""
-        key = hashlib.sha1(json.dumps([split, self.config["seed"], self.config["data"], self.config["baselines"],
-                                       self.config["model"]["quantiles"], self.config["train"]],
-                                      sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            json.dumps(
+                [
+                    split,
+                    self.config["seed"],
+                    self.config["data"],
+                    self.config["baselines"],
+                    self.config["model"]["quantiles"],
+                    self.config["train"],
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
         kept = runs.read_json(self.run_dir, BASELINES_FILE) if (self.run_dir / BASELINES_FILE).is_file() else {}
         if key not in kept:
             kept[key] = self._fit_baselines(split)
@@ -295,8 +362,12 @@ class Forecast(Recipe):
         hidden = cfg["lstm_hidden"] or peers.lstm_hidden(size, variables, horizon * t * quantiles, cfg["lstm_layers"])
         budget = self.neural_budget()
         seeds = range(self.config["seed"], self.config["seed"] + cfg["seeds"])
-        rows = {f"DLinear (targets only; {len(seeds)} seeds)": lambda: DLinear(t, data["context"], horizon, quantiles),
-                f"LSTM (targets and covariates; {len(seeds)} seeds)": lambda: LSTMForecaster(variables, t, horizon, quantiles, hidden, cfg["lstm_layers"])}
+        rows = {
+            f"DLinear (targets only; {len(seeds)} seeds)": lambda: DLinear(t, data["context"], horizon, quantiles),
+            f"LSTM (targets and covariates; {len(seeds)} seeds)": lambda: LSTMForecaster(
+                variables, t, horizon, quantiles, hidden, cfg["lstm_layers"]
+            ),
+        }
         out = {}
         for row, make in rows.items():
             runs_ = []
@@ -306,7 +377,9 @@ class Forecast(Recipe):
                     model = self._train_baseline(InstanceNorm(make(), t), budget, seed)
                 runs_.append(self._scores(self.forecast(model, self.windows(self.origins[split])[0]), truths))
             out[row] = {m: float(np.mean([r[m] for r in runs_])) for m in runs_[0]}
-            out[row].update({f"{m}_sd": float(np.std([r[m] for r in runs_], ddof=1)) if len(runs_) > 1 else 0.0 for m in runs_[0]})
+            out[row].update(
+                {f"{m}_sd": float(np.std([r[m] for r in runs_], ddof=1)) if len(runs_) > 1 else 0.0 for m in runs_[0]}
+            )
         return out
 
     def _train_baseline(self, model: nn.Module, budget: dict[str, Any], seed: int) -> nn.Module:
@@ -325,7 +398,9 @@ class Forecast(Recipe):
         frame, _ = read_frame(str(path))
         series = make_series(frame, {}, self._data_of_run(), str(path), self.facts["names"])
         if len(series) < self.config["data"]["context"]:
-            raise UsageError(f"{path} has {len(series)} steps, fewer than the {self.config['data']['context']} the model reads (data.context)")
+            raise UsageError(
+                f"{path} has {len(series)} steps, fewer than the {self.config['data']['context']} the model reads (data.context)"
+            )
         return series
 
     def predict_header(self) -> str:
@@ -335,7 +410,7 @@ class Forecast(Recipe):
         """CSV rows of the ``horizon`` steps after the file's last row (file, time, variable, forecast,
         quantiles) and a PNG of history, forecast and interval in RUN/forecasts/."""
         series = self.read_history(path)
-        context = torch.tensor(self._scale(series.values[-self.config["data"]["context"]:]), dtype=torch.float32)
+        context = torch.tensor(self._scale(series.values[-self.config["data"]["context"] :]), dtype=torch.float32)
         (forecast,) = self.forecast(model, context[None])  # (H, T, Q)
         point = forecast[..., self.quantiles.index(0.5)] if self.quantiles else forecast[..., 0]
         times = series.future_times(len(forecast))
@@ -343,7 +418,15 @@ class Forecast(Recipe):
         writer = csv.writer(rows, lineterminator="\n")  # quotes a file name with a comma in it
         for h, time in enumerate(times):
             for t, name in enumerate(self.facts["names"][: self.facts["targets"]]):
-                writer.writerow([str(path), time, name, f"{point[h, t]:.6g}", *(f"{v:.6g}" for v in (forecast[h, t] if self.quantiles else []))])
+                writer.writerow(
+                    [
+                        str(path),
+                        time,
+                        name,
+                        f"{point[h, t]:.6g}",
+                        *(f"{v:.6g}" for v in (forecast[h, t] if self.quantiles else [])),
+                    ]
+                )
         out.write(rows.getvalue())
         picture = self.run_dir / "forecasts" / f"{path.stem}.png"
         runs.make_dir(picture.parent)
@@ -355,11 +438,16 @@ class Forecast(Recipe):
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         data = self.config["data"]
-        return {"variables": self.facts["names"], "targets": self.facts["names"][: self.facts["targets"]],
-                "context": data["context"], "horizon": data["horizon"], "quantiles": self.quantiles or [0.5],
-                "frequency": self.facts["frequency"],
-                "inputs": "values (B, context, variables): the last context steps of each variable in this order, no gaps",
-                "outputs": "forecasts (B, horizon, targets, quantiles): the point forecast is the 0.5 quantile"}
+        return {
+            "variables": self.facts["names"],
+            "targets": self.facts["names"][: self.facts["targets"]],
+            "context": data["context"],
+            "horizon": data["horizon"],
+            "quantiles": self.quantiles or [0.5],
+            "frequency": self.facts["frequency"],
+            "inputs": "values (B, context, variables): the last context steps of each variable in this order, no gaps",
+            "outputs": "forecasts (B, horizon, targets, quantiles): the point forecast is the 0.5 quantile",
+        }
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         """The last context window of the history file ``text``; ``draw`` adds the time-step and
@@ -367,9 +455,9 @@ class Forecast(Recipe):
         path = Path(text)
         series = self.read_history(path)
         data, m = self.config["data"], self.config["model"]
-        context = torch.tensor(self._scale(series.values[-data["context"]:]), dtype=torch.float32)
+        context = torch.tensor(self._scale(series.values[-data["context"] :]), dtype=torch.float32)
         device = next(model.parameters()).device
-        labels = series.labels()[-data["context"]:]
+        labels = series.labels()[-data["context"] :]
         patches = [f"{labels[min(i * m['stride'], len(labels) - 1)]}" for i in range(model.forecaster.count)]
 
         found: dict[str, np.ndarray] = {}
@@ -388,8 +476,12 @@ class Forecast(Recipe):
             axes=lambda name: ("variables", "variables") if name.startswith("forecaster.across") else ("patches", "patches"),
             draw=draw,
             page=lambda weights: importance.page(self, series, measured(weights)),
-            meta={"patch": m["patch"], "stride": m["stride"], "context": data["context"], "times": labels,
-                  "temporal attention": f"of the first target, {self.facts['names'][0]}",
-                  "across attention": "at the first patch (importance.npz averages over patches)"},
+            meta={
+                "patch": m["patch"],
+                "stride": m["stride"],
+                "context": data["context"],
+                "times": labels,
+                "temporal attention": f"of the first target, {self.facts['names'][0]}",
+                "across attention": "at the first patch (importance.npz averages over patches)",
+            },
         )
-

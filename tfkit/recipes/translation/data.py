@@ -79,7 +79,9 @@ def read_pairs(rows: dict[str, list], data: dict[str, Any], first: int = 0) -> t
             pairs.append(pair)
         else:
             pairs.append(None)
-            problems.append(f"row {first + i + 1} lacks a {'source' if not (isinstance(pair[0], str) and pair[0].strip()) else 'target'} text")
+            problems.append(
+                f"row {first + i + 1} lacks a {'source' if not (isinstance(pair[0], str) and pair[0].strip()) else 'target'} text"
+            )
     return pairs, problems
 
 

@@ -47,13 +47,21 @@ READ_BY_COLUMNS = ("embed.weight", "in_proj.weight", "up.weight")
 
 def marian_renames(encoder_layers: int, decoder_layers: int) -> list[Rename]:
     def attention(mine: str, theirs: str) -> list[Rename]:
-        return [Rename(f"{mine}.in_proj.{part}", tuple(f"{theirs}.{p}_proj.{part}" for p in "qkv")) for part in ("weight", "bias")] + [
-            Rename(f"{mine}.out_proj.{part}", f"{theirs}.out_proj.{part}") for part in ("weight", "bias")]
+        return [
+            Rename(f"{mine}.in_proj.{part}", tuple(f"{theirs}.{p}_proj.{part}" for p in "qkv")) for part in ("weight", "bias")
+        ] + [Rename(f"{mine}.out_proj.{part}", f"{theirs}.out_proj.{part}") for part in ("weight", "bias")]
 
     def linear_and_norms(mine: str, theirs: str, norms: dict[str, str]) -> list[Rename]:
-        out = [Rename(f"{mine}.feed_forward.{ours}.{part}", f"{theirs}.{fc}.{part}") for ours, fc in (("up", "fc1"), ("down", "fc2"))
-               for part in ("weight", "bias")]
-        return out + [Rename(f"{mine}.{ours}.{part}", f"{theirs}.{norm}.{part}") for ours, norm in norms.items() for part in ("weight", "bias")]
+        out = [
+            Rename(f"{mine}.feed_forward.{ours}.{part}", f"{theirs}.{fc}.{part}")
+            for ours, fc in (("up", "fc1"), ("down", "fc2"))
+            for part in ("weight", "bias")
+        ]
+        return out + [
+            Rename(f"{mine}.{ours}.{part}", f"{theirs}.{norm}.{part}")
+            for ours, norm in norms.items()
+            for part in ("weight", "bias")
+        ]
 
     renames = [Rename("embed.weight", "model.shared.weight")]
     for i in range(encoder_layers):
@@ -62,8 +70,12 @@ def marian_renames(encoder_layers: int, decoder_layers: int) -> list[Rename]:
         renames += linear_and_norms(mine, theirs, {"norm1": "self_attn_layer_norm", "norm2": "final_layer_norm"})
     for i in range(decoder_layers):
         mine, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
-        renames += attention(f"{mine}.self_attn", f"{theirs}.self_attn") + attention(f"{mine}.cross_attn", f"{theirs}.encoder_attn")
-        renames += linear_and_norms(mine, theirs, {"norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm", "norm3": "final_layer_norm"})
+        renames += attention(f"{mine}.self_attn", f"{theirs}.self_attn") + attention(
+            f"{mine}.cross_attn", f"{theirs}.encoder_attn"
+        )
+        renames += linear_and_norms(
+            mine, theirs, {"norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm", "norm3": "final_layer_norm"}
+        )
     return renames
 
 
@@ -89,7 +101,11 @@ def permuted(weights: dict[str, Tensor], d_model: int, order: Tensor | None = No
 def check_exportable(model: dict[str, Any]) -> None:
     """A one-line UsageError naming the first ``model.*`` key whose value Marian cannot hold."""
     wanted = {"position": "sinusoidal", "encoder.block": "post_ln", "decoder.block": "post_ln_decoder"}
-    found = {"position": model["position"], "encoder.block": model["encoder"]["block"], "decoder.block": model["decoder"]["block"]}
+    found = {
+        "position": model["position"],
+        "encoder.block": model["encoder"]["block"],
+        "decoder.block": model["decoder"]["block"],
+    }
     marian = Parts()  # the post-LN blocks' own parts: what Marian's layers are
     for stack in ("encoder", "decoder"):
         for part in Parts.keys():
@@ -100,34 +116,67 @@ def check_exportable(model: dict[str, Any]) -> None:
             raise UsageError(f"model.{key} '{found[key]}' has no transformers Marian equivalent (MarianMTModel has {value})")
 
 
-def export_marian(model: dict[str, Any], weights: dict[str, Tensor], tokenizer: Tokenizer, specials: dict[str, int],
-                  max_positions: int, max_tokens: int, out: Path) -> None:
+def export_marian(
+    model: dict[str, Any],
+    weights: dict[str, Tensor],
+    tokenizer: Tokenizer,
+    specials: dict[str, int],
+    max_positions: int,
+    max_tokens: int,
+    out: Path,
+) -> None:
     """``specials``: pad, unk, bos and eos → their ids."""
     check_exportable(model)
     d, vocab = model["d_model"], tokenizer.get_vocab_size()
     encoder_layers, decoder_layers = model["encoder"]["layers"], model["decoder"]["layers"]
     config = {
-        "model_type": "marian", "architectures": ["MarianMTModel"], "vocab_size": vocab, "decoder_vocab_size": vocab,
-        "d_model": d, "encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
-        "encoder_attention_heads": model["heads"], "decoder_attention_heads": model["heads"],
-        "encoder_ffn_dim": model["d_ff"], "decoder_ffn_dim": model["d_ff"], "activation_function": activation_to_hf(model["activation"]),
-        "max_position_embeddings": max_positions, "scale_embedding": True, "share_encoder_decoder_embeddings": True,
-        "tie_word_embeddings": True, "dropout": model["dropout"], "attention_dropout": 0.0, "activation_dropout": 0.0,
-        "pad_token_id": specials["pad"], "eos_token_id": specials["eos"], "bos_token_id": specials["bos"],
-        "decoder_start_token_id": specials["bos"], "forced_eos_token_id": None, "normalize_before": False,
+        "model_type": "marian",
+        "architectures": ["MarianMTModel"],
+        "vocab_size": vocab,
+        "decoder_vocab_size": vocab,
+        "d_model": d,
+        "encoder_layers": encoder_layers,
+        "decoder_layers": decoder_layers,
+        "encoder_attention_heads": model["heads"],
+        "decoder_attention_heads": model["heads"],
+        "encoder_ffn_dim": model["d_ff"],
+        "decoder_ffn_dim": model["d_ff"],
+        "activation_function": activation_to_hf(model["activation"]),
+        "max_position_embeddings": max_positions,
+        "scale_embedding": True,
+        "share_encoder_decoder_embeddings": True,
+        "tie_word_embeddings": True,
+        "dropout": model["dropout"],
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "pad_token_id": specials["pad"],
+        "eos_token_id": specials["eos"],
+        "bos_token_id": specials["bos"],
+        "decoder_start_token_id": specials["bos"],
+        "forced_eos_token_id": None,
+        "normalize_before": False,
     }
     hf = to_hf(permuted(weights, d), marian_renames(encoder_layers, decoder_layers))
     table = sinusoids(max_positions, d)[:, sines_first(d)]
-    hf.update({"model.encoder.embed_positions.weight": table, "model.decoder.embed_positions.weight": table.clone(),
-               "final_logits_bias": torch.zeros(1, vocab)})
+    hf.update(
+        {
+            "model.encoder.embed_positions.weight": table,
+            "model.decoder.embed_positions.weight": table.clone(),
+            "final_logits_bias": torch.zeros(1, vocab),
+        }
+    )
     write_folder(out, config, hf)
     # the source as tfkit encodes it: its tokens, then </s>
     exported = Tokenizer.from_str(tokenizer.to_str())
     eos = tokenizer.id_to_token(specials["eos"])
     exported.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, specials["eos"])])
     names = {"pad": "pad_token", "unk": "unk_token", "bos": "bos_token", "eos": "eos_token"}
-    write_tokenizer(out, exported, max_tokens, {**{names[k]: tokenizer.id_to_token(i) for k, i in specials.items()},
-                                                "clean_up_tokenization_spaces": False})  # decode as tfkit does
+    write_tokenizer(
+        out,
+        exported,
+        max_tokens,
+        {**{names[k]: tokenizer.id_to_token(i) for k, i in specials.items()}, "clean_up_tokenization_spaces": False},
+    )  # decode as tfkit does
 
 
 # -- back: tfkit train translation --init FOLDER -----------------------------------------------------
@@ -137,14 +186,20 @@ def config_from_marian(folder: Path) -> dict[str, Any]:
     same = [("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")]
     for ours, theirs in same:
         if hf.get(ours) != hf.get(theirs):
-            raise UsageError(f"{folder}: {ours} {hf.get(ours)} and {theirs} {hf.get(theirs)} differ (tfkit's translation model has one of each)")
+            raise UsageError(
+                f"{folder}: {ours} {hf.get(ours)} and {theirs} {hf.get(theirs)} differ (tfkit's translation model has one of each)"
+            )
     for key, wanted in (("scale_embedding", True), ("normalize_before", False), ("share_encoder_decoder_embeddings", True)):
         if hf.get(key, wanted) != wanted:
             raise UsageError(f"{folder}: only Marian models with {key}={wanted} can be imported")
     return {
-        "d_model": hf["d_model"], "heads": hf["encoder_attention_heads"], "d_ff": hf["encoder_ffn_dim"], "position": "sinusoidal",
+        "d_model": hf["d_model"],
+        "heads": hf["encoder_attention_heads"],
+        "d_ff": hf["encoder_ffn_dim"],
+        "position": "sinusoidal",
         "activation": activation_from_hf(folder, hf.get("activation_function", "swish")),
-        "encoder": {"block": "post_ln", "layers": hf["encoder_layers"]}, "decoder": {"block": "post_ln_decoder", "layers": hf["decoder_layers"]},
+        "encoder": {"block": "post_ln", "layers": hf["encoder_layers"]},
+        "decoder": {"block": "post_ln_decoder", "layers": hf["decoder_layers"]},
     }
 
 
@@ -193,16 +248,31 @@ def onnx_graphs(model: nn.Module, m: dict[str, Any], vocab: int) -> list[Graph]:
         generator = torch.Generator().manual_seed(batch * 1000 + length)
         source_ids = sources(batch, length + 3, generator)
         past = torch.randn(2, layers, batch, heads, length, d_model // heads, generator=generator)
-        return {"token_ids": torch.randint(4, vocab, (batch, 1), generator=generator),
-                "memory": torch.randn(batch, length + 3, d_model, generator=generator), "source_ids": source_ids,
-                "past_keys": past[0], "past_values": past[1]}
+        return {
+            "token_ids": torch.randint(4, vocab, (batch, 1), generator=generator),
+            "memory": torch.randn(batch, length + 3, d_model, generator=generator),
+            "source_ids": source_ids,
+            "past_keys": past[0],
+            "past_values": past[1],
+        }
 
     source = {0: "batch", 1: "source"}
     past = {1: "batch", 3: "past"}
     return [
-        Graph("encoder", EncoderGraph(model), encoder_example, ["memory"], {"source_ids": source},
-              limits={"source": {"max": MAX_POSITIONS}}),
-        Graph("decoder_step", DecoderStep(model), step_example, ["logits", "present_keys", "present_values"],
-              {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
-              limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}}),
+        Graph(
+            "encoder",
+            EncoderGraph(model),
+            encoder_example,
+            ["memory"],
+            {"source_ids": source},
+            limits={"source": {"max": MAX_POSITIONS}},
+        ),
+        Graph(
+            "decoder_step",
+            DecoderStep(model),
+            step_example,
+            ["logits", "present_keys", "present_values"],
+            {"token_ids": {0: "batch"}, "memory": source, "source_ids": source, "past_keys": past, "past_values": past},
+            limits={"source": {"max": MAX_POSITIONS}, "past": {"max": MAX_POSITIONS - 1}},
+        ),
     ]

@@ -38,8 +38,18 @@ class Seq2SeqTransformer(nn.Module):
     ``encoder`` and ``decoder`` are the ``model.encoder`` / ``model.decoder`` configs: ``block``,
     ``layers``, and optionally ``attention``, ``feed_forward``, ``norm``."""
 
-    def __init__(self, vocab_size: int, d_model: int, heads: int, d_ff: int, dropout: float, activation: str,
-                 position: str, encoder: dict[str, Any], decoder: dict[str, Any]):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        heads: int,
+        d_ff: int,
+        dropout: float,
+        activation: str,
+        position: str,
+        encoder: dict[str, Any],
+        decoder: dict[str, Any],
+    ):
         super().__init__()
         self.d_model = d_model
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
@@ -96,7 +106,9 @@ class DecoderStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, token_ids: Tensor, memory: Tensor, source_ids: Tensor, past_keys: Tensor, past_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, token_ids: Tensor, memory: Tensor, source_ids: Tensor, past_keys: Tensor, past_values: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         caches = [(GivenCache(k, v), None) for k, v in zip(past_keys.unbind(0), past_values.unbind(0))]
         logits = self.model.decode(token_ids, memory, (source_ids != PAD)[:, None, None, :], caches, offset=past_keys.size(3))
         return logits[:, -1], torch.stack([c.k for c, _ in caches]), torch.stack([c.v for c, _ in caches])

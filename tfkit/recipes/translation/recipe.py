@@ -71,7 +71,9 @@ class Translation(TokenizerRecipe):
         splits = load_splits(data["name"], lambda: numbers_corpus(data, seed), seed, hub_config=data["hub_config"])
         for split, rows in splits.items():
             if "translation" not in rows.column_names:  # the wmt layout holds both languages in one column
-                require_columns(rows, split, [data["source_column"], data["target_column"]], "data.source_column and data.target_column")
+                require_columns(
+                    rows, split, [data["source_column"], data["target_column"]], "data.source_column and data.target_column"
+                )
         # validation and test are read whole; the training split stays an Arrow table (memory-mapped
         # when it comes from files or the cache) and is encoded into another, so a corpus of any
         # size costs memory only for its lengths
@@ -85,8 +87,10 @@ class Translation(TokenizerRecipe):
             self.tokenizer = interop.tokenizer_from_marian(Path(self.config["init"]), SPECIALS)
         else:
             if not sample():  # the pass that counts them comes after the tokenizer
-                raise UsageError(f"none of the sampled rows of the train data has both a source and a target text "
-                                 f"(columns {data['source_column']!r} and {data['target_column']!r})")
+                raise UsageError(
+                    f"none of the sampled rows of the train data has both a source and a target text "
+                    f"(columns {data['source_column']!r} and {data['target_column']!r})"
+                )
             fit = lambda texts, size: train_bpe(texts, size, SPECIALS)  # noqa: E731
             self.settle("data.vocab_size", lambda: choose_vocab_size(sample(), fit, 2 * len(train)))
             unusable = Unusable("sentence pairs", "train")
@@ -97,8 +101,11 @@ class Translation(TokenizerRecipe):
         self.settle_steps(len(train))
         self.sources = {s: self._source_ids([src for src, _ in self.pairs[s]]) for s in ("validation", "test")}
         # "problem": the column naming an unusable row (a cache written before it is not reused)
-        settings = [*(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")),
-                    self.tokenizer.to_str(), "problem"]
+        settings = [
+            *(data[k] for k in ("source_lang", "target_lang", "source_column", "target_column", "max_tokens")),
+            self.tokenizer.to_str(),
+            "problem",
+        ]
         with Preparing("encoding the train pairs", total=len(train), unit="pairs") as shown:
             self.train = encode_once(train, lambda rows, indices: self._encode(rows, indices, shown), settings)
         if unusable is None:
@@ -152,8 +159,15 @@ class Translation(TokenizerRecipe):
     def build_model(self) -> nn.Module:
         m = self.config["model"]
         return Seq2SeqTransformer(
-            self.tokenizer.get_vocab_size(), m["d_model"], m["heads"], m["d_ff"], m["dropout"], m["activation"],
-            m["position"], m["encoder"], m["decoder"],
+            self.tokenizer.get_vocab_size(),
+            m["d_model"],
+            m["heads"],
+            m["d_ff"],
+            m["dropout"],
+            m["activation"],
+            m["position"],
+            m["encoder"],
+            m["decoder"],
         )
 
     # -- training ---------------------------------------------------------------------------------
@@ -171,7 +185,9 @@ class Translation(TokenizerRecipe):
         return Loss([(total, tokens)], tokens)
 
     # -- using the model --------------------------------------------------------------------------
-    def translate(self, model: nn.Module, sources: list[list[int]], beam: int | None = None, rank: int = 0, world: int = 1) -> dict[int, str]:
+    def translate(
+        self, model: nn.Module, sources: list[list[int]], beam: int | None = None, rank: int = 0, world: int = 1
+    ) -> dict[int, str]:
         """Detokenised translations of token-id sources, keyed by their place, decoded in length-sorted
         batches (of them, process ``rank`` of ``world`` decodes its share: :func:`batch_ranges`)."""
         decode = self.config["decode"]
@@ -191,7 +207,9 @@ class Translation(TokenizerRecipe):
             out.update(zip(rows, self.tokenizer.decode_batch(hyps)))
         return out
 
-    def eval_outputs(self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None) -> dict[int, str]:
+    def eval_outputs(
+        self, model: nn.Module, split: str, rank: int = 0, world: int = 1, beam: int | None = None
+    ) -> dict[int, str]:
         return self.translate(model, self.sources[split], beam, rank, world)
 
     def score(self, split: str, hyps: list[str]) -> dict[str, float]:
@@ -211,8 +229,11 @@ class Translation(TokenizerRecipe):
         limit = self.config["data"]["max_tokens"]
         for i, encoding in zip(filled, self.tokenizer.encode_batch([lines[i] for i in filled])):
             if len(encoding.ids) > limit:
-                print(f"warning: {path}:{i + 1}: {len(encoding.ids)} tokens, more than data.max_tokens {limit}; "
-                      f"only the first {limit} are translated", file=sys.stderr)
+                print(
+                    f"warning: {path}:{i + 1}: {len(encoding.ids)} tokens, more than data.max_tokens {limit}; "
+                    f"only the first {limit} are translated",
+                    file=sys.stderr,
+                )
         translated = self.translate(model, self._source_ids([lines[i] for i in filled]), beam)
         translations = {line: translated[place] for place, line in enumerate(filled)}
         for i in range(len(lines)):
@@ -230,20 +251,36 @@ class Translation(TokenizerRecipe):
         try:
             model.load_state_dict(interop.weights_from_marian(path, m["d_model"], m["encoder"]["layers"], m["decoder"]["layers"]))
         except RuntimeError as e:  # sizes changed with --set after --init
-            raise UsageError(f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})") from None
+            raise UsageError(
+                f"the weights in {path} do not fit this config's model ({str(e).splitlines()[-1].strip()})"
+            ) from None
 
     def export_hf(self, model: nn.Module, out: Path) -> None:
-        interop.export_marian(self.config["model"], model.state_dict(), self.tokenizer, {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
-                      MAX_POSITIONS, self.config["data"]["max_tokens"], out)
+        interop.export_marian(
+            self.config["model"],
+            model.state_dict(),
+            self.tokenizer,
+            {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
+            MAX_POSITIONS,
+            self.config["data"]["max_tokens"],
+            out,
+        )
 
     def onnx_processing(self, out: Path) -> dict[str, Any]:
         decode = self.config["decode"]
-        return {**super().onnx_processing(out), "pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "max_tokens": self.config["data"]["max_tokens"],
-                "max_len_a": decode["max_len_a"], "max_len_b": decode["max_len_b"],
-                "inputs": "source_ids: the source's ids from tokenizer.json, then eos_id, padded with pad_id",
-                "outputs": "greedy: run the encoder once; start with token_ids [[bos_id]] and past keys and values with 0 positions "
-                           "(layers, B, heads, 0, d_model / heads); each step's argmax is the next token and its present keys and "
-                           "values the next past, until eos_id or max_len_a * source length + max_len_b tokens"}
+        return {
+            **super().onnx_processing(out),
+            "pad_id": PAD,
+            "bos_id": BOS,
+            "eos_id": EOS,
+            "max_tokens": self.config["data"]["max_tokens"],
+            "max_len_a": decode["max_len_a"],
+            "max_len_b": decode["max_len_b"],
+            "inputs": "source_ids: the source's ids from tokenizer.json, then eos_id, padded with pad_id",
+            "outputs": "greedy: run the encoder once; start with token_ids [[bos_id]] and past keys and values with 0 positions "
+            "(layers, B, heads, 0, d_model / heads); each step's argmax is the next token and its present keys and "
+            "values the next past, until eos_id or max_len_a * source length + max_len_b tokens",
+        }
 
     def attention_example(self, model: nn.Module, text: str) -> AttentionExample:
         if not text.strip():
@@ -252,7 +289,9 @@ class Translation(TokenizerRecipe):
         (source,) = self._source_ids([text])
         src = torch.tensor([source], device=device)
         model.eval()
-        (output,) = greedy_search(model, src, BOS, EOS, int(self.config["decode"]["max_len_a"] * len(source) + self.config["decode"]["max_len_b"]))
+        (output,) = greedy_search(
+            model, src, BOS, EOS, int(self.config["decode"]["max_len_a"] * len(source) + self.config["decode"]["max_len_b"])
+        )
         target = [BOS, *output]  # decoder inputs: each position predicts the next token
         tgt = torch.tensor([target], device=device)
 
@@ -261,11 +300,23 @@ class Translation(TokenizerRecipe):
                 return "source", "source"
             return ("target", "source") if name.endswith("cross_attn") else ("target", "target")
 
-        tokens = {"source": [self.tokenizer.id_to_token(i) for i in source], "target": [self.tokenizer.id_to_token(i) for i in target]}
+        tokens = {
+            "source": [self.tokenizer.id_to_token(i) for i in source],
+            "target": [self.tokenizer.id_to_token(i) for i in target],
+        }
         predicted = [self.tokenizer.id_to_token(i) for i in [*output, EOS]]  # what each decoder position predicts
 
         def page(weights: dict) -> dict:
             cross = [name for name in weights if name.endswith("cross_attn")]
-            return {"panels": [{"kind": "alignment", "title": "source × target alignment (cross-attention)", "modules": cross, "rows": predicted}]}
+            return {
+                "panels": [
+                    {
+                        "kind": "alignment",
+                        "title": "source × target alignment (cross-attention)",
+                        "modules": cross,
+                        "rows": predicted,
+                    }
+                ]
+            }
 
         return AttentionExample(run=lambda: model(src, tgt), tokens=tokens, axes=axes, page=page)

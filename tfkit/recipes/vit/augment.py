@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from torchvision.transforms import v2
 
 
-def crop_boxes(crop: v2.RandomResizedCrop, count: int, height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+def crop_boxes(
+    crop: v2.RandomResizedCrop, count: int, height: int, width: int, generator: torch.Generator | None = None
+) -> Tensor:
     """``count`` boxes (x1, y1, x2, y2) drawn from ``crop.make_params``'s distribution all at once: for
     each, up to 10 tries of an area fraction uniform in ``crop.scale`` and an aspect ratio log-uniform
     in ``crop.ratio``, the first whose box fits, at a uniform position; the central crop if none fits.
@@ -55,7 +57,9 @@ def random_resized_crops(images: Tensor, boxes: Tensor, size: tuple[int, int]) -
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augmentation(aug: dict[str, Any], size: int, classes: int) -> tuple[v2.RandomResizedCrop, v2.Transform | None, v2.Transform | None]:
+def augmentation(
+    aug: dict[str, Any], size: int, classes: int
+) -> tuple[v2.RandomResizedCrop, v2.Transform | None, v2.Transform | None]:
     """From the ``augment`` config section: the random crop, the other per-image transforms and the
     batch-level mix (MixUp/CutMix); None for those that are off."""
     from torchvision.transforms import v2
@@ -66,6 +70,8 @@ def augmentation(aug: dict[str, Any], size: int, classes: int) -> tuple[v2.Rando
         per_image.append(v2.RandomHorizontalFlip())
     if aug["randaugment"]:
         per_image.append(v2.RandAugment())
-    mixes = [cls(alpha=aug[key], num_classes=classes) for key, cls in (("mixup", v2.MixUp), ("cutmix", v2.CutMix)) if aug[key] > 0]
+    mixes = [
+        cls(alpha=aug[key], num_classes=classes) for key, cls in (("mixup", v2.MixUp), ("cutmix", v2.CutMix)) if aug[key] > 0
+    ]
     mix = None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
     return crop, v2.Compose(per_image) if per_image else None, mix

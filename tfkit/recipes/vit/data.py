@@ -57,8 +57,9 @@ def open_image(path: Path | str | None = None, data: bytes | None = None, channe
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise UsageError(f"{path}: the image has more than the {MAX_PIXELS / 1e6:.0f} million pixels tfkit decodes "
-                         f"(scale it down first)") from None
+        raise UsageError(
+            f"{path}: the image has more than the {MAX_PIXELS / 1e6:.0f} million pixels tfkit decodes (scale it down first)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path}: not a readable image ({type(e).__name__})") from None
     image = ImageOps.exif_transpose(image)
@@ -104,7 +105,11 @@ def median_image_size(rows: datasets.Dataset, data: dict[str, Any]) -> tuple[int
         rows = rows.cast_column(column, datasets.Image(decode=False))
     sides = []
     for cell in rows.select(range(0, len(rows), max(1, len(rows) // 200)))[column]:
-        source = Path(data["name"]).parent / cell if isinstance(cell, str) else (cell.get("path") if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
+        source = (
+            Path(data["name"]).parent / cell
+            if isinstance(cell, str)
+            else (cell.get("path") if cell.get("bytes") is None else io.BytesIO(cell["bytes"]))
+        )
         try:
             with Image.open(source) as image:  # reads the header only
                 sides.append(min(image.size))
@@ -152,8 +157,13 @@ def decode_images(rows: datasets.Dataset, split: str, data: dict[str, Any], labe
         return out
 
     settings = [split, *(data[k] for k in ("name", "image_column", "label_column", "channels", "image_size")), labels]
-    columns = datasets.Features({"pixels": datasets.Sequence(datasets.Value("uint8")), "target": datasets.Value("int64"),
-                                 "problem": datasets.Value("string")})
+    columns = datasets.Features(
+        {
+            "pixels": datasets.Sequence(datasets.Value("uint8")),
+            "target": datasets.Value("int64"),
+            "problem": datasets.Value("string"),
+        }
+    )
     with Preparing(f"decoding the {split} images", total=len(rows), unit="images") as shown:
         done = encode_once(rows, decode, settings, columns)
     report_unusable(done, split, "images")

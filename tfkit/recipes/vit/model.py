@@ -31,10 +31,26 @@ def patch_for(image_size: int) -> tuple[int, str]:
 class VisionTransformer(nn.Module):
     """``attention``, ``feed_forward`` and ``norm`` name the blocks' parts in the registry (None: the block's own)."""
 
-    def __init__(self, image_size: int, channels: int, classes: int, patch: int, d_model: int, depth: int,
-                 heads: int, d_ff: int, dropout: float, drop_path: float, activation: str, block: str, norm_eps: float,
-                 position: str = "learned", attention: str | None = None, feed_forward: str | None = None,
-                 norm: str | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        classes: int,
+        patch: int,
+        d_model: int,
+        depth: int,
+        heads: int,
+        d_ff: int,
+        dropout: float,
+        drop_path: float,
+        activation: str,
+        block: str,
+        norm_eps: float,
+        position: str = "learned",
+        attention: str | None = None,
+        feed_forward: str | None = None,
+        norm: str | None = None,
+    ):
         super().__init__()
         if image_size % patch:
             raise UsageError(f"data.image_size {image_size} is not a multiple of model.patch {patch}")
@@ -54,8 +70,20 @@ class VisionTransformer(nn.Module):
                 raise UsageError(f"model.position '{position}': {e}") from None
         self.dropout = Dropout(dropout)
         try:
-            self.encoder = Encoder(block, depth, d_model, heads, d_ff, dropout, activation, rotary=rotary, drop_path=drop_path,
-                                   attention=attention, feed_forward=feed_forward, norm=norm)
+            self.encoder = Encoder(
+                block,
+                depth,
+                d_model,
+                heads,
+                d_ff,
+                dropout,
+                activation,
+                rotary=rotary,
+                drop_path=drop_path,
+                attention=attention,
+                feed_forward=feed_forward,
+                norm=norm,
+            )
         except UsageError as e:
             if rotary is None or attention is None:
                 raise

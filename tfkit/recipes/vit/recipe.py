@@ -104,7 +104,9 @@ class ViT(Recipe):
         self.train_rows = torch.from_numpy(np.flatnonzero(self.train_table["target"].to_numpy() >= 0))
         self.images, self.targets = {}, {}
         for split in ("validation", "test"):
-            held = decode_images(splits[split], split, data, self.labels).filter(lambda target: target >= 0, input_columns="target")
+            held = decode_images(splits[split], split, data, self.labels).filter(
+                lambda target: target >= 0, input_columns="target"
+            )
             self.images[split] = self._pixels(held.with_format("arrow")[:])
             self.targets[split] = torch.tensor(held["target"][:])
 
@@ -134,9 +136,23 @@ class ViT(Recipe):
     def build_model(self) -> nn.Module:
         m, data = self.config["model"], self.config["data"]
         return VisionTransformer(
-            data["image_size"], data["channels"], len(self.labels), m["patch"], m["d_model"], m["depth"], m["heads"],
-            m["d_ff"], m["dropout"], m["drop_path"], m["activation"], m["block"], m["norm_eps"],
-            m["position"], m["attention"], m["feed_forward"], m["norm"],
+            data["image_size"],
+            data["channels"],
+            len(self.labels),
+            m["patch"],
+            m["d_model"],
+            m["depth"],
+            m["heads"],
+            m["d_ff"],
+            m["dropout"],
+            m["drop_path"],
+            m["activation"],
+            m["block"],
+            m["norm_eps"],
+            m["position"],
+            m["attention"],
+            m["feed_forward"],
+            m["norm"],
         )
 
     # -- training ---------------------------------------------------------------------------------
@@ -170,7 +186,9 @@ class ViT(Recipe):
 
     def loss(self, model: nn.Module, batch: Batch) -> Loss:
         logits = model(batch["images"])
-        total = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.config["train"]["label_smoothing"], reduction="sum")
+        total = F.cross_entropy(
+            logits.float(), batch["labels"], label_smoothing=self.config["train"]["label_smoothing"], reduction="sum"
+        )
         return Loss([(total, len(logits))], len(logits))
 
     # -- using the model --------------------------------------------------------------------------
@@ -230,15 +248,25 @@ class ViT(Recipe):
                 draw_overlays(picture, maps, f"{name}: [CLS] → patches", out_dir / f"{name}.png")
             flow = rollout(weights)
             np.save(out_dir / "rollout.npy", flow)
-            draw_overlays(picture, [("rollout", flow[0, 1:].reshape(rows, cols))], "attention rollout, [CLS] → patches", out_dir / "rollout.png")
+            draw_overlays(
+                picture,
+                [("rollout", flow[0, 1:].reshape(rows, cols))],
+                "attention rollout, [CLS] → patches",
+                out_dir / "rollout.png",
+            )
 
         def page(weights: dict[str, np.ndarray]) -> dict:
-            return {"panels": [{
-                "kind": "image", "title": "[CLS] → patches over the image, and rollout through all layers",
-                "pixels": picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
-                "overlay": {"query": 0, "keys": [1, 1 + rows * cols], "grid": [rows, cols]},
-                "maps": {"rollout": rollout(weights)[0, 1:].reshape(rows, cols)},
-            }]}
+            return {
+                "panels": [
+                    {
+                        "kind": "image",
+                        "title": "[CLS] → patches over the image, and rollout through all layers",
+                        "pixels": picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
+                        "overlay": {"query": 0, "keys": [1, 1 + rows * cols], "grid": [rows, cols]},
+                        "maps": {"rollout": rollout(weights)[0, 1:].reshape(rows, cols)},
+                    }
+                ]
+            }
 
         return AttentionExample(
             run=lambda: model(self._normalise(image[None].to(device)), every_position=True),
