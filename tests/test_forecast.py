@@ -178,7 +178,7 @@ def test_the_tiny_model_learns_the_planted_series_and_beats_its_peers(planted_ru
 
 
 def test_the_neural_peers_get_the_transformers_steps_and_schedule(daily_csv, monkeypatch):
-    from tfkit import train
+    from tfkit import optim
 
     recipe = registry.get("recipe", "forecast")(
         forecast_config(f"data.name={daily_csv}", *DATED, "train.warmup=2", "baselines.seeds=2")
@@ -186,9 +186,9 @@ def test_the_neural_peers_get_the_transformers_steps_and_schedule(daily_csv, mon
     recipe.prepare()
     assert recipe.config["baselines"]["steps"] == recipe.config["train"]["steps"] == 6
     used = []
-    factor = train.lr_factor
-    monkeypatch.setattr(train, "lr_factor", lambda cfg: used.append(dict(cfg)) or factor(cfg))
-    truths = recipe._unscale(recipe.windows(recipe.origins["validation"])[1].numpy())
+    factor = optim.lr_factor
+    monkeypatch.setattr(optim, "lr_factor", lambda cfg: used.append(dict(cfg)) or factor(cfg))
+    truths = recipe.unscale(recipe.windows(recipe.origins["validation"])[1].numpy())
     rows = recipe._neural_baselines("validation", truths)
     assert len(used) == 4 and all(c == {**recipe.config["train"], "steps": 6} for c in used)  # 2 models, 2 seeds each
     assert used[0]["schedule"] == "warmup_cosine" and used[0]["warmup"] == 2

@@ -95,7 +95,8 @@ def figure_panels(count: int, cell: float, title: str):
     return fig, axes.flat[:count]
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Lay the figure out, write it as a PNG, and free it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -119,7 +120,7 @@ def draw_heads(
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(range(0, len(keys), step), keys[::step], rotation=90, fontsize=7)
         ax.set_yticks(range(0, len(queries), step), queries[::step], fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_overlays(image: np.ndarray, maps: list[tuple[str, np.ndarray]], title: str, path: Path) -> None:
@@ -131,7 +132,7 @@ def draw_overlays(image: np.ndarray, maps: list[tuple[str, np.ndarray]], title: 
         ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
         ax.set_title(label, fontsize=9)
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def head_summary(weights: np.ndarray, keys: list[str]) -> list[tuple[int, float, str, float]]:

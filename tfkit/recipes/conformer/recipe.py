@@ -30,7 +30,7 @@ from tfkit.data import (
 )
 from tfkit.decode import ctc_greedy, ctc_prefix_beam_search
 from tfkit.errors import UsageError
-from tfkit.inspect import draw_heads
+from tfkit.inspect import draw_heads, figure_panels, save_figure
 from tfkit.nn.conformer import ConvolutionSubsampling
 from tfkit.onnx import Graph
 from tfkit.recipe import (
@@ -69,25 +69,13 @@ def error_rate(hypotheses: list[list[str]], references: list[list[str]]) -> floa
 
 def draw_spectrogram(spectrogram: np.ndarray, seconds_per_frame: float, title: str, path: Path) -> None:
     """A (bins, frames) spectrogram with time in seconds across."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, spectrogram.shape[1] / 40)), 3.5))
-    fig.suptitle(title)
-    ax.imshow(
-        spectrogram,
-        origin="lower",
-        aspect="auto",
-        cmap="magma",
-        extent=(0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0]),
-    )
+    fig, (ax,) = figure_panels(1, 4.0, title)
+    fig.set_size_inches(min(16.0, max(6.0, spectrogram.shape[1] / 40)), 3.5)
+    extent = (0, spectrogram.shape[1] * seconds_per_frame, 0, spectrogram.shape[0])
+    ax.imshow(spectrogram, origin="lower", aspect="auto", cmap="magma", extent=extent)
     ax.set_xlabel("seconds")
     ax.set_ylabel("mel bin")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @register("recipe", "conformer")

@@ -21,11 +21,11 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from tfkit.inspect import (
-    _save,
     attention_rollout,
     capture_attention,
     draw_heads,
     figure_panels,
+    save_figure,
 )
 from tfkit.recipes.forecast.data import Series
 
@@ -60,7 +60,7 @@ def permutation(recipe: Forecast, model: nn.Module, scaled: Tensor, origins: np.
     origins = origins[np.linspace(0, len(origins) - 1, min(len(origins), MAX_ORIGINS)).round().astype(int)]
     past = origins[:, None] + np.arange(-data["context"], 0)
     future = origins[:, None] + np.arange(data["horizon"])
-    contexts, truths = scaled[past], recipe._unscale(scaled[future][..., :t].numpy())
+    contexts, truths = scaled[past], recipe.unscale(scaled[future][..., :t].numpy())
     std = np.array(recipe.facts["std"][:t])
 
     def error(batch: Tensor) -> float:
@@ -88,7 +88,7 @@ def patches_to_steps(per_patch: np.ndarray, steps: int, patch: int, stride: int)
 def measure(recipe: Forecast, model: nn.Module, series: Series, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What importance.npz holds: per (variable, step), per step and per variable, each way there is."""
     data, m = recipe.config["data"], recipe.config["model"]
-    scaled = torch.tensor(recipe._scale(series.values), dtype=torch.float32)
+    scaled = torch.tensor(recipe.scale(series.values), dtype=torch.float32)
     context = scaled[-data["context"] :]
     occluded = occlusion(recipe, model, context)
     temporal = [weights[n] for n in sorted(weights) if n.startswith("forecaster.temporal")]
@@ -125,7 +125,7 @@ def explain(
         labels = names if name.startswith("forecaster.across") else [str(k) for k in range(w.shape[-1])]
         draw_heads(w, labels, labels, f"{name} (patches of {m['patch']} steps every {m['stride']})", out_dir / f"{name}.png")
     np.savez_compressed(out_dir / "importance.npz", **found)
-    context = recipe._scale(series.values[-data["context"] :])
+    context = recipe.scale(series.values[-data["context"] :])
     _draw_series(context, found, names, data["context"], out_dir / "series.png")
     key, ranked = ranking(found)
     _draw_variables(ranked, names, out_dir / "variables.png")
@@ -141,7 +141,7 @@ def page(recipe: Forecast, series: Series, found: dict[str, np.ndarray]) -> dict
     """report.html's views: the context and each step's importance drawn over the patches they fall
     in, and the variables' ranking as a table."""
     data, m, names = recipe.config["data"], recipe.config["model"], recipe.facts["names"]
-    context = recipe._scale(series.values[-data["context"] :])
+    context = recipe.scale(series.values[-data["context"] :])
     span = data["context"] / m["stride"]  # the context's steps in patches (the last patch is padding)
     # a plot's lines are plain lists of numbers (arrays go to the page as 8-bit images)
     steps = {
@@ -191,7 +191,7 @@ def _draw_series(context: np.ndarray, found: dict[str, np.ndarray], names: list[
     bottom.set_xlabel("steps before the forecast")
     bottom.set_ylabel("importance (max 1)")
     fig.set_size_inches(min(16.0, max(6.0, steps / 12)), 5)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _draw_variables(ranking: dict[str, np.ndarray], names: list[str], path: Path) -> None:
@@ -200,7 +200,7 @@ def _draw_variables(ranking: dict[str, np.ndarray], names: list[str], path: Path
         ax.barh(names, values)
         ax.invert_yaxis()
         ax.set_title(key, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_forecast(series: Series, forecast: np.ndarray, point: np.ndarray, targets: list[str], path: Path) -> None:
@@ -217,4 +217,4 @@ def draw_forecast(series: Series, forecast: np.ndarray, point: np.ndarray, targe
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("steps from the last row")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)

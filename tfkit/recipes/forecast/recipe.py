@@ -101,7 +101,7 @@ class Forecast(Recipe):
                 "std": np.where(std > 0, std, 1.0).tolist(),
                 "mase_scale": np.maximum(seasonal_scale(train[:, : self.series.targets], self.series.season), 1e-12).tolist(),
             }
-        self.scaled = torch.tensor(self._scale(self.series.values), dtype=torch.float32)
+        self.scaled = torch.tensor(self.scale(self.series.values), dtype=torch.float32)
         n_train, n_validation = self.bounds
         context, horizon, stride = data["context"], data["horizon"], data["origin_stride"]
         self.origins = {
@@ -181,10 +181,10 @@ class Forecast(Recipe):
             "season": facts["season"],
         }
 
-    def _scale(self, values: np.ndarray) -> np.ndarray:
+    def scale(self, values: np.ndarray) -> np.ndarray:
         return (values - np.array(self.facts["mean"])) / np.array(self.facts["std"])
 
-    def _unscale(self, scaled: np.ndarray) -> np.ndarray:
+    def unscale(self, scaled: np.ndarray) -> np.ndarray:
         """(..., T) or (..., T, Q) scaled target values → the targets' own units."""
         t = self.facts["targets"]
         mean, std = np.array(self.facts["mean"][:t]), np.array(self.facts["std"][:t])
@@ -271,7 +271,7 @@ class Forecast(Recipe):
         device = next(model.parameters()).device
         size = self.config["predict"]["batch_size"]
         parts = [model(contexts[i : i + size].to(device)).float().cpu() for i in range(0, len(contexts), size)]
-        return self._unscale(torch.cat(parts).sort(dim=-1).values.numpy())
+        return self.unscale(torch.cat(parts).sort(dim=-1).values.numpy())
 
     def eval_outputs(
         self, model: nn.Module, split: str, rank: int = 0, world: int = 1
@@ -280,7 +280,7 @@ class Forecast(Recipe):
         origins, out = self.origins[split], {}
         for places in batch_ranges(len(origins), self.config["predict"]["batch_size"], rank, world):
             context, future = self.windows(origins[places.start : places.stop])
-            forecasts, truths = self.forecast(model, context), self._unscale(future.numpy())
+            forecasts, truths = self.forecast(model, context), self.unscale(future.numpy())
             out.update(zip(places, zip(forecasts, truths)))
         return out
 
@@ -325,7 +325,7 @@ class Forecast(Recipe):
         quantiles = len(self.quantiles or [0.5])  # a point forecast carries no interval: each quantile is the point
 
         def truths(part: str) -> np.ndarray:
-            return self._unscale(self.windows(self.origins[part])[1].numpy())
+            return self.unscale(self.windows(self.origins[part])[1].numpy())
 
         values = self.series.values[:, :t]
         naive = peers.seasonal_naive(values, self.origins[split], horizon, self.series.season)
@@ -410,7 +410,7 @@ class Forecast(Recipe):
         """CSV rows of the ``horizon`` steps after the file's last row (file, time, variable, forecast,
         quantiles) and a PNG of history, forecast and interval in RUN/forecasts/."""
         series = self.read_history(path)
-        context = torch.tensor(self._scale(series.values[-self.config["data"]["context"] :]), dtype=torch.float32)
+        context = torch.tensor(self.scale(series.values[-self.config["data"]["context"] :]), dtype=torch.float32)
         (forecast,) = self.forecast(model, context[None])  # (H, T, Q)
         point = forecast[..., self.quantiles.index(0.5)] if self.quantiles else forecast[..., 0]
         times = series.future_times(len(forecast))
@@ -455,7 +455,7 @@ class Forecast(Recipe):
         path = Path(text)
         series = self.read_history(path)
         data, m = self.config["data"], self.config["model"]
-        context = torch.tensor(self._scale(series.values[-data["context"] :]), dtype=torch.float32)
+        context = torch.tensor(self.scale(series.values[-data["context"] :]), dtype=torch.float32)
         device = next(model.parameters()).device
         labels = series.labels()[-data["context"] :]
         patches = [f"{labels[min(i * m['stride'], len(labels) - 1)]}" for i in range(model.forecaster.count)]
