@@ -9,7 +9,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from conftest import one_error_line, tfkit
+from conftest import as_sets, one_error_line, tfkit
 from tfkit import progress
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -29,20 +29,17 @@ def warnings_in(err: str) -> list[str]:
 VIT = [
     "--max-steps",
     "2",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "data.image_size=16",
-    "--set",
-    "model.patch=4",
-    "--set",
-    "data.channels=3",
-    "--set",
-    "model.d_model=16",
-    "--set",
-    "model.d_ff=32",
-    "--set",
-    "model.depth=1",
+    *as_sets(
+        [
+            "train.batch_size=8",
+            "data.image_size=16",
+            "model.patch=4",
+            "data.channels=3",
+            "model.d_model=16",
+            "model.d_ff=32",
+            "model.depth=1",
+        ]
+    ),
 ]
 
 

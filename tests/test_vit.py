@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import one_error_line, quiet, recipe_config, straight_and_resumed_losses, tfkit
+from conftest import as_sets, one_error_line, quiet, recipe_config, straight_and_resumed_losses, tfkit
 from tfkit import config as configs
 from tfkit import registry
 from tfkit import run as runs
@@ -352,20 +352,17 @@ def test_user_image_folder_and_csv_train_end_to_end(capsys, vit_run, tmp_path):
     small = [
         "--max-steps",
         "2",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "model.patch=4",
-        "--set",
-        "data.channels=3",
-        "--set",
-        "model.d_model=16",
-        "--set",
-        "model.d_ff=32",
-        "--set",
-        "model.depth=1",
+        *as_sets(
+            [
+                "train.batch_size=8",
+                "data.image_size=16",
+                "model.patch=4",
+                "data.channels=3",
+                "model.d_model=16",
+                "model.d_ff=32",
+                "model.depth=1",
+            ]
+        ),
     ]
     code, out, err = tfkit(capsys, "train", "vit", "--data", str(folder), "--out", str(tmp_path / "run1"), *small)
     assert code == 0, err
