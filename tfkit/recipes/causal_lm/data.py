@@ -42,6 +42,7 @@ from tfkit.data import (
     require_columns,
 )
 from tfkit.errors import UsageError
+from tfkit.progress import Preparing
 from tfkit.recipes.causal_lm import families
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -162,15 +163,18 @@ def readable_files(folder: Path) -> list[str]:
     if not files:
         raise UsageError(f"data folder {folder} holds no .txt files (one document each) and no train file")
     unusable, good = Unusable("files", str(folder)), []
-    for path in files:
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            unusable.skip(f"{path}: not UTF-8 text (byte {e.start})")
-        except OSError as e:
-            unusable.skip(f"{path}: cannot be read ({e.strerror or type(e).__name__})")
-        else:
-            good.append(str(path))
+    with Preparing(f"checking the {len(files):,} text files", total=len(files), unit="files") as shown:
+        for path in files:
+            try:
+                raw = path.read_bytes()
+                raw.decode("utf-8")
+                good.append(str(path))
+            except UnicodeDecodeError as e:
+                unusable.skip(f"{path}: not UTF-8 text (byte {e.start})")
+            except OSError as e:
+                raw = b""
+                unusable.skip(f"{path}: cannot be read ({e.strerror or type(e).__name__})")
+            shown.advance(1, len(raw))
     unusable.report(len(files))
     return good
 
