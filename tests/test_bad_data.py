@@ -172,18 +172,9 @@ def test_translation_a_single_file_that_is_not_utf8_is_one_error_line(capsys, tm
 BERT = [
     "--max-steps",
     "2",
-    "--set",
-    "data.vocab_size=200",
-    "--set",
-    "model.d_model=32",
-    "--set",
-    "model.d_ff=64",
-    "--set",
-    "model.layers=1",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.eval_every=0",
+    *as_sets(
+        ["data.vocab_size=200", "model.d_model=32", "model.d_ff=64", "model.layers=1", "train.batch_size=8", "train.eval_every=0"]
+    ),
 ]
 
 
